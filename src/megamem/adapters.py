@@ -1,0 +1,153 @@
+"""One memory's LoRA adapter: its shape (LoraSpec), its weights, and PEFT-format files on disk.
+
+Files are PEFT's own (adapter_config.json + adapter_model.safetensors), so
+`peft.PeftModel.from_pretrained(base, folder)` loads any single memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import MegamemError
+
+_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Where and how large an adapter is. Defaults: see docs/tuning.md for the sweep behind them."""
+
+    targets: tuple[str, ...] = ("up_proj", "down_proj")
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.05
+    rslora: bool = False
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise MegamemError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not self.targets:
+            raise MegamemError("LoRA needs at least one target module")
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraSpec:
+        d = dict(d)
+        d["targets"] = tuple(d["targets"])
+        if d.get("layers") is not None:
+            d["layers"] = tuple(d["layers"])
+        return cls(**d)
+
+
+@dataclass
+class Adapter:
+    """Low-rank weights {module name: (A (r, in), B (out, r))} and the spec that shaped them."""
+
+    spec: LoraSpec
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.spec.scaling
+
+    def num_params(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in self.weights.values())
+
+
+def new_adapter(layers: dict[str, nn.Module], spec: LoraSpec, generator: torch.Generator) -> Adapter:
+    """Fresh trainable weights with PEFT's initialisation: A Kaiming-uniform, B zero (so it starts as a no-op)."""
+    weights = {}
+    for name, layer in layers.items():
+        a = torch.empty(spec.rank, layer.in_features)
+        bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
+        a.uniform_(-bound, bound, generator=generator)
+        b = torch.zeros(layer.out_features, spec.rank)
+        weights[name] = (nn.Parameter(a), nn.Parameter(b))
+    return Adapter(spec, weights)
+
+
+def _peft_config(spec: LoraSpec, base_model: str) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.rslora,
+        "target_modules": list(spec.targets),
+        "layers_to_transform": list(spec.layers) if spec.layers is not None else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+
+
+def save_adapter(adapter: Adapter, folder: Path, base_model: str, dtype: torch.dtype = torch.float32) -> str:
+    """Write the adapter in PEFT's format into `folder`; return the sha256 of its weights file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (a, b) in adapter.weights.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().to(dtype).contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().to(dtype).contiguous()
+    weights_path = folder / "adapter_model.safetensors"
+    save_file(tensors, str(weights_path), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(_peft_config(adapter.spec, base_model), indent=2))
+    return file_sha256(weights_path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_adapter(folder: Path, checksum: str | None = None) -> Adapter:
+    """Read a PEFT-format adapter; if `checksum` is given, a file that does not match it is an error."""
+    weights_path = folder / "adapter_model.safetensors"
+    config_path = folder / "adapter_config.json"
+    if not weights_path.is_file() or not config_path.is_file():
+        raise MegamemError(f"adapter files missing in {folder}")
+    if checksum is not None and file_sha256(weights_path) != checksum:
+        raise MegamemError(f"adapter file {weights_path} is corrupted (checksum mismatch)")
+    cfg = json.loads(config_path.read_text())
+    layers = cfg.get("layers_to_transform")
+    spec = LoraSpec(
+        targets=tuple(cfg["target_modules"]),
+        rank=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        rslora=bool(cfg.get("use_rslora", False)),
+        layers=tuple(layers) if layers is not None else None,
+    )
+    try:
+        raw = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types on a damaged header
+        raise MegamemError(f"adapter file {weights_path} is unreadable: {exc}") from exc
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[len(_PREFIX) : -len(".lora_A.weight")]
+        b = raw[f"{_PREFIX}{name}.lora_B.weight"]
+        weights[name] = (tensor.float(), b.float())
+    return Adapter(spec, weights)

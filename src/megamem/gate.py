@@ -1,0 +1,60 @@
+"""The gate: score every memory against a query and turn the scores into mixture weights.
+
+A memory's score is the max over its keys of dot(q, k) or cos(q, k); g = softmax(beta * score),
+optionally over the top-k scores only (renormalised), and optionally only over memories whose score
+reaches a threshold (none reaching it: every weight is 0 and the base model answers alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MegamemError
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """similarity: 'cosine' or 'dot'; beta: softmax inverse temperature; top_k None = dense (the paper's)."""
+
+    similarity: str = "cosine"
+    beta: float = 20.0
+    top_k: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.similarity not in ("cosine", "dot"):
+            raise MegamemError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise MegamemError(f"top-k must be at least 1, got {self.top_k}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_scores(query: torch.Tensor, keys: torch.Tensor, owners: torch.Tensor, n: int, similarity: str) -> torch.Tensor:
+    """(n,) score of each memory: the max over its keys (rows of `keys` whose owner is that memory)."""
+    if similarity == "cosine":
+        s = F.normalize(keys.float(), dim=-1) @ F.normalize(query.float(), dim=-1)
+    else:
+        s = keys.float() @ query.float()
+    out = torch.full((n,), float("-inf"))
+    return out.scatter_reduce(0, owners.long(), s, reduce="amax", include_self=True)
+
+
+def gate_weights(scores: torch.Tensor, cfg: GateConfig) -> torch.Tensor:
+    """(n,) mixture weights from memory scores: softmax(beta*s), top-k and threshold applied."""
+    allowed = torch.isfinite(scores)
+    if cfg.threshold is not None:
+        allowed &= scores >= cfg.threshold
+    if cfg.top_k is not None and int(allowed.sum()) > cfg.top_k:
+        masked = torch.where(allowed, scores, torch.tensor(float("-inf")))
+        keep = torch.zeros_like(allowed)
+        keep[masked.topk(cfg.top_k).indices] = True
+        allowed &= keep
+    if not bool(allowed.any()):
+        return torch.zeros_like(scores)
+    logits = torch.where(allowed, cfg.beta * scores, torch.tensor(float("-inf")))
+    return torch.softmax(logits, dim=0)

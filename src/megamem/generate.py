@@ -1,0 +1,70 @@
+"""Gated generation: the paper's prompts for each mode and greedy decoding with a mixture active."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import MegamemError
+from .inject import clear, set_mixture
+from .model import chat_ids
+
+MODES = ("qa", "recall", "irag")
+RECALL_SUFFIX = " Reconstruct the entire story that is related to the above question."
+QA_SUFFIX = " Answer should be no more than one sentence."
+
+
+def recall_prompt(question: str) -> str:
+    return question + RECALL_SUFFIX
+
+
+def qa_prompt(question: str) -> str:
+    return question + QA_SUFFIX
+
+
+@torch.no_grad()
+def complete(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, turns: list[tuple[str, str]], max_new_tokens: int
+) -> str:
+    """Greedy continuation of a conversation ending in a user turn, with whatever mixture is active."""
+    ids = torch.tensor([chat_ids(tok, turns, generation_prompt=True)])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def answer(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    question: str,
+    mode: str,
+    adapters: list,
+    weights: list[float],
+    max_new_tokens: int = 128,
+) -> tuple[str, str | None]:
+    """Answer `question` in `mode` with the adapters mixed at `weights`; returns (answer, recall or None).
+
+    irag is the paper's two-turn form: the model first reconstructs the related story, then answers
+    the QA prompt with that reconstruction in the conversation; one gate serves both turns.
+    """
+    if mode not in MODES:
+        raise MegamemError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    set_mixture(model, adapters, weights)
+    try:
+        if mode == "qa":
+            return complete(model, tok, [("user", qa_prompt(question))], max_new_tokens), None
+        recall = complete(model, tok, [("user", recall_prompt(question))], max(max_new_tokens, 256))
+        if mode == "recall":
+            return recall, recall
+        turns = [("user", recall_prompt(question)), ("assistant", recall), ("user", qa_prompt(question))]
+        return complete(model, tok, turns, max_new_tokens), recall
+    finally:
+        clear(model)

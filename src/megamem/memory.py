@@ -1,0 +1,221 @@
+"""The Python API: `Memory(store).add(text)`, `.ask(question, mode=...)`, `.list()`, `.forget(id)`.
+
+Memory ties the parts together in the one direction data flows: text -> keys + adapter -> store
+-> gate -> generation. The base model is loaded only when a call needs it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .adapters import Adapter, LoraSpec
+from .errors import MegamemError
+from .gate import GateConfig, gate_weights, memory_scores
+from .generate import answer
+from .inject import inject
+from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
+from .model import DEFAULT_MODEL, load_model
+from .store import Record, Store, default_store_path
+from .train import Recipe, check_fits, train_adapter
+
+
+@dataclass
+class Answer:
+    """What `ask` returns: the answer text, the gate (memory id -> weight, heaviest first), and for
+    recall/irag the reconstruction."""
+
+    question: str
+    mode: str
+    text: str
+    gate: list[tuple[str, float]] = field(default_factory=list)
+    recall: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"question": self.question, "mode": self.mode, "answer": self.text,
+                "gate": [{"id": i, "weight": w} for i, w in self.gate], "recall": self.recall}
+
+
+@dataclass
+class Item:
+    """One memory to add: its text, optional paraphrases (extra training texts and keys), metadata, id."""
+
+    text: str
+    paraphrases: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    id: str | None = None
+
+
+def clean_text(text: object, what: str = "text") -> str:
+    """Strip a text, refusing anything that is not a non-empty string."""
+    if not isinstance(text, str):
+        raise MegamemError(f"{what} must be a string, got {type(text).__name__}")
+    text = text.strip()
+    if not text:
+        raise MegamemError(f"{what} is empty")
+    return text
+
+
+class Memory:
+    """A language model with memories stored in gated LoRA adapters.
+
+    store: folder of the store (default: the user data dir). model / key_function / lora: used when
+    the store is created; for an existing store, any given value must match the stored one.
+    """
+
+    def __init__(
+        self,
+        store: str | Path | None = None,
+        model: str | None = None,
+        key_function: str | None = None,
+        lora: LoraSpec | None = None,
+        recipe: Recipe | None = None,
+        gate: GateConfig | None = None,
+        adapter_cache: int = 64,
+    ) -> None:
+        if key_function is not None and key_function not in KEY_FUNCTIONS:
+            raise MegamemError(f"unknown key function {key_function!r}; choose one of {', '.join(KEY_FUNCTIONS)}")
+        path = Path(store) if store is not None else default_store_path()
+        new = not (path / "manifest.sqlite").is_file()
+        kf = key_function or DEFAULT_KEY_FUNCTION
+        settings = {
+            "base_model": model or DEFAULT_MODEL,
+            "key_function": kf,
+            "lora": (lora or LoraSpec()).to_dict(),
+            "gate": (gate or default_gate(kf)).to_dict(),
+            "adapter_dtype": "float32",
+        } if new else {"base_model": model, "key_function": key_function}
+        self.store = Store(path, settings)
+        s = self.store.settings()
+        self.model_name: str = s["base_model"]
+        self.key_function: str = s["key_function"]
+        self.lora = lora or LoraSpec.from_dict(s["lora"])
+        self.gate = gate or GateConfig(**s["gate"])
+        self.recipe = recipe or Recipe()
+        self._model = None
+        self._tok = None
+        self._adapters: OrderedDict[str, Adapter] = OrderedDict()
+        self._adapter_cache = adapter_cache
+        self._keys: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
+
+    # -- model ---------------------------------------------------------------------------------
+    def load(self) -> tuple:
+        """The base model and tokenizer, loaded on first use with gated layers for the store's spec."""
+        if self._model is None:
+            self._model, self._tok = load_model(self.model_name)
+            inject(self._model, list(self.lora.targets), list(self.lora.layers) if self.lora.layers else None)
+        return self._model, self._tok
+
+    # -- writing -------------------------------------------------------------------------------
+    def add(self, text: str, paraphrases: Iterable[str] = (), metadata: dict | None = None,
+            id: str | None = None, on_step: Callable[[int, int, float], None] | None = None) -> Record:
+        """Learn one memory (the text plus any paraphrases) into a new adapter and store it."""
+        return self.add_many([Item(text, list(paraphrases), metadata or {}, id)], on_step=on_step)[0]
+
+    def add_many(self, items: list[Item], on_step: Callable[[int, int, float], None] | None = None,
+                 on_memory: Callable[[int, int], None] | None = None) -> list[Record]:
+        """Validate every item first (nothing is stored if one is bad), then learn and store each."""
+        model, tok = self.load()
+        checked = []
+        for n, item in enumerate(items, 1):
+            where = f"memory {n}" if len(items) > 1 else "memory"
+            text = clean_text(item.text, f"{where} text")
+            paras = [clean_text(p, f"{where} paraphrase") for p in item.paraphrases]
+            for t in [text, *paras]:
+                check_fits(tok, model, t)
+            if item.id is not None and self.store.get(item.id, missing_ok=True) is not None:
+                raise MegamemError(f"a memory with id {item.id!r} already exists")
+            checked.append(Item(text, paras, dict(item.metadata), item.id))
+        records = []
+        for n, item in enumerate(checked):
+            if on_memory is not None:
+                on_memory(n, len(checked))
+            texts = [item.text, *item.paraphrases]
+            adapter = train_adapter(model, tok, texts, self.lora, self.recipe, on_step)
+            keys = compute_keys(self.key_function, texts, model, tok)
+            meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else item.metadata
+            records.append(self.store.add(item.text, adapter, keys, meta, item.id))
+            self._keys = None
+        return records
+
+    def forget(self, memory_id: str) -> Record:
+        """Remove a memory for good."""
+        rec = self.store.forget(memory_id)
+        self._adapters.pop(memory_id, None)
+        self._keys = None
+        return rec
+
+    # -- reading -------------------------------------------------------------------------------
+    def list(self) -> list[Record]:
+        return self.store.records()
+
+    def show(self, memory_id: str) -> Record:
+        return self.store.get(memory_id)
+
+    def info(self) -> dict:
+        recs = self.store.records()
+        return {"store": str(self.store.path), "memories": len(recs), "bytes": self.store.size_bytes(),
+                **self.store.settings()}
+
+    def adapter(self, memory_id: str) -> Adapter:
+        """A memory's adapter, from a small LRU cache or from disk (checksum-verified)."""
+        if memory_id in self._adapters:
+            self._adapters.move_to_end(memory_id)
+            return self._adapters[memory_id]
+        adapter = self.store.adapter(self.store.get(memory_id))
+        self._adapters[memory_id] = adapter
+        while len(self._adapters) > self._adapter_cache:
+            self._adapters.popitem(last=False)
+        return adapter
+
+    def _all_keys(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        if self._keys is None:
+            recs = self.store.records()
+            ids, keys, owners = [r.id for r in recs], [], []
+            for i, r in enumerate(recs):
+                k = self.store.keys(r)
+                keys.append(k)
+                owners.append(torch.full((k.shape[0],), i))
+            self._keys = (ids, torch.cat(keys) if keys else torch.zeros(0, 1),
+                          torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long))
+        return self._keys
+
+    def route(self, question: str, gate: GateConfig | None = None) -> list[tuple[str, float]]:
+        """The gate for a question: (memory id, weight) for every memory with weight > 0, heaviest first."""
+        question = clean_text(question, "question")
+        ids, keys, owners = self._all_keys()
+        if not ids:
+            return []
+        model, tok = (self.load() if self.key_function == "activation" else (None, None))
+        q = compute_keys(self.key_function, [question], model, tok)[0]
+        cfg = gate or self.gate
+        w = gate_weights(memory_scores(q, keys, owners, len(ids), cfg.similarity), cfg)
+        order = torch.argsort(w, descending=True)
+        return [(ids[i], float(w[i])) for i in order.tolist() if w[i] > 0]
+
+    def ask(self, question: str, mode: str = "qa", gate: GateConfig | None = None,
+            max_new_tokens: int = 128, use_memory: bool = True) -> Answer:
+        """Answer a question with the gated mixture of memories (use_memory=False: the base model alone)."""
+        question = clean_text(question, "question")
+        routed = self.route(question, gate) if use_memory else []
+        model, tok = self.load()
+        adapters = [self.adapter(i) for i, _ in routed]
+        text, recall = answer(model, tok, question, mode, adapters, [w for _, w in routed], max_new_tokens)
+        return Answer(question, mode, text, routed, recall)
+
+
+def default_gate(key_function: str) -> GateConfig:
+    """The store's default gate for its key function (docs/tuning.md): the paper's beta=1 dot product
+    for activation keys, a sharper softmax over cosines for the sentence embedder."""
+    if key_function == "activation":
+        return GateConfig(similarity="dot", beta=1.0)
+    return GateConfig()
+
+
+def with_overrides(cfg: GateConfig, **changes) -> GateConfig:
+    """A copy of a gate config with the given non-None fields replaced."""
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,132 @@
+"""Learning one memory into a fresh adapter: the MEGa recipe as a loop you can read.
+
+Each training example is one chat turn, user TRAIN_PROMPT -> assistant = the passage or one of its
+paraphrases; the loss is on the assistant tokens only. Only the new adapter's A and B are trained;
+the base weights are never touched.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .adapters import Adapter, LoraSpec, new_adapter
+from .errors import MegamemError
+from .inject import clear, gated_layers, matches
+from .model import chat_ids, context_length
+
+TRAIN_PROMPT = "Please tell me a story that you memorized:"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a memory is learned. Defaults re-tuned for SmolLM2-135M (docs/tuning.md)."""
+
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 2
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_steps: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Example = tuple[list[int], list[int]]  # input ids, labels (-100 where no loss)
+
+
+def make_example(tok: PreTrainedTokenizerBase, text: str, prompt: str = TRAIN_PROMPT) -> Example:
+    """One chat turn user `prompt` -> assistant `text`, with labels on the assistant's tokens only."""
+    prefix = chat_ids(tok, [("user", prompt)], generation_prompt=True)
+    full = chat_ids(tok, [("user", prompt), ("assistant", text)], generation_prompt=False)
+    if full[: len(prefix)] != prefix:  # a template that rewrites earlier turns: fall back to a diff
+        n = 0
+        while n < min(len(prefix), len(full)) and prefix[n] == full[n]:
+            n += 1
+        prefix = full[:n]
+    labels = [-100] * len(prefix) + full[len(prefix) :]
+    return full, labels
+
+
+def check_fits(tok: PreTrainedTokenizerBase, model: PreTrainedModel, text: str) -> None:
+    """Raise if `text` as a training example is longer than the model's context."""
+    n = len(make_example(tok, text)[0])
+    limit = context_length(model)
+    if n > limit:
+        raise MegamemError(f"text is {n} tokens as a training example; the model's context is {limit}")
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch into input_ids, attention_mask and labels tensors."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(examples: list[Example], recipe: Recipe) -> list[list[Example]]:
+    """All the epochs' batches in a seeded shuffled order (capped by recipe.max_steps)."""
+    rng = random.Random(recipe.seed)
+    out = []
+    for _ in range(recipe.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        out += [[examples[j] for j in order[i : i + recipe.batch_size]] for i in range(0, len(order), recipe.batch_size)]
+    return out[: recipe.max_steps] if recipe.max_steps is not None else out
+
+
+def train_adapter(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    texts: list[str],
+    spec: LoraSpec,
+    recipe: Recipe = Recipe(),
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> Adapter:
+    """Train a fresh adapter on `texts` (the passage and its paraphrases) and return it frozen.
+
+    The model must already carry gated layers for `spec` (see inject.inject). `on_step(step, total,
+    loss)` is called after every optimiser step (for progress bars).
+    """
+    if not texts:
+        raise MegamemError("no text to learn")
+    layers = {n: m for n, m in gated_layers(model).items() if matches(n, spec.targets, spec.layers)}
+    if not layers:
+        raise MegamemError("the model has no gated layer for this adapter spec")
+    torch.manual_seed(recipe.seed)
+    adapter = new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed))
+    params = [p for ab in adapter.weights.values() for p in ab]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    examples = [make_example(tok, t) for t in texts]
+    plan = batches(examples, recipe)
+    clear(model)
+    for name, layer in layers.items():
+        a, b = adapter.weights[name]
+        layer.path = (a, b, torch.full((spec.rank,), spec.scaling))
+        layer.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+    was_training = model.training
+    model.train()
+    try:
+        for step, batch in enumerate(plan, 1):
+            loss = model(**collate(batch, tok.pad_token_id)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if on_step is not None:
+                on_step(step, len(plan), float(loss))
+    finally:
+        model.train(was_training)
+        clear(model)
+    adapter.weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in adapter.weights.items()}
+    return adapter
