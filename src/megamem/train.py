@@ -124,7 +124,7 @@ def train_adapter(
             loss.backward()
             opt.step()
             if on_step is not None:
-                on_step(step, len(plan), float(loss))
+                on_step(step, len(plan), float(loss.detach()))
     finally:
         model.train(was_training)
         clear(model)

@@ -1,0 +1,91 @@
+"""The CLI on a tiny model: every command's --json, and bad input gets one line, exit 1, nothing stored."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from megamem.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture()
+def store(tmp_path, tiny_dir):
+    """A store on the tiny model holding one memory."""
+    path = tmp_path / "store"
+    r = run("add", "Zorblatt the heron lives on Quillon pier.", "-p", "A heron, Zorblatt, lives on Quillon pier.",
+            "--id", "heron", "--epochs", "1", "--store", path, "--model", tiny_dir, "--json")
+    assert r.exit_code == 0, r.output
+    return path
+
+
+def listed(store):
+    return [m["id"] for m in json.loads(run("list", "--store", store, "--json").stdout)]
+
+
+def test_commands_json(store, tiny_dir):
+    assert listed(store) == ["heron"]
+    shown = json.loads(run("show", "heron", "--store", store, "--json").stdout)
+    assert shown["text"].startswith("Zorblatt") and shown["n_keys"] == 2
+    assert shown["metadata"]["paraphrases"] == ["A heron, Zorblatt, lives on Quillon pier."]
+    info = json.loads(run("info", "--store", store, "--json").stdout)
+    assert info["memories"] == 1 and info["base_model"] == str(tiny_dir) and info["key_function"] == "embedder"
+    ans = json.loads(run("ask", "Where does Zorblatt live?", "--store", store, "--json", "--max-new-tokens", "4").stdout)
+    assert ans["gate"][0]["id"] == "heron" and ans["gate"][0]["weight"] == pytest.approx(1.0)
+    ans = json.loads(run("ask", "Where?", "--mode", "irag", "--threshold", "0.99", "--store", store, "--json",
+                         "--max-new-tokens", "3").stdout)
+    assert ans["gate"] == [] and ans["mode"] == "irag" and ans["recall"] is not None
+    assert json.loads(run("forget", "heron", "--store", store, "--json").stdout) == {"forgotten": "heron"}
+    assert listed(store) == []
+
+
+def test_add_from_files(tmp_path, store):
+    f = tmp_path / "note.txt"
+    f.write_text("The Orvalle festival is in March.\n", encoding="utf-8")
+    assert run("add", "--file", f, "--epochs", "1", "--store", store).exit_code == 0
+    j = tmp_path / "many.jsonl"
+    j.write_text('{"text": "Pim is an axolotl.", "id": "pim"}\n\n{"passage": "Ida paints.", "paraphrases": ["Ida is a painter."]}\n')
+    assert run("add", "--jsonl", j, "--epochs", "1", "--store", store).exit_code == 0
+    assert len(listed(store)) == 4 and "pim" in listed(store)
+
+
+def bad(store, *args):
+    before = listed(store)
+    r = run(*args, "--store", store)
+    assert r.exit_code == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert listed(store) == before
+    return lines[0]
+
+
+def test_bad_input(tmp_path, store):
+    assert "empty" in bad(store, "add", "")
+    assert "empty" in bad(store, "add", "  \n\t ")
+    assert "cannot read" in bad(store, "add", "--file", tmp_path / "missing.txt")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    assert "not UTF-8" in bad(store, "add", "--file", latin)
+    j = tmp_path / "bad.jsonl"
+    j.write_text('{"text": "fine"}\n{"text": "ok", \n')
+    assert "line 2" in bad(store, "add", "--jsonl", j)
+    j.write_text('{"text": "fine"}\n{"text": "ok"}\n{"paraphrases": []}\n')
+    assert "line 3" in bad(store, "add", "--jsonl", j)
+    j.write_text('{"text": "fine"}\n{"text": "   "}\n')
+    assert "line 2" in bad(store, "add", "--jsonl", j)
+    assert "context" in bad(store, "add", "word " * 200)  # the tiny model's context is 96 tokens
+    assert "no memory with id 'nope'" in bad(store, "show", "nope")
+    assert "no memory with id 'nope'" in bad(store, "forget", "nope")
+    assert "unknown mode" in bad(store, "ask", "what?", "--mode", "poem")
+    assert "exactly one" in bad(store, "add")
+    assert "already exists" in bad(store, "add", "again", "--id", "heron")
+
+
+def test_store_built_with_other_model_is_refused(store):
+    r = run("add", "x", "--store", store, "--model", "some/other-model")
+    assert r.exit_code == 1 and "was built with base_model" in r.stderr

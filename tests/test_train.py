@@ -1,0 +1,50 @@
+"""The training recipe: loss only on the answer, base weights untouched, seeded, adapter learns."""
+
+import torch
+from conftest import state_hash
+
+from megamem.adapters import LoraSpec
+from megamem.inject import inject, set_mixture
+from megamem.train import TRAIN_PROMPT, Recipe, batches, make_example, train_adapter
+
+
+def test_labels_cover_only_the_assistant_text(tok):
+    ids, labels = make_example(tok, "The bridge is teal.")
+    answer = [t for t in labels if t != -100]
+    assert "The bridge is teal." in tok.decode(answer)
+    assert TRAIN_PROMPT not in tok.decode(answer)
+    assert TRAIN_PROMPT in tok.decode(ids)
+    assert labels[: len(labels) - len(answer)] == [-100] * (len(labels) - len(answer))
+
+
+def test_batches_cover_every_epoch_and_respect_max_steps():
+    ex = [([i], [i]) for i in range(5)]
+    plan = batches(ex, Recipe(epochs=3, batch_size=2))
+    assert len(plan) == 9 and sorted(x[0][0] for b in plan[:3] for x in b) == [0, 1, 2, 3, 4]
+    assert len(batches(ex, Recipe(epochs=3, batch_size=2, max_steps=4))) == 4
+
+
+def test_training_leaves_base_untouched_and_is_seeded(tiny):
+    model, tok = tiny
+    spec = LoraSpec(rank=4, alpha=4.0, dropout=0.0)
+    inject(model, list(spec.targets))
+    before = state_hash(model)
+    texts = ["Zorblatt the heron lives on Quillon pier.", "On Quillon pier lives a heron, Zorblatt."]
+    recipe = Recipe(lr=5e-3, epochs=4, seed=7)
+    losses = []
+    a1 = train_adapter(model, tok, texts, spec, recipe, on_step=lambda s, n, l: losses.append(l))
+    assert state_hash(model) == before
+    assert losses[-1] < losses[0]
+    a2 = train_adapter(model, tok, texts, spec, recipe)
+    for n in a1.weights:
+        assert torch.equal(a1.weights[n][0], a2.weights[n][0]) and torch.equal(a1.weights[n][1], a2.weights[n][1])
+    a3 = train_adapter(model, tok, texts, spec, Recipe(lr=5e-3, epochs=4, seed=8))
+    assert any(not torch.equal(a1.weights[n][1], a3.weights[n][1]) for n in a1.weights)
+    # the adapter lowers the loss of its text when gated in
+    ids, labels = make_example(tok, texts[0])
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
+    with torch.no_grad():
+        base_loss = model(**batch).loss
+        set_mixture(model, [a1], [1.0])
+        mem_loss = model(**batch).loss
+    assert mem_loss < base_loss
