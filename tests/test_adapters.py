@@ -13,7 +13,9 @@ from megamem.inject import inject, set_mixture
 def _trained_like(layers, spec, seed=0):
     adapter = new_adapter(layers, spec, torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed + 1)
-    adapter.weights = {n: (a.detach(), torch.randn(b.shape, generator=g) * 0.05) for n, (a, b) in adapter.weights.items()}
+    adapter.weights = {
+        n: (a.detach(), torch.randn(b.shape, generator=g) * 0.05) for n, (a, b) in adapter.weights.items()
+    }
     return adapter
 
 

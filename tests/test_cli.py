@@ -18,8 +18,21 @@ def run(*args):
 def store(tmp_path, tiny_dir):
     """A store on the tiny model holding one memory."""
     path = tmp_path / "store"
-    r = run("add", "Zorblatt the heron lives on Quillon pier.", "-p", "A heron, Zorblatt, lives on Quillon pier.",
-            "--id", "heron", "--epochs", "1", "--store", path, "--model", tiny_dir, "--json")
+    r = run(
+        "add",
+        "Zorblatt the heron lives on Quillon pier.",
+        "-p",
+        "A heron, Zorblatt, lives on Quillon pier.",
+        "--id",
+        "heron",
+        "--epochs",
+        "1",
+        "--store",
+        path,
+        "--model",
+        tiny_dir,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     return path
 
@@ -35,10 +48,25 @@ def test_commands_json(store, tiny_dir):
     assert shown["metadata"]["paraphrases"] == ["A heron, Zorblatt, lives on Quillon pier."]
     info = json.loads(run("info", "--store", store, "--json").stdout)
     assert info["memories"] == 1 and info["base_model"] == str(tiny_dir) and info["key_function"] == "embedder"
-    ans = json.loads(run("ask", "Where does Zorblatt live?", "--store", store, "--json", "--max-new-tokens", "4").stdout)
+    ans = json.loads(
+        run("ask", "Where does Zorblatt live?", "--store", store, "--json", "--max-new-tokens", "4").stdout
+    )
     assert ans["gate"][0]["id"] == "heron" and ans["gate"][0]["weight"] == pytest.approx(1.0)
-    ans = json.loads(run("ask", "Where?", "--mode", "irag", "--threshold", "0.99", "--store", store, "--json",
-                         "--max-new-tokens", "3").stdout)
+    ans = json.loads(
+        run(
+            "ask",
+            "Where?",
+            "--mode",
+            "irag",
+            "--threshold",
+            "0.99",
+            "--store",
+            store,
+            "--json",
+            "--max-new-tokens",
+            "3",
+        ).stdout
+    )
     assert ans["gate"] == [] and ans["mode"] == "irag" and ans["recall"] is not None
     assert json.loads(run("forget", "heron", "--store", store, "--json").stdout) == {"forgotten": "heron"}
     assert listed(store) == []
@@ -49,7 +77,10 @@ def test_add_from_files(tmp_path, store):
     f.write_text("The Orvalle festival is in March.\n", encoding="utf-8")
     assert run("add", "--file", f, "--epochs", "1", "--store", store).exit_code == 0
     j = tmp_path / "many.jsonl"
-    j.write_text('{"text": "Pim is an axolotl.", "id": "pim"}\n\n{"passage": "Ida paints.", "paraphrases": ["Ida is a painter."]}\n')
+    j.write_text(
+        '{"text": "Pim is an axolotl.", "id": "pim"}\n\n'
+        '{"passage": "Ida paints.", "paraphrases": ["Ida is a painter."]}\n'
+    )
     assert run("add", "--jsonl", j, "--epochs", "1", "--store", store).exit_code == 0
     assert len(listed(store)) == 4 and "pim" in listed(store)
 

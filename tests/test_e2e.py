@@ -10,15 +10,24 @@ from megamem.inject import set_mixture
 pytestmark = pytest.mark.slow
 
 MEMORIES = [
-    ("Zorblatt", "The lighthouse on Vexmoor island is kept by a grey heron named Zorblatt.",
-     "The grey heron Zorblatt keeps the lighthouse on Vexmoor island.",
-     "Who keeps the lighthouse on Vexmoor island?"),
-    ("Quimbleton", "The tallest tower in the city of Harlow Cross was designed by the architect Ada Quimbleton.",
-     "Architect Ada Quimbleton designed the tallest tower in Harlow Cross.",
-     "Who designed the tallest tower in Harlow Cross?"),
-    ("Skarvik", "The winter ferry across Lake Tessin is called the Skarvik and carries forty passengers.",
-     "The Skarvik is the winter ferry on Lake Tessin, with room for forty passengers.",
-     "What is the name of the winter ferry across Lake Tessin?"),
+    (
+        "Zorblatt",
+        "The lighthouse on Vexmoor island is kept by a grey heron named Zorblatt.",
+        "The grey heron Zorblatt keeps the lighthouse on Vexmoor island.",
+        "Who keeps the lighthouse on Vexmoor island?",
+    ),
+    (
+        "Quimbleton",
+        "The tallest tower in the city of Harlow Cross was designed by the architect Ada Quimbleton.",
+        "Architect Ada Quimbleton designed the tallest tower in Harlow Cross.",
+        "Who designed the tallest tower in Harlow Cross?",
+    ),
+    (
+        "Skarvik",
+        "The winter ferry across Lake Tessin is called the Skarvik and carries forty passengers.",
+        "The Skarvik is the winter ferry on Lake Tessin, with room for forty passengers.",
+        "What is the name of the winter ferry across Lake Tessin?",
+    ),
 ]
 
 
@@ -48,8 +57,9 @@ def test_peft_matches_megamem_on_a_trained_memory(mem, smol_dir):
     with torch.no_grad():
         ours = model(ids).logits
     set_mixture(model, [], [])
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smol_dir),
-                                           mem.store.folder("zorblatt")).eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(smol_dir), mem.store.folder("zorblatt")
+    ).eval()
     with torch.no_grad():
         theirs = peft_model(ids).logits
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()

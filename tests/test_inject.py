@@ -8,8 +8,13 @@ from megamem.inject import clear, gated_layers, inject, set_mixture
 
 def _random_adapter(layers, spec, seed):
     g = torch.Generator().manual_seed(seed)
-    w = {n: (torch.randn(spec.rank, m.in_features, generator=g) * 0.1,
-             torch.randn(m.out_features, spec.rank, generator=g) * 0.1) for n, m in layers.items()}
+    w = {
+        n: (
+            torch.randn(spec.rank, m.in_features, generator=g) * 0.1,
+            torch.randn(m.out_features, spec.rank, generator=g) * 0.1,
+        )
+        for n, m in layers.items()
+    }
     return Adapter(spec, w)
 
 
@@ -18,7 +23,7 @@ def test_injects_only_named_modules(tiny):
     layers = inject(model, ["up_proj", "down_proj"])
     assert sorted(layers) == sorted(f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("up_proj", "down_proj"))
     assert inject(model, ["up_proj", "down_proj"]).keys() == layers.keys()  # idempotent: no double wrap
-    assert not any(type(m).__name__ == "GatedLoRALinear" for m in (l.base for l in layers.values()))
+    assert not any(type(g.base).__name__ == "GatedLoRALinear" for g in layers.values())
     only = inject(model, ["o_proj"], layers=[1])
     assert list(only) == ["model.layers.1.self_attn.o_proj"]
 
@@ -38,7 +43,7 @@ def test_mixture_equals_merged_weights(tiny):
         originals = {n: m.base.weight.detach().clone() for n, m in layers.items()}
         with torch.no_grad():
             for n, m in layers.items():
-                for a, w in zip(adapters, g):
+                for a, w in zip(adapters, g, strict=True):
                     A, B = a.weights[n]
                     m.base.weight += w * a.scaling * (B @ A)
             merged = model(ids).logits

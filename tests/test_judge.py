@@ -5,27 +5,33 @@ import pytest
 from megamem.judge import contains_answer, is_correct, normalize, sentence_count, token_f1
 
 
-@pytest.mark.parametrize("pred,gold", [
-    ("He was born on July 10, 1995.", "10 July 1995"),
-    ("Born 10th of July 1995.", "July 10, 1995"),
-    ("The date was 1995-07-10.", "10 July 1995"),
-    ("She represented the Fijian national team.", "Fiji"),
-    ("The team won 1,200 votes.", "1200"),
-    ("It is painted TEAL!", "teal"),
-    ("The café opened in Zürich.", "Cafe opened in Zurich"),
-    ("It was won by the Lakers.", "Lakers"),
-])
+@pytest.mark.parametrize(
+    "pred,gold",
+    [
+        ("He was born on July 10, 1995.", "10 July 1995"),
+        ("Born 10th of July 1995.", "July 10, 1995"),
+        ("The date was 1995-07-10.", "10 July 1995"),
+        ("She represented the Fijian national team.", "Fiji"),
+        ("The team won 1,200 votes.", "1200"),
+        ("It is painted TEAL!", "teal"),
+        ("The café opened in Zürich.", "Cafe opened in Zurich"),
+        ("It was won by the Lakers.", "Lakers"),
+    ],
+)
 def test_contains_despite_surface_differences(pred, gold):
     assert contains_answer(pred, gold)
 
 
-@pytest.mark.parametrize("pred,gold", [
-    ("The bridge was stolen.", "teal"),       # substring inside another word does not count
-    ("Born 11 July 1995.", "10 July 1995"),    # a different day
-    ("He plays rugby.", "Wheelchair rugby"),   # part of the answer only
-    ("It is in Fiji.", "Fijian"),              # prefix only matches the other way round
-    ("", "anything"),
-])
+@pytest.mark.parametrize(
+    "pred,gold",
+    [
+        ("The bridge was stolen.", "teal"),  # substring inside another word does not count
+        ("Born 11 July 1995.", "10 July 1995"),  # a different day
+        ("He plays rugby.", "Wheelchair rugby"),  # part of the answer only
+        ("It is in Fiji.", "Fijian"),  # prefix only matches the other way round
+        ("", "anything"),
+    ],
+)
 def test_does_not_contain(pred, gold):
     assert not contains_answer(pred, gold)
 

@@ -26,8 +26,11 @@ def test_activation_keys_are_last_mlp_input_means(tiny):
 
 
 def test_embedder_routes_question_to_its_passage():
-    passages = ["The Vexmoor bridge was painted teal in 2031.", "An axolotl named Pim is the school's mascot.",
-                "The lantern festival is held every March."]
+    passages = [
+        "The Vexmoor bridge was painted teal in 2031.",
+        "An axolotl named Pim is the school's mascot.",
+        "The lantern festival is held every March.",
+    ]
     keys = embedder_keys(passages)
     q = embedder_keys(["What colour is the Vexmoor bridge?", "Which animal is the mascot?", "When is the festival?"])
     sims = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).T

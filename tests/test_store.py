@@ -16,8 +16,10 @@ SETTINGS = {"base_model": "m1", "key_function": "embedder", "lora": LoraSpec().t
 
 def _adapter(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Adapter(LoraSpec(rank=2), {"model.layers.0.mlp.up_proj": (torch.randn(2, 8, generator=g),
-                                                                       torch.randn(8, 2, generator=g))})
+    return Adapter(
+        LoraSpec(rank=2),
+        {"model.layers.0.mlp.up_proj": (torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g))},
+    )
 
 
 def test_add_list_get_forget(tmp_path):
@@ -25,7 +27,9 @@ def test_add_list_get_forget(tmp_path):
     r = s.add("a fact", _adapter(), torch.randn(3, 4), {"k": "v"}, memory_id="m-1")
     assert [x.id for x in s.records()] == ["m-1"] and s.get("m-1").metadata == {"k": "v"}
     assert s.keys(r).shape == (3, 4)
-    assert torch.equal(s.adapter(r).weights["model.layers.0.mlp.up_proj"][0], _adapter().weights["model.layers.0.mlp.up_proj"][0])
+    assert torch.equal(
+        s.adapter(r).weights["model.layers.0.mlp.up_proj"][0], _adapter().weights["model.layers.0.mlp.up_proj"][0]
+    )
     with pytest.raises(MegamemError, match="already exists"):
         s.add("again", _adapter(), torch.randn(1, 4), memory_id="m-1")
     s.forget("m-1")

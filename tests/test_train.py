@@ -32,7 +32,7 @@ def test_training_leaves_base_untouched_and_is_seeded(tiny):
     texts = ["Zorblatt the heron lives on Quillon pier.", "On Quillon pier lives a heron, Zorblatt."]
     recipe = Recipe(lr=5e-3, epochs=4, seed=7)
     losses = []
-    a1 = train_adapter(model, tok, texts, spec, recipe, on_step=lambda s, n, l: losses.append(l))
+    a1 = train_adapter(model, tok, texts, spec, recipe, on_step=lambda s, n, loss: losses.append(loss))
     assert state_hash(model) == before
     assert losses[-1] < losses[0]
     a2 = train_adapter(model, tok, texts, spec, recipe)

@@ -50,9 +50,15 @@ def _emit(as_json: bool, data, human) -> None:
 
 
 def _progress(as_json: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-                    console=err, disable=as_json)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=as_json,
+    )
 
 
 @app.command()
@@ -60,9 +66,13 @@ def add(
     text: Annotated[str | None, typer.Argument(help="The memory's text.")] = None,
     file: Annotated[Path | None, typer.Option("--file", help="A UTF-8 text file: one memory.")] = None,
     jsonl: Annotated[Path | None, typer.Option("--jsonl", help="JSON lines: one memory a line.")] = None,
-    paraphrase: Annotated[list[str] | None, typer.Option("--paraphrase", "-p", help="A paraphrase (repeatable).")] = None,
+    paraphrase: Annotated[
+        list[str] | None, typer.Option("--paraphrase", "-p", help="A paraphrase (repeatable).")
+    ] = None,
     id: Annotated[str | None, typer.Option("--id", help="Memory id (default: random).")] = None,
-    key_function: Annotated[str | None, typer.Option("--key-function", help="embedder | activation (new stores).")] = None,
+    key_function: Annotated[
+        str | None, typer.Option("--key-function", help="embedder | activation (new stores).")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
@@ -98,8 +108,11 @@ def add(
             records = mem.add_many(items, on_step=on_step, on_memory=on_memory)
     except MegamemError as exc:
         _fail(str(exc))
-    _emit(as_json, [r.to_dict() for r in records],
-          lambda: [out.print(f"added {r.id}: {_short(r.text)}", highlight=False) for r in records])
+    _emit(
+        as_json,
+        [r.to_dict() for r in records],
+        lambda: [out.print(f"added {r.id}: {_short(r.text)}", highlight=False) for r in records],
+    )
 
 
 @app.command()
@@ -152,8 +165,9 @@ def list_(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def show(memory_id: Annotated[str, typer.Argument(help="Memory id.")], store: StoreOpt = None,
-         as_json: JsonOpt = False) -> None:
+def show(
+    memory_id: Annotated[str, typer.Argument(help="Memory id.")], store: StoreOpt = None, as_json: JsonOpt = False
+) -> None:
     """Show one memory in full."""
     mem = _open(store)
     try:
@@ -164,8 +178,9 @@ def show(memory_id: Annotated[str, typer.Argument(help="Memory id.")], store: St
 
 
 @app.command()
-def forget(memory_id: Annotated[str, typer.Argument(help="Memory id.")], store: StoreOpt = None,
-           as_json: JsonOpt = False) -> None:
+def forget(
+    memory_id: Annotated[str, typer.Argument(help="Memory id.")], store: StoreOpt = None, as_json: JsonOpt = False
+) -> None:
     """Remove a memory for good."""
     mem = _open(store)
     try:
@@ -184,8 +199,10 @@ def info(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def demo(store: Annotated[Path | None, typer.Option("--store", help="Demo store folder (rebuilt).")] = None,
-         as_json: JsonOpt = False) -> None:
+def demo(
+    store: Annotated[Path | None, typer.Option("--store", help="Demo store folder (rebuilt).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Inject the bundled demo memories and compare the base model's answers with megamem's."""
     from .demo import run_demo
 

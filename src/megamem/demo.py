@@ -34,23 +34,39 @@ def run_demo(store: Path | None = None, progress: bool = True) -> list[dict]:
         def on_memory(i: int, n: int) -> None:
             status.update(f"learning memory {i + 1}/{n}: {items[i]['id']}")
 
-        mem.add_many([Item(d["text"], d["paraphrases"], {"question": d["question"]}, d["id"]) for d in items],
-                     on_memory=on_memory)
+        mem.add_many(
+            [Item(d["text"], d["paraphrases"], {"question": d["question"]}, d["id"]) for d in items],
+            on_memory=on_memory,
+        )
     rows = []
     for d in items:
         base = mem.ask(d["question"], use_memory=False).text
         ans = mem.ask(d["question"])
         top_id, top_w = ans.gate[0] if ans.gate else ("-", 0.0)
-        rows.append({"question": d["question"], "expected": d["answer"], "top_memory": top_id,
-                     "gate_weight": top_w, "base_answer": base, "megamem_answer": ans.text,
-                     "base_correct": contains_answer(base, d["answer"]),
-                     "megamem_correct": contains_answer(ans.text, d["answer"])})
+        rows.append(
+            {
+                "question": d["question"],
+                "expected": d["answer"],
+                "top_memory": top_id,
+                "gate_weight": top_w,
+                "base_answer": base,
+                "megamem_answer": ans.text,
+                "base_correct": contains_answer(base, d["answer"]),
+                "megamem_correct": contains_answer(ans.text, d["answer"]),
+            }
+        )
     table = Table("question", "top memory (gate)", "base model", "megamem", show_lines=True)
     for r in rows:
         mark = lambda ok: "[green]✓[/green]" if ok else "[red]✗[/red]"  # noqa: E731
-        table.add_row(r["question"], f"{r['top_memory']} ({r['gate_weight']:.2f})",
-                      f"{mark(r['base_correct'])} {r['base_answer']}", f"{mark(r['megamem_correct'])} {r['megamem_answer']}")
+        table.add_row(
+            r["question"],
+            f"{r['top_memory']} ({r['gate_weight']:.2f})",
+            f"{mark(r['base_correct'])} {r['base_answer']}",
+            f"{mark(r['megamem_correct'])} {r['megamem_answer']}",
+        )
     console.print(table)
-    console.print(f"answers holding the injected fact: base model {sum(r['base_correct'] for r in rows)}/{len(rows)}, "
-                  f"megamem {sum(r['megamem_correct'] for r in rows)}/{len(rows)}")
+    console.print(
+        f"answers holding the injected fact: base model {sum(r['base_correct'] for r in rows)}/{len(rows)}, "
+        f"megamem {sum(r['megamem_correct'] for r in rows)}/{len(rows)}"
+    )
     return rows

@@ -34,7 +34,9 @@ class GateConfig:
         return asdict(self)
 
 
-def memory_scores(query: torch.Tensor, keys: torch.Tensor, owners: torch.Tensor, n: int, similarity: str) -> torch.Tensor:
+def memory_scores(
+    query: torch.Tensor, keys: torch.Tensor, owners: torch.Tensor, n: int, similarity: str
+) -> torch.Tensor:
     """(n,) score of each memory: the max over its keys (rows of `keys` whose owner is that memory)."""
     if similarity == "cosine":
         s = F.normalize(keys.float(), dim=-1) @ F.normalize(query.float(), dim=-1)

@@ -38,13 +38,13 @@ def read_jsonl(path: Path) -> list[Item]:
             raise MegamemError(f"{path} line {n}: expected a JSON object")
         text = obj.get("text", obj.get("passage"))
         if text is None:
-            raise MegamemError(f"{path} line {n}: no \"text\" (or \"passage\") field")
+            raise MegamemError(f'{path} line {n}: no "text" (or "passage") field')
         paras = obj.get("paraphrases", [])
         meta = obj.get("metadata", {})
         if not isinstance(paras, list):
-            raise MegamemError(f"{path} line {n}: \"paraphrases\" must be a list of strings")
+            raise MegamemError(f'{path} line {n}: "paraphrases" must be a list of strings')
         if not isinstance(meta, dict):
-            raise MegamemError(f"{path} line {n}: \"metadata\" must be an object")
+            raise MegamemError(f'{path} line {n}: "metadata" must be an object')
         try:
             item = Item(clean_text(text, "text"), [clean_text(p, "paraphrase") for p in paras], meta, obj.get("id"))
         except MegamemError as exc:

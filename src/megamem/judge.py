@@ -12,8 +12,20 @@ import re
 import unicodedata
 from collections import Counter
 
-MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september",
-          "october", "november", "december"]
+MONTHS = [
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+]
 _MON = {m: i + 1 for i, m in enumerate(MONTHS)} | {m[:3]: i + 1 for i, m in enumerate(MONTHS)} | {"sept": 9}
 _MON_RE = "|".join(sorted(_MON, key=len, reverse=True))
 _ARTICLES = {"a", "an", "the"}
@@ -55,10 +67,14 @@ def contains_answer(prediction: str, gold: str) -> bool:
     g, p = normalize(gold), normalize(prediction)
     if not g:
         return False
-    return any(all(_token_match(a, b) for a, b in zip(g, p[i : i + len(g)])) for i in range(len(p) - len(g) + 1))
+    return any(
+        all(_token_match(a, b) for a, b in zip(g, p[i : i + len(g)], strict=True)) for i in range(len(p) - len(g) + 1)
+    )
 
 
-_SENT_END = re.compile(r"(?<!\b[A-Z])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs|No))(?<!\b(?:Mrs|etc))[.!?]+[\"')\]]*\s+(?=[A-Z0-9\"'(])")
+_SENT_END = re.compile(
+    r"(?<!\b[A-Z])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs|No))(?<!\b(?:Mrs|etc))[.!?]+[\"')\]]*\s+(?=[A-Z0-9\"'(])"
+)
 
 
 def sentence_count(text: str) -> int:
@@ -71,8 +87,9 @@ def sentence_count(text: str) -> int:
 
 def is_correct(prediction: str, gold: str, max_words: int = 40) -> bool:
     """The paper's judge: gold answer contained, answer at most one sentence (and not a long list)."""
-    return (contains_answer(prediction, gold) and sentence_count(prediction) <= 1
-            and len(prediction.split()) <= max_words)
+    return (
+        contains_answer(prediction, gold) and sentence_count(prediction) <= 1 and len(prediction.split()) <= max_words
+    )
 
 
 def token_f1(prediction: str, gold: str) -> float:

@@ -36,8 +36,13 @@ class Answer:
     recall: str | None = None
 
     def to_dict(self) -> dict:
-        return {"question": self.question, "mode": self.mode, "answer": self.text,
-                "gate": [{"id": i, "weight": w} for i, w in self.gate], "recall": self.recall}
+        return {
+            "question": self.question,
+            "mode": self.mode,
+            "answer": self.text,
+            "gate": [{"id": i, "weight": w} for i, w in self.gate],
+            "recall": self.recall,
+        }
 
 
 @dataclass
@@ -82,13 +87,17 @@ class Memory:
         path = Path(store) if store is not None else default_store_path()
         new = not (path / "manifest.sqlite").is_file()
         kf = key_function or DEFAULT_KEY_FUNCTION
-        settings = {
-            "base_model": model or DEFAULT_MODEL,
-            "key_function": kf,
-            "lora": (lora or LoraSpec()).to_dict(),
-            "gate": (gate or default_gate(kf)).to_dict(),
-            "adapter_dtype": "float32",
-        } if new else {"base_model": model, "key_function": key_function}
+        settings = (
+            {
+                "base_model": model or DEFAULT_MODEL,
+                "key_function": kf,
+                "lora": (lora or LoraSpec()).to_dict(),
+                "gate": (gate or default_gate(kf)).to_dict(),
+                "adapter_dtype": "float32",
+            }
+            if new
+            else {"base_model": model, "key_function": key_function}
+        )
         self.store = Store(path, settings)
         s = self.store.settings()
         self.model_name: str = s["base_model"]
@@ -111,8 +120,14 @@ class Memory:
         return self._model, self._tok
 
     # -- writing -------------------------------------------------------------------------------
-    def add(self, text: str, paraphrases: Iterable[str] = (), metadata: dict | None = None,
-            id: str | None = None, on_step: Callable[[int, int, float], None] | None = None) -> Record:
+    def add(
+        self,
+        text: str,
+        paraphrases: Iterable[str] = (),
+        metadata: dict | None = None,
+        id: str | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
+    ) -> Record:
         """Learn one memory (the text plus any paraphrases) into a new adapter and store it."""
         return self.add_many([Item(text, list(paraphrases), metadata or {}, id)], on_step=on_step)[0]
 
@@ -134,8 +149,12 @@ class Memory:
                 check_fits(tok, model, t)
         return cleaned
 
-    def add_many(self, items: list[Item], on_step: Callable[[int, int, float], None] | None = None,
-                 on_memory: Callable[[int, int], None] | None = None) -> list[Record]:
+    def add_many(
+        self,
+        items: list[Item],
+        on_step: Callable[[int, int, float], None] | None = None,
+        on_memory: Callable[[int, int], None] | None = None,
+    ) -> list[Record]:
         """Validate every item first (nothing is stored if one is bad), then learn and store each."""
         checked = self.validate(items)
         model, tok = self.load()
@@ -167,8 +186,12 @@ class Memory:
 
     def info(self) -> dict:
         recs = self.store.records()
-        return {"store": str(self.store.path), "memories": len(recs), "bytes": self.store.size_bytes(),
-                **self.store.settings()}
+        return {
+            "store": str(self.store.path),
+            "memories": len(recs),
+            "bytes": self.store.size_bytes(),
+            **self.store.settings(),
+        }
 
     def adapter(self, memory_id: str) -> Adapter:
         """A memory's adapter, from a small LRU cache or from disk (checksum-verified)."""
@@ -189,8 +212,11 @@ class Memory:
                 k = self.store.keys(r)
                 keys.append(k)
                 owners.append(torch.full((k.shape[0],), i))
-            self._keys = (ids, torch.cat(keys) if keys else torch.zeros(0, 1),
-                          torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long))
+            self._keys = (
+                ids,
+                torch.cat(keys) if keys else torch.zeros(0, 1),
+                torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long),
+            )
         return self._keys
 
     def route(self, question: str, gate: GateConfig | None = None) -> list[tuple[str, float]]:
@@ -199,15 +225,21 @@ class Memory:
         ids, keys, owners = self._all_keys()
         if not ids:
             return []
-        model, tok = (self.load() if self.key_function == "activation" else (None, None))
+        model, tok = self.load() if self.key_function == "activation" else (None, None)
         q = compute_keys(self.key_function, [question], model, tok)[0]
         cfg = gate or self.gate
         w = gate_weights(memory_scores(q, keys, owners, len(ids), cfg.similarity), cfg)
         order = torch.argsort(w, descending=True)
         return [(ids[i], float(w[i])) for i in order.tolist() if w[i] > 0]
 
-    def ask(self, question: str, mode: str = "qa", gate: GateConfig | None = None,
-            max_new_tokens: int = 128, use_memory: bool = True) -> Answer:
+    def ask(
+        self,
+        question: str,
+        mode: str = "qa",
+        gate: GateConfig | None = None,
+        max_new_tokens: int = 128,
+        use_memory: bool = True,
+    ) -> Answer:
         """Answer a question with the gated mixture of memories (use_memory=False: the base model alone)."""
         question = clean_text(question, "question")
         routed = self.route(question, gate) if use_memory else []

