@@ -124,7 +124,7 @@ def ask(
     top_k: Annotated[int | None, typer.Option("--top-k", help="Mix only the k best memories.")] = None,
     beta: Annotated[float | None, typer.Option(help="Gate softmax inverse temperature.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Use no memory scoring below this.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer in tokens (qa 64, recall 256).")] = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -48,23 +48,24 @@ def answer(
     mode: str,
     adapters: list,
     weights: list[float],
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
 ) -> tuple[str, str | None]:
     """Answer `question` in `mode` with the adapters mixed at `weights`; returns (answer, recall or None).
 
     irag is the paper's two-turn form: the model first reconstructs the related story, then answers
     the QA prompt with that reconstruction in the conversation; one gate serves both turns.
+    max_new_tokens caps each turn (default: 64 for an answer, 256 for a recall).
     """
     if mode not in MODES:
         raise MegamemError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     set_mixture(model, adapters, weights)
     try:
         if mode == "qa":
-            return complete(model, tok, [("user", qa_prompt(question))], max_new_tokens), None
-        recall = complete(model, tok, [("user", recall_prompt(question))], max(max_new_tokens, 256))
+            return complete(model, tok, [("user", qa_prompt(question))], max_new_tokens or 64), None
+        recall = complete(model, tok, [("user", recall_prompt(question))], max_new_tokens or 256)
         if mode == "recall":
             return recall, recall
         turns = [("user", recall_prompt(question)), ("assistant", recall), ("user", qa_prompt(question))]
-        return complete(model, tok, turns, max_new_tokens), recall
+        return complete(model, tok, turns, max_new_tokens or 64), recall
     finally:
         clear(model)

@@ -237,7 +237,7 @@ class Memory:
         question: str,
         mode: str = "qa",
         gate: GateConfig | None = None,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
         use_memory: bool = True,
     ) -> Answer:
         """Answer a question with the gated mixture of memories (use_memory=False: the base model alone)."""
