@@ -20,7 +20,7 @@ class GateConfig:
     """similarity: 'cosine' or 'dot'; beta: softmax inverse temperature; top_k None = dense (the paper's)."""
 
     similarity: str = "cosine"
-    beta: float = 20.0
+    beta: float = 50.0
     top_k: int | None = None
     threshold: float | None = None
 
