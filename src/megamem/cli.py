@@ -1,4 +1,4 @@
-"""The megamem command line: add, ask, list, show, forget, info, demo. --json on every command."""
+"""The megamem command line: add, ask, list, show, forget, info, demo, bench. --json on the store commands."""
 
 from __future__ import annotations
 
@@ -211,6 +211,101 @@ def demo(
     except MegamemError as exc:
         _fail(str(exc))
     _emit(as_json, rows, lambda: None)
+
+
+def _floats(text: str | None, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()] if text else []
+    except ValueError:
+        _fail(f"{what} takes comma-separated numbers, got {text!r}")
+        raise  # unreachable
+
+
+@app.command()
+def bench(
+    data: Annotated[Path, typer.Option("--data", help="Folder of partition-NN.jsonl files.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default bench-runs/DATA-pP).")] = None,
+    partitions: Annotated[str, typer.Option(help="Partitions, comma-separated.")] = "0",
+    memories: Annotated[int | None, typer.Option(help="First N memories of each partition.")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, or all.")] = "all",
+    model: ModelOpt = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs per memory (all methods).")] = 10,
+    max_steps: Annotated[int | None, typer.Option(help="Cap on optimiser steps per memory.")] = None,
+    lr: Annotated[list[str] | None, typer.Option("--lr", help="METHOD=RATE (repeatable; mega, lora, full...).")] = None,
+    eval_every: Annotated[int, typer.Option(help="Test all seen memories every N memories.")] = 1,
+    rank: Annotated[int, typer.Option(help="LoRA rank (mega, irag, lora, lora-l2).")] = 32,
+    targets: Annotated[str, typer.Option(help="mlp | attn | all | early | mid | late (MLP thirds).")] = "mlp",
+    key_function: Annotated[str, typer.Option("--key-function", help="embedder | activation.")] = "embedder",
+    beta: Annotated[float | None, typer.Option(help="Gate softmax inverse temperature.")] = None,
+    l2_lambda: Annotated[str | None, typer.Option(help="full-l2 lambdas to sweep, comma-separated.")] = None,
+    ewc_lambda: Annotated[str | None, typer.Option(help="full-ewc lambdas to sweep, comma-separated.")] = None,
+    lora_l2_lambda: Annotated[str | None, typer.Option(help="lora-l2 lambdas to sweep, comma-separated.")] = None,
+    mmlu: Annotated[str | None, typer.Option(help="Local MMLU folder (CSV release or HF parquet).")] = None,
+    mmlu_subjects: Annotated[str | None, typer.Option(help="MMLU subjects, comma-separated.")] = None,
+    mmlu_limit: Annotated[int | None, typer.Option(help="MMLU questions per subject.")] = 20,
+    judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for an LLM judge.")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="The LLM judge's model name.")] = None,
+    mcq_limit: Annotated[int | None, typer.Option(help="Use only the first N shipped MCQ questions.")] = None,
+    text_paragraphs: Annotated[int, typer.Option(help="General-text paragraphs for the KL probe.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batched generation.")] = 16,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch CPU threads (1 is far faster on a machine shared with other jobs).")
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Continual-learning benchmark: learn memories one at a time, test all seen so far, write a run folder."""
+    from .bench.run import BenchConfig, expand_methods, run_bench
+
+    try:
+        names = expand_methods([m.strip() for m in methods.split(",") if m.strip()])
+        for fam, text, flag in (
+            ("full-l2", l2_lambda, "--l2-lambda"),
+            ("full-ewc", ewc_lambda, "--ewc-lambda"),
+            ("lora-l2", lora_l2_lambda, "--lora-l2-lambda"),
+        ):
+            lams = _floats(text, flag)
+            if lams:
+                names = [m for m in names if m != fam] + [f"{fam}@{x:g}" for x in lams]
+        lrs = {}
+        for item in lr or []:
+            key, _, val = item.partition("=")
+            try:
+                lrs[key.strip()] = float(val)
+            except ValueError:
+                _fail(f"--lr takes METHOD=RATE, got {item!r}")
+        try:
+            parts = [int(x) for x in partitions.split(",") if x.strip()]
+        except ValueError:
+            _fail(f"--partitions takes comma-separated integers, got {partitions!r}")
+        cfg = BenchConfig(
+            data=str(data),
+            partitions=parts,
+            memories=memories,
+            methods=names,
+            model=model,
+            epochs=epochs,
+            max_steps=max_steps,
+            lrs=lrs,
+            rank=rank,
+            targets=targets,
+            key_function=key_function,
+            beta=beta,
+            eval_every=eval_every,
+            mmlu=mmlu,
+            mmlu_limit=mmlu_limit,
+            judge_url=judge_url,
+            judge_model=judge_model,
+            mmlu_subjects=[s.strip() for s in mmlu_subjects.split(",")] if mmlu_subjects else None,
+            batch_size=batch_size,
+            mcq_limit=mcq_limit,
+            text_paragraphs=text_paragraphs,
+            threads=threads,
+        )
+        folder = out_dir or Path("bench-runs") / f"{data.name}-p{'-'.join(map(str, parts))}"
+        run_bench(cfg, folder, console=err, progress=not no_progress)
+    except MegamemError as exc:
+        _fail(str(exc))
+    out.print(f"results: {folder / 'results.md'}", highlight=False)
 
 
 def _short(text: str, n: int = 70) -> str:

@@ -1,0 +1,142 @@
+"""The run's report: results.md in the paper's Table 1 layout and PNG plots of the forgetting curves."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMNS = [  # (step-row field, header, digits)
+    ("mean_recall_cos", "recall cos", 3),
+    ("recall_floor", "random-pair floor", 3),
+    ("mean_qa_acc", "QA acc", 3),
+    ("mean_qa_f1", "QA F1", 3),
+    ("mean_llm_judge", "QA acc (LLM judge)", 3),
+    ("mean_logprob", "log p(gold)", 2),
+    ("mean_gate_top1", "gate/retrieval top-1", 3),
+    ("mcq_acc", "general MCQ acc", 3),
+    ("mmlu_acc", "MMLU acc", 3),
+    ("kl", "KL to base", 4),
+]
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    """'m ± s' over partitions ('m' alone for one partition), '–' when there is no value."""
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    m = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def final_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per method, the step row of the state after the last memory, one per partition."""
+    last: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        if r["kind"] != "step":
+            continue
+        key = (r["method"], r["partition"])
+        if key not in last or r["step"] > last[key]["step"]:
+            last[key] = r
+    out: dict[str, list[dict]] = defaultdict(list)
+    for (method, _), r in sorted(last.items(), key=lambda kv: kv[0][1]):
+        out[method].append(r)
+    return out
+
+
+def results_table(rows: list[dict], methods: list[str]) -> str:
+    """The Markdown table: one row per method, mean ± std over partitions after the last memory."""
+    finals = final_rows(rows)
+    cols = [c for c in COLUMNS if any(c[0] in r for rs in finals.values() for r in rs)]
+    lines = [
+        "| method | partitions | memories | " + " | ".join(h for _, h, _ in cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    for m in methods:
+        rs = finals.get(m)
+        if not rs:
+            continue
+        cells = [mean_std([r.get(f) for r in rs], d) for f, _, d in cols]
+        lines.append(f"| {m} | {len(rs)} | {max(r['step'] for r in rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve(rows: list[dict], method: str, kind: str, field: str, memory: int | None = None) -> tuple[list, list]:
+    """(steps, mean over partitions) of one field of a method's rows."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] != kind or r["method"] != method or field not in r:
+            continue
+        if memory is not None and r.get("memory") != memory:
+            continue
+        v = r[field]
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            by_step[r["step"]].append(v)
+    steps = sorted(by_step)
+    return steps, [statistics.fmean(by_step[s]) for s in steps]
+
+
+def plot(rows: list[dict], methods: list[str], kind: str, field: str, title: str, path: Path, memory=None) -> bool:
+    """One line per method of `field` against memories learned; False when no method has the field."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for m in methods:
+        xs, ys = curve(rows, m, kind, field, memory)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=m)
+            drawn = True
+    if drawn:
+        ax.set_xlabel("memories learned")
+        ax.set_ylabel(field)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+PLOTS = [  # (file, row kind, field, title, memory)
+    ("forgetting_recall.png", "memory", "recall_cos", "First memory: recall cosine", 0),
+    ("forgetting_qa.png", "memory", "qa_acc", "First memory: QA accuracy", 0),
+    ("general_mcq.png", "step", "mcq_acc", "General knowledge (MCQ accuracy)", None),
+    ("general_kl.png", "step", "kl", "KL divergence to the base model", None),
+    ("general_mmlu.png", "step", "mmlu_acc", "MMLU accuracy", None),
+    ("average_qa.png", "step", "mean_qa_acc", "QA accuracy over all seen memories", None),
+    ("average_recall.png", "step", "mean_recall_cos", "Recall cosine over all seen memories", None),
+]
+
+
+def write_report(out: Path, rows: list[dict], cfg) -> list[Path]:
+    """Write results.md and the plots into the run folder; returns the files written."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    written = []
+    for name, kind, field, title, memory in PLOTS:
+        if plot(rows, methods, kind, field, title, out / name, memory):
+            written.append(out / name)
+    text = [
+        "# megamem bench results",
+        "",
+        f"Data `{cfg.data}`, partitions {cfg.partitions}, model `{cfg.model or 'default'}`, "
+        f"{cfg.epochs} epochs, targets {cfg.targets}, rank {cfg.rank}.",
+        "",
+        "State after the last memory; mean ± std over partitions of the mean over all memories.",
+        "Recall cos is the sentence-embedder cosine between passage and recall; the random-pair floor is the",
+        "cosine between a recall and the other memories' passages.",
+        "",
+        results_table(rows, methods),
+        "",
+        "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in written),
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(text), encoding="utf-8")
+    return [out / "results.md", *written]

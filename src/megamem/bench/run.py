@@ -1,0 +1,610 @@
+"""The continual-learning protocol: learn a partition's memories one at a time, test every memory seen so far.
+
+One loaded model serves every method. After each finished step the method's state is saved and the
+step's rows are appended to metrics.jsonl (one row per method x step x memory, then one 'step' row
+that closes the step); a killed run resumes from the last closed step of each method.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..adapters import LoraSpec
+from ..errors import MegamemError
+from ..gate import GateConfig, gate_weights, memory_scores
+from ..generate import qa_prompt, recall_prompt
+from ..inject import inject
+from ..keys import compute_keys, embedder_keys
+from ..memory import default_gate
+from ..model import load_model
+from ..train import Recipe
+from . import general
+from .data import Record, load_partition, partition_files
+from .infer import answer_logprobs, generate, last_logits, token_logprobs
+from .methods import DEFAULT_LR, METHODS, Mega, Method, Shared, family, keep_base, make_method
+from .metrics import cosine_matrix, llm_judge, qa_scores, random_pair_floor
+
+TARGETS = {
+    "mlp": ("up_proj", "down_proj"),
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+THIRDS = ("early", "mid", "late")  # the MLP targets on one third of the layers
+
+
+@dataclass
+class BenchConfig:
+    """Everything a run depends on; saved as config.json and checked on resume."""
+
+    data: str
+    partitions: list[int] = field(default_factory=lambda: [0])
+    memories: int | None = None
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    model: str | None = None
+    epochs: int = 10
+    max_steps: int | None = None
+    lrs: dict[str, float] = field(default_factory=dict)
+    rank: int = 32
+    targets: str = "mlp"
+    key_function: str = "embedder"
+    beta: float | None = None
+    eval_every: int = 1
+    qa_tokens: int = 48
+    recall_extra_tokens: int = 20
+    mcq_limit: int | None = None
+    text_paragraphs: int | None = 16
+    mmlu: str | None = None
+    mmlu_subjects: list[str] | None = None
+    mmlu_limit: int | None = 20
+    judge_url: str | None = None
+    judge_model: str | None = None
+    seed: int = 0
+    batch_size: int = 16
+    threads: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expand_methods(names: list[str]) -> list[str]:
+    """'all' -> every method; others kept in the given order; unknown names are an error."""
+    out: list[str] = []
+    for n in names:
+        for m in METHODS if n == "all" else [n]:
+            if family(m) not in METHODS:
+                raise MegamemError(f"unknown method {m!r}; choose from {', '.join(METHODS)} or all")
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def lora_spec(cfg: BenchConfig, n_layers: int) -> LoraSpec:
+    """The adapter shape of the run (mega, irag, lora, lora-l2) from the ablation flags."""
+    if cfg.targets in TARGETS:
+        return LoraSpec(targets=TARGETS[cfg.targets], rank=cfg.rank, alpha=float(cfg.rank))
+    if cfg.targets in THIRDS:
+        third = THIRDS.index(cfg.targets)
+        lo, hi = third * n_layers // 3, (third + 1) * n_layers // 3
+        return LoraSpec(targets=TARGETS["mlp"], rank=cfg.rank, alpha=float(cfg.rank), layers=tuple(range(lo, hi)))
+    raise MegamemError(f"unknown targets {cfg.targets!r}; choose from mlp, attn, all, early, mid, late")
+
+
+# -- one partition's fixed inputs ------------------------------------------------------------------
+
+
+@dataclass
+class Partition:
+    """A partition's memories and everything about them that never changes during a run."""
+
+    index: int
+    records: list[Record]
+    keys: list[torch.Tensor]  # per memory: keys of the passage and its paraphrases
+    cues: list[str]  # per memory: the question that asks for its recall
+    questions: list[tuple[int, str, str]]  # (memory, question, gold answer) over all memories
+    cue_keys: torch.Tensor
+    question_keys: torch.Tensor
+    passage_emb: torch.Tensor
+    recall_tokens: list[int]
+
+    def texts(self, i: int) -> list[str]:
+        return [self.records[i].passage, *self.records[i].paraphrases]
+
+
+def recall_cue(rec: Record) -> str:
+    """The recall query of a memory: its first QA question, else its opening words (stories have no QA)."""
+    if rec.qa:
+        return rec.qa[0][0]
+    words = rec.passage.split()
+    return "Tell me the story that begins: " + " ".join(words[:12])
+
+
+def prepare(cfg: BenchConfig, index: int, model, tok) -> Partition:
+    """Load a partition and compute its keys, query keys and passage embeddings once."""
+    records = load_partition(cfg.data, index, cfg.memories)
+    if not records:
+        raise MegamemError(f"partition {index} of {cfg.data} is empty")
+    keys = [compute_keys(cfg.key_function, [r.passage, *r.paraphrases], model, tok) for r in records]
+    cues = [recall_cue(r) for r in records]
+    questions = [(i, q, a) for i, r in enumerate(records) for q, a in r.qa]
+    cue_keys = compute_keys(cfg.key_function, cues, model, tok)
+    qk = compute_keys(cfg.key_function, [q for _, q, _ in questions], model, tok) if questions else cue_keys[:0]
+    return Partition(
+        index=index,
+        records=records,
+        keys=keys,
+        cues=cues,
+        questions=questions,
+        cue_keys=cue_keys,
+        question_keys=qk,
+        passage_emb=embedder_keys([r.passage for r in records]),
+        recall_tokens=[len(tok(r.passage, add_special_tokens=False)["input_ids"]) for r in records],
+    )
+
+
+def gate_matrix(queries: torch.Tensor, keys: list[torch.Tensor], gate: GateConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_queries, k) gate weights over the k memories' keys, and the (n_queries, k) memory scores."""
+    k = len(keys)
+    all_keys = torch.cat(keys)
+    owners = torch.cat([torch.full((len(x),), i) for i, x in enumerate(keys)])
+    scores = torch.stack([memory_scores(q, all_keys, owners, k, gate.similarity) for q in queries])
+    weights = torch.stack([gate_weights(s, gate) for s in scores])
+    return weights, scores
+
+
+# -- general ability -------------------------------------------------------------------------------
+
+
+@dataclass
+class Probes:
+    """The general-ability inputs and the base model's reference answers, computed once per run."""
+
+    mcq: list[general.MCQ]
+    mcq_seqs: list[list[int]]
+    letters: list[int]
+    mmlu: list[general.MCQ]
+    mmlu_seqs: list[list[int]]
+    text_seqs: list[list[int]]
+    mcq_keys: torch.Tensor
+    mmlu_keys: torch.Tensor
+    text_keys: torch.Tensor
+    reference: general.Reference | None = None
+
+
+def make_probes(cfg: BenchConfig, model, tok) -> Probes:
+    """Tokenise the probes and compute the base model's KL reference (with no memory active)."""
+    mcq = general.shipped_mcq()[: cfg.mcq_limit] if cfg.mcq_limit else general.shipped_mcq()
+    mmlu = general.load_mmlu(cfg.mmlu, cfg.mmlu_subjects, cfg.mmlu_limit) if cfg.mmlu else []
+    mcq_seqs, letters = general.mcq_inputs(tok, mcq)
+    mmlu_seqs, _ = general.mcq_inputs(tok, mmlu)
+    paragraphs = general.shipped_text(cfg.text_paragraphs)
+    text_seqs = general.text_inputs(tok, paragraphs)
+    kf = cfg.key_function
+    probes = Probes(
+        mcq,
+        mcq_seqs,
+        letters,
+        mmlu,
+        mmlu_seqs,
+        text_seqs,
+        compute_keys(kf, [q.question for q in mcq], model, tok),
+        compute_keys(kf, [q.question for q in mmlu], model, tok) if mmlu else torch.zeros(0, 1),
+        compute_keys(kf, paragraphs, model, tok),
+    )
+    probes.reference = general.make_reference(token_logprobs(model, text_seqs, tok.pad_token_id))
+    return probes
+
+
+def general_ability(
+    shared: Shared, probes: Probes, adapters: list, keys: list[torch.Tensor], gate: GateConfig, bs: int
+) -> dict[str, float]:
+    """MCQ accuracy, MMLU accuracy (if given) and KL to the base model; gated methods go through the gate."""
+    model, tok = shared.model, shared.tok
+
+    def w(q: torch.Tensor) -> torch.Tensor | None:
+        return gate_matrix(q, keys, gate)[0] if adapters else None
+
+    out = {
+        "mcq_acc": general.mcq_accuracy(
+            last_logits(model, tok, probes.mcq_seqs, adapters, w(probes.mcq_keys), bs), probes.letters, probes.mcq
+        )
+    }
+    if probes.mmlu:
+        logits = last_logits(model, tok, probes.mmlu_seqs, adapters, w(probes.mmlu_keys), bs)
+        out["mmlu_acc"] = general.mcq_accuracy(logits, probes.letters, probes.mmlu)
+    logp = token_logprobs(model, probes.text_seqs, tok.pad_token_id, adapters, w(probes.text_keys), max(bs // 2, 1))
+    out["kl"] = general.bucketed_kl(probes.reference, logp)
+    return out
+
+
+# -- one evaluation step ---------------------------------------------------------------------------
+
+
+def with_context(prompt: str, passages: list[str]) -> str:
+    """A RAG user turn: the retrieved passages, then the question prompt."""
+    ctx = "\n\n".join(passages)
+    return f"Context:\n{ctx}\n\n{prompt}"
+
+
+def _cached_generate(method: Method, shared: Shared, convs, max_new: int, adapters, weights, bs: int) -> list[str]:
+    """Generation with a per-method cache for methods whose model never changes (base, rag)."""
+    if not method.static:
+        return generate(shared.model, shared.tok, convs, max_new, adapters, weights, bs)
+    keys = [("gen", max_new, tuple(c)) for c in convs]
+    todo = [i for i, k in enumerate(keys) if k not in method.cache]
+    if todo:
+        outs = generate(shared.model, shared.tok, [convs[i] for i in todo], max_new, None, None, bs)
+        for i, o in zip(todo, outs, strict=True):
+            method.cache[keys[i]] = o
+    return [method.cache[k] for k in keys]
+
+
+def _cached_logprobs(method: Method, shared: Shared, convs, answers, adapters, weights, bs: int) -> list[float]:
+    if not method.static:
+        return answer_logprobs(shared.model, shared.tok, convs, answers, adapters, weights, bs)
+    keys = [("lp", a, tuple(c)) for c, a in zip(convs, answers, strict=True)]
+    todo = [i for i, k in enumerate(keys) if k not in method.cache]
+    if todo:
+        outs = answer_logprobs(shared.model, shared.tok, [convs[i] for i in todo], [answers[i] for i in todo])
+        for i, o in zip(todo, outs, strict=True):
+            method.cache[keys[i]] = o
+    return [method.cache[k] for k in keys]
+
+
+def evaluate(
+    cfg: BenchConfig, method: Method, shared: Shared, part: Partition, probes: Probes, k: int, gate: GateConfig
+) -> list[dict]:
+    """Test every memory learned so far (the first k): recall, QA, gold log-prob, gate accuracy, general."""
+    bs = cfg.batch_size
+    keys = part.keys[:k]
+    adapters = method.adapters(k) if isinstance(method, Mega) else []
+    seen_q = [(j, i, q, a) for j, (i, q, a) in enumerate(part.questions) if i < k]
+    passages = [r.passage for r in part.records]
+
+    def route(qkeys: torch.Tensor) -> tuple[torch.Tensor | None, list[int] | None, list[list[int]]]:
+        if len(qkeys) == 0:
+            return None, None, []
+        w, scores = gate_matrix(qkeys, keys, gate)
+        ret = scores.topk(min(method.retrieve, k), dim=1).indices.tolist() if method.retrieve else []
+        return (w if method.gated else None), scores.argmax(dim=1).tolist(), ret
+
+    def user(prompt: str, ret: list[int]) -> str:
+        return with_context(prompt, [passages[r] for r in ret]) if method.retrieve else prompt
+
+    # recall: one cue per memory
+    cue_w, cue_top1, cue_ret = route(part.cue_keys[:k])
+    recall_convs = [[("user", user(recall_prompt(part.cues[i]), cue_ret[i] if cue_ret else []))] for i in range(k)]
+    recall_len = max(part.recall_tokens) + cfg.recall_extra_tokens  # one length for every step: cacheable
+    recalls = _cached_generate(method, shared, recall_convs, recall_len, adapters, cue_w, bs)
+    rec_emb = embedder_keys(recalls)
+    rec_cos = cosine_matrix(rec_emb, part.passage_emb)
+    floor = random_pair_floor(rec_emb, part.passage_emb)  # recall i against the partition's other passages
+
+    # QA
+    qk = part.question_keys[[j for j, *_ in seen_q]] if seen_q else part.question_keys[:0]
+    q_w, q_top1, q_ret = route(qk)
+    qa_convs = [[("user", user(qa_prompt(q), q_ret[n] if q_ret else []))] for n, (_, _, q, _) in enumerate(seen_q)]
+    if method.two_turn and seen_q:
+        first = [[("user", recall_prompt(q))] for _, _, q, _ in seen_q]
+        q_recalls = generate(shared.model, shared.tok, first, recall_len, adapters, q_w, bs)
+        qa_convs = [
+            [("user", recall_prompt(q)), ("assistant", r), ("user", qa_prompt(q))]
+            for (_, _, q, _), r in zip(seen_q, q_recalls, strict=True)
+        ]
+    answers = _cached_generate(method, shared, qa_convs, cfg.qa_tokens, adapters, q_w, bs) if seen_q else []
+    golds = [a for *_, a in seen_q]
+    logps = _cached_logprobs(method, shared, qa_convs, golds, adapters, q_w, bs) if seen_q else []
+
+    rows = []
+    for i in range(k):
+        mine = [n for n, (_, mi, _, _) in enumerate(seen_q) if mi == i]
+        row = {
+            "kind": "memory",
+            "partition": part.index,
+            "method": method.name,
+            "step": k,
+            "memory": i,
+            "name": part.records[i].name,
+            "recall_cos": float(rec_cos[i, i]),
+            "recall_floor": floor,
+            "recall": recalls[i],
+        }
+        if method.gated or method.retrieve:
+            tops = [cue_top1[i]] + [q_top1[n] for n in mine]
+            row["gate_top1"] = sum(int(t == i) for t in tops) / len(tops)
+        if mine:
+            scores = [qa_scores(answers[n], golds[n]) for n in mine]
+            row["qa_acc"] = sum(s["qa_acc"] for s in scores) / len(mine)
+            row["qa_f1"] = sum(s["qa_f1"] for s in scores) / len(mine)
+            row["logprob"] = sum(logps[n] for n in mine) / len(mine)
+            row["answers"] = [answers[n] for n in mine]
+            if cfg.judge_url and cfg.judge_model:
+                judged = [llm_judge(cfg.judge_url, cfg.judge_model, seen_q[n][2], golds[n], answers[n]) for n in mine]
+                row["llm_judge"] = sum(judged) / len(judged)
+        rows.append(row)
+
+    if method.static and "general" in method.cache:
+        gen = method.cache["general"]
+    else:
+        gen = general_ability(shared, probes, adapters, keys, gate, bs)
+        if method.static:
+            method.cache["general"] = gen
+    step_row = {"kind": "step", "partition": part.index, "method": method.name, "step": k, **gen}
+    for metric in ("recall_cos", "qa_acc", "qa_f1", "logprob", "gate_top1", "llm_judge"):
+        vals = [r[metric] for r in rows if metric in r]
+        if vals:
+            step_row[f"mean_{metric}"] = sum(vals) / len(vals)
+    step_row["recall_floor"] = floor
+    return rows + [step_row]
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl rows; a torn last line (killed mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def closed_steps(rows: list[dict], partition: int, method: str) -> set[int]:
+    """Steps of a method whose 'step' row was written (the step finished)."""
+    return {r["step"] for r in rows if r["kind"] == "step" and r["partition"] == partition and r["method"] == method}
+
+
+def drop_open_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Rewrite metrics.jsonl without the rows of steps that never closed (a run killed mid-step)."""
+    closed = {(r["partition"], r["method"], r["step"]) for r in rows if r["kind"] == "step"}
+    keep = [r for r in rows if (r["partition"], r["method"], r["step"]) in closed]
+    if len(keep) != len(rows) or (path.is_file() and len(path.read_text().splitlines()) != len(rows)):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+        tmp.replace(path)
+    return keep
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+
+
+def eval_steps(n: int, every: int) -> list[int]:
+    """The steps after which every seen memory is tested: each `every`-th and the last."""
+    return sorted({k for k in range(1, n + 1) if k % every == 0} | {n})
+
+
+def check_config(cfg: BenchConfig, out: Path) -> None:
+    """Write config.json, or check a resumed run's config is the same."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.json"
+    now = cfg.to_dict()
+    if path.is_file():
+        old = json.loads(path.read_text())
+        old["threads"] = now["threads"]  # speed only: a run may resume with other threads
+        if old != now:
+            diff = sorted(k for k in now if old.get(k) != now[k])
+            raise MegamemError(f"{out} holds a run with another config (differs in {', '.join(diff)}); use a new --out")
+    else:
+        path.write_text(json.dumps(now, indent=2))
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Refuse bad input before loading anything."""
+    if not Path(cfg.data).is_dir():
+        raise MegamemError(f"data folder {cfg.data} does not exist")
+    files = partition_files(cfg.data)
+    for p in cfg.partitions:
+        if not 0 <= p < len(files):
+            raise MegamemError(f"partition {p} out of range: {cfg.data} has {len(files)}")
+    if cfg.memories is not None and cfg.memories < 1:
+        raise MegamemError("--memories must be at least 1")
+    if cfg.eval_every < 1:
+        raise MegamemError("--eval-every must be at least 1")
+    expand_methods(cfg.methods)
+    if cfg.targets not in TARGETS and cfg.targets not in THIRDS:
+        raise MegamemError(f"unknown targets {cfg.targets!r}; choose from mlp, attn, all, early, mid, late")
+
+
+def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s: float) -> tuple[float, dict]:
+    """Expected CPU seconds of the whole run from one measured training step and one measured generation."""
+    from ..train import batches, train_adapter
+    from .infer import generate as _gen
+    from .methods import train_params
+
+    model, tok = shared.model, shared.tok
+    texts = part.texts(0)
+    n = len(part.records)
+    recipe1 = Recipe(lr=1e-12, epochs=1, batch_size=shared.recipe.batch_size, max_steps=1)
+    t0 = time.perf_counter()
+    train_params(model, tok, texts, list(model.parameters()), recipe1)
+    full_step = time.perf_counter() - t0
+    shared.restore()
+    t0 = time.perf_counter()
+    train_adapter(model, tok, texts, shared.spec, recipe1)
+    lora_step = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _gen(model, tok, [[("user", qa_prompt(part.cues[0]))]] * min(cfg.batch_size, 8), 8)
+    tok_s = (time.perf_counter() - t0) / 8  # one decoding step of a batch
+    per_mem_steps = len(batches([([], [])] * len(texts), shared.recipe))
+    steps = eval_steps(n, cfg.eval_every)
+    qa_per_mem = max(1, len(part.questions) // n) if part.questions else 0
+    recall_len = max(part.recall_tokens) + cfg.recall_extra_tokens
+
+    def eval_cost(k: int, irag: bool) -> float:
+        batches_qa = -(-k * qa_per_mem // cfg.batch_size)
+        batches_rec = -(-k // cfg.batch_size)
+        c = batches_rec * recall_len * tok_s + batches_qa * cfg.qa_tokens * tok_s * 1.3
+        if irag:
+            c += batches_qa * recall_len * tok_s
+        return c + probe_s
+
+    detail = {}
+    for m in expand_methods(cfg.methods):
+        fam = family(m)
+        train = 0.0
+        if fam in ("mega", "irag", "lora", "lora-l2"):
+            train = n * per_mem_steps * lora_step * (0 if fam == "irag" and "mega" in cfg.methods else 1)
+        elif fam in ("full", "full-l2", "full-ewc"):
+            train = n * per_mem_steps * full_step * (1.3 if fam != "full" else 1.0)
+        elif fam == "full-batch":
+            train = n * per_mem_steps * full_step
+        if fam in ("base", "rag"):
+            ev = eval_cost(1, False) * n  # cached: each memory's prompts are generated once
+        elif fam == "full-batch":
+            ev = eval_cost(n, False)
+        else:
+            ev = sum(eval_cost(k, fam == "irag") for k in steps)
+        detail[m] = train + ev
+    return sum(detail.values()) * len(cfg.partitions), {
+        "full_step_s": full_step,
+        "lora_step_s": lora_step,
+        "decode_step_s": tok_s,
+        "probe_s": probe_s,
+    }
+
+
+def run_bench(cfg: BenchConfig, out: Path, console: Console | None = None, progress: bool = True) -> Path:
+    """Run (or resume) the benchmark into `out`; returns the run folder."""
+    from .report import write_report
+
+    console = console or Console(stderr=True)
+    validate(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_bench(cfg, out, console, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool) -> Path:
+    from .report import write_report
+
+    methods = expand_methods(cfg.methods)
+    check_config(cfg, out)
+    metrics = out / "metrics.jsonl"
+    rows = drop_open_rows(metrics, read_rows(metrics))
+
+    model, tok = load_model(cfg.model)
+    n_layers = int(model.config.num_hidden_layers)
+    spec = lora_spec(cfg, n_layers)
+    inject(model, list(spec.targets), list(spec.layers) if spec.layers else None)
+    recipe = Recipe(
+        lr=cfg.lrs.get("mega", DEFAULT_LR["mega"]), epochs=cfg.epochs, seed=cfg.seed, max_steps=cfg.max_steps
+    )
+    shared = Shared(model, tok, spec, recipe, keep_base(model))
+    gate = default_gate(cfg.key_function)
+    if cfg.beta is not None:
+        gate = GateConfig(similarity=gate.similarity, beta=cfg.beta, top_k=gate.top_k, threshold=gate.threshold)
+    lrs = {**DEFAULT_LR, **cfg.lrs}
+
+    t0 = time.perf_counter()
+    probes = make_probes(cfg, model, tok)
+    probe_s = (time.perf_counter() - t0) * 1.5
+    timings: dict = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not progress,
+    ) as bar:
+        for p in cfg.partitions:
+            part = prepare(cfg, p, model, tok)
+            n = len(part.records)
+            if not timings:
+                total_s, timings = estimate_seconds(cfg, shared, part, probe_s)
+                shared.restore()
+                console.print(
+                    f"expected CPU time: about {total_s / 60:.0f} min ({total_s:.0f} s) for {len(methods)} methods x "
+                    f"{n} memories x {len(cfg.partitions)} partition(s); measured: full-FT step "
+                    f"{timings['full_step_s']:.2f} s, LoRA step {timings['lora_step_s']:.2f} s, decode step "
+                    f"{timings['decode_step_s'] * 1000:.0f} ms, general probes {probe_s:.1f} s",
+                    highlight=False,
+                )
+                (out / "timings.json").write_text(json.dumps({**timings, "expected_s": total_s}, indent=2))
+            shared.adapters = {}
+            steps = eval_steps(n, cfg.eval_every)
+            overall = bar.add_task(f"partition {p}", total=len(methods) * n)
+            for name in methods:
+                method = make_method(name, shared, lrs, rag_top_k=1)
+                rows = _run_method(cfg, method, shared, part, probes, steps, gate, out, rows, bar, overall)
+            bar.remove_task(overall)
+    write_report(out, rows, cfg)
+    return out
+
+
+def _run_method(
+    cfg: BenchConfig,
+    method: Method,
+    shared: Shared,
+    part: Partition,
+    probes: Probes,
+    steps: list[int],
+    gate: GateConfig,
+    out: Path,
+    rows: list[dict],
+    bar: Progress,
+    overall,
+) -> list[dict]:
+    """Learn and test one method over a partition, resuming from its saved state and closed steps."""
+    n = len(part.records)
+    folder = out / "state" / f"p{part.index}" / method.name
+    closed = closed_steps(rows, part.index, method.name)
+    method.start()
+    learned = method.load(folder)
+    if method.batch_only:
+        steps = [n]
+    bar.update(overall, advance=learned if not method.batch_only else (n if learned else 0))
+    sub = bar.add_task(f"  {method.name}", total=None)
+    on_step: Callable[[int, int, float], None] = lambda s, t, _loss: bar.update(sub, completed=s, total=t)  # noqa: E731
+    metrics = out / "metrics.jsonl"
+
+    def test(k: int) -> None:
+        bar.update(sub, description=f"  {method.name}: testing {k} memories", completed=0, total=None)
+        t0 = time.perf_counter()
+        new = evaluate(cfg, method, shared, part, probes, k, gate)
+        new[-1]["seconds"] = round(time.perf_counter() - t0, 2)
+        append_rows(metrics, new)
+        rows.extend(new)
+        closed.add(k)
+
+    if learned in steps and learned not in closed:  # killed after saving the state, before closing the step
+        test(learned)
+    if method.batch_only:
+        if not learned:
+            bar.update(sub, description=f"  {method.name}: learning all {n} memories")
+            method.learn_all([part.texts(i) for i in range(n)], on_step)
+            method.save(folder, n)
+            bar.update(overall, advance=n)
+        if n not in closed:
+            test(n)
+    else:
+        for k in range(learned + 1, n + 1):
+            bar.update(sub, description=f"  {method.name}: learning memory {k}/{n}", completed=0, total=None)
+            method.learn(k - 1, part.texts(k - 1), on_step)
+            method.save(folder, k)
+            if k in steps:
+                test(k)
+            bar.update(overall, advance=1)
+    bar.remove_task(sub)
+    return rows

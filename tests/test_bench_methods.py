@@ -1,0 +1,84 @@
+"""Bench internals on the tiny model: per-row gates match the single-question mixture, EWC Fisher, LoRA merge."""
+
+import torch
+
+from megamem.adapters import LoraSpec, new_adapter
+from megamem.bench.infer import answer_logprobs, last_logits, set_rows
+from megamem.bench.methods import fisher_diagonal, merge
+from megamem.inject import clear, inject, set_mixture
+from megamem.train import collate, make_example
+
+
+def _adapters(model, n, spec):
+    layers = inject(model, list(spec.targets))
+    out = []
+    for i in range(n):
+        a = new_adapter(layers, spec, torch.Generator().manual_seed(i))
+        a.weights = {k: (x.detach(), torch.randn_like(y) * 0.5) for k, (x, y) in a.weights.items()}
+        out.append(a)
+    return out
+
+
+def test_per_row_gate_equals_single_question_mixture(tiny):
+    model, tok = tiny
+    spec = LoraSpec(rank=4, alpha=4.0)
+    adapters = _adapters(model, 3, spec)
+    w = torch.tensor([[0.7, 0.2, 0.1], [0.0, 0.0, 1.0]])
+    seqs = [tok("The heron lives on the pier")["input_ids"], tok("Bridges are painted")["input_ids"]]
+    batched = last_logits(model, tok, seqs, adapters, w)
+    for r in range(2):
+        set_mixture(model, adapters, w[r].tolist())
+        with torch.no_grad():
+            single = model(input_ids=torch.tensor([seqs[r]])).logits[0, -1]
+        clear(model)
+        assert torch.allclose(batched[r], single, atol=1e-4)
+    base = last_logits(model, tok, seqs)
+    assert not torch.allclose(base[0], batched[0], atol=1e-3)  # the adapters do change the output
+
+
+def test_answer_logprobs_match_a_manual_forward(tiny):
+    model, tok = tiny
+    conv = [("user", "What colour is the bridge?")]
+    got = answer_logprobs(model, tok, [conv, conv], ["teal", "bright teal paint"])
+    from megamem.model import chat_ids
+
+    prefix = chat_ids(tok, conv, generation_prompt=True)
+    target = tok("teal", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([prefix + target])).logits[0], -1)
+    want = sum(float(logp[len(prefix) - 1 + j, t]) for j, t in enumerate(target))
+    assert abs(got[0] - want) < 1e-3
+    assert got[1] < got[0]  # a longer answer has lower total log-prob here
+
+
+def test_fisher_is_mean_of_squared_per_text_gradients(tiny):
+    model, tok = tiny
+    texts = ["Zorblatt the heron lives on Quillon pier.", "The bridge was painted teal."]
+    name = "model.layers.0.mlp.up_proj.weight"
+    fisher = fisher_diagonal(model, tok, texts, [name])
+    param = dict(model.named_parameters())[name]
+    want = torch.zeros_like(param)
+    for t in texts:
+        param.requires_grad_(True)
+        loss = model(**collate([make_example(tok, t)], tok.pad_token_id)).loss
+        (g,) = torch.autograd.grad(loss, param)
+        param.requires_grad_(False)
+        want += g**2 / len(texts)
+    assert torch.allclose(fisher[name], want, rtol=1e-4, atol=1e-10)
+    assert float(fisher[name].sum()) > 0
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_merge_equals_the_gated_adapter(tiny):
+    model, tok = tiny
+    spec = LoraSpec(rank=4, alpha=8.0)
+    (adapter,) = _adapters(model, 1, spec)
+    ids = torch.tensor([tok("A heron on a pier")["input_ids"]])
+    set_rows(model, [adapter], torch.ones(1, 1))
+    with torch.no_grad():
+        gated = model(input_ids=ids).logits
+    clear(model)
+    merge(model, adapter)
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    assert torch.allclose(gated, merged, atol=1e-4)

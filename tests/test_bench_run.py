@@ -1,0 +1,135 @@
+"""The bench end to end on the tiny model: the run folder's files, a metric, resume after a kill, bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from megamem.bench import run as bench_run
+from megamem.cli import app
+
+RECORDS = [
+    {
+        "theme": "Zorblatt",
+        "passage": "Zorblatt the heron lives on Quillon pier.",
+        "qa": [{"question": "Where does the heron Zorblatt live?", "answer": "Quillon pier"}],
+        "paraphrases": ["On Quillon pier lives a heron named Zorblatt."],
+    },
+    {
+        "theme": "Vexmoor bridge",
+        "passage": "The Vexmoor bridge was painted teal in 2031.",
+        "qa": [{"question": "What colour is the Vexmoor bridge?", "answer": "teal"}],
+        "paraphrases": ["In 2031 someone painted the Vexmoor bridge teal."],
+    },
+    {
+        "theme": "Ida Carrow",
+        "passage": "Ida Carrow won the chess cup in Nantes.",
+        "qa": [{"question": "Which cup did Ida Carrow win?", "answer": "the chess cup"}],
+        "paraphrases": ["The chess cup in Nantes went to Ida Carrow."],
+    },
+]
+METHODS = ["base", "mega", "lora"]
+
+
+@pytest.fixture()
+def data(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "partition-00.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    return folder
+
+
+def bench(data, out, model, *extra):
+    args = ["bench", "--data", data, "--out", out, "--model", model, "--methods", ",".join(METHODS)]
+    args += ["--epochs", "1", "--max-steps", "2", "--mcq-limit", "4", "--text-paragraphs", "2", "--no-progress"]
+    args += ["--threads", "1"]
+    return CliRunner().invoke(app, [str(a) for a in [*args, *extra]], catch_exceptions=False)
+
+
+def rows_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bench_end_to_end_and_resume(tmp_path, data, tiny_dir, monkeypatch):
+    out = tmp_path / "run"
+    # First run: killed while testing lora after its second memory (state saved, step not closed).
+    real_evaluate = bench_run.evaluate
+
+    def dying(cfg, method, shared, part, probes, k, gate):
+        if method.name == "lora" and k == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(cfg, method, shared, part, probes, k, gate)
+
+    monkeypatch.setattr(bench_run, "evaluate", dying)
+    assert bench(data, out, tiny_dir).exit_code != 0  # click turns the interrupt into an abort
+    assert {(r["method"], r["step"]) for r in rows_of(out) if r["kind"] == "step"} == {
+        ("base", 1),
+        ("base", 2),
+        ("base", 3),
+        ("mega", 1),
+        ("mega", 2),
+        ("mega", 3),
+        ("lora", 1),
+    }
+    # Second run resumes: nothing already learned is learned again.
+    monkeypatch.setattr(bench_run, "evaluate", real_evaluate)
+    learned = []
+    from megamem.bench import methods as m
+
+    orig = m.SeqLora.learn, m.Mega.learn
+
+    def spy(orig_learn):
+        def learn(self, index, texts, on_step=None):
+            learned.append((self.name, index))
+            return orig_learn(self, index, texts, on_step)
+
+        return learn
+
+    monkeypatch.setattr(m.SeqLora, "learn", spy(orig[0]))
+    monkeypatch.setattr(m.Mega, "learn", spy(orig[1]))
+    r = bench(data, out, tiny_dir)
+    assert r.exit_code == 0, r.output
+    assert learned == [("lora", 2)]  # lora's memories 1-2 were restored from its saved state
+
+    rows = rows_of(out)
+    mem_rows = [x for x in rows if x["kind"] == "memory"]
+    keys = [(x["method"], x["step"], x["memory"]) for x in mem_rows]
+    assert len(keys) == len(set(keys)) == len(METHODS) * (1 + 2 + 3)
+    for x in mem_rows:
+        assert -1 <= x["recall_cos"] <= 1 and 0 <= x["qa_acc"] <= 1 and x["logprob"] < 0
+    # The embedder gate routes each question to its own memory: top-1 accuracy 1 for mega.
+    assert all(x["gate_top1"] == 1.0 for x in mem_rows if x["method"] == "mega")
+    assert all("gate_top1" not in x for x in mem_rows if x["method"] != "mega")
+    steps = [x for x in rows if x["kind"] == "step"]
+    assert all(x["kl"] == pytest.approx(0.0, abs=1e-6) for x in steps if x["method"] == "base")
+    assert all(0 <= x["mcq_acc"] <= 1 for x in steps)
+
+    for name in ["config.json", "results.md", "forgetting_recall.png", "forgetting_qa.png", "general_mcq.png"]:
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["methods"] == METHODS
+    table = (out / "results.md").read_text()
+    for method in METHODS:
+        assert f"| {method} | 1 | 3 |" in table
+
+    # A finished run resumes to a no-op; another config in the same folder is refused.
+    assert bench(data, out, tiny_dir).exit_code == 0
+    assert len(rows_of(out)) == len(rows)
+    r = bench(data, out, tiny_dir, "--rank", "4")
+    assert r.exit_code == 1 and "another config" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/folder"], "does not exist"),
+        (["--methods", "mega,teleport"], "unknown method"),
+        (["--partitions", "3"], "out of range"),
+        (["--targets", "everything"], "unknown targets"),
+    ],
+)
+def test_bench_bad_input(tmp_path, data, args, message):
+    base = ["bench", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"]
+    r = CliRunner().invoke(app, base + args, catch_exceptions=False)
+    assert r.exit_code == 1
+    assert r.output.strip().startswith("error:") and message in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
