@@ -15,8 +15,9 @@ import torch
 
 from .adapters import Adapter, LoraSpec
 from .errors import MegamemError
-from .gate import GateConfig, gate_weights, memory_scores
+from .gate import GateConfig, gate_weights
 from .generate import answer
+from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
 from .model import DEFAULT_MODEL, load_model
@@ -70,6 +71,8 @@ class Memory:
 
     store: folder of the store (default: the user data dir). model / key_function / lora: used when
     the store is created; for an existing store, any given value must match the stored one.
+    adapter_cache: adapters kept in RAM (LRU; the rest stay on disk). exact_max_keys: key rows up to which
+    a top-k gate scores every key; beyond it an approximate index proposes candidates (megamem.index).
     """
 
     def __init__(
@@ -80,7 +83,8 @@ class Memory:
         lora: LoraSpec | None = None,
         recipe: Recipe | None = None,
         gate: GateConfig | None = None,
-        adapter_cache: int = 64,
+        adapter_cache: int = 16,
+        exact_max_keys: int = EXACT_MAX_KEYS,
     ) -> None:
         if key_function is not None and key_function not in KEY_FUNCTIONS:
             raise MegamemError(f"unknown key function {key_function!r}; choose one of {', '.join(KEY_FUNCTIONS)}")
@@ -110,6 +114,8 @@ class Memory:
         self._adapters: OrderedDict[str, Adapter] = OrderedDict()
         self._adapter_cache = adapter_cache
         self._keys: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
+        self._exact_max_keys = exact_max_keys
+        self._indexes: dict[str, KeyIndex] = {}  # by similarity; kept in step with _keys
 
     # -- model ---------------------------------------------------------------------------------
     def load(self) -> tuple:
@@ -167,7 +173,7 @@ class Memory:
             keys = compute_keys(self.key_function, texts, model, tok)
             meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else item.metadata
             records.append(self.store.add(item.text, adapter, keys, meta, item.id))
-            self._keys = None
+            self._append_keys(records[-1].id, keys)
         return records
 
     def forget(self, memory_id: str) -> Record:
@@ -175,6 +181,7 @@ class Memory:
         rec = self.store.forget(memory_id)
         self._adapters.pop(memory_id, None)
         self._keys = None
+        self._indexes = {}
         return rec
 
     # -- reading -------------------------------------------------------------------------------
@@ -219,16 +226,38 @@ class Memory:
             )
         return self._keys
 
+    def _append_keys(self, memory_id: str, keys: torch.Tensor) -> None:
+        """Extend the cached key matrix (and any built index) with a new memory instead of re-reading the store."""
+        if self._keys is None:
+            return
+        ids, all_keys, owners = self._keys
+        n = len(ids)
+        k = keys.float()
+        self._keys = (
+            [*ids, memory_id],
+            torch.cat([all_keys, k]) if n else k,
+            torch.cat([owners, torch.full((k.shape[0],), n, dtype=owners.dtype)]),
+        )
+        for index in self._indexes.values():
+            index.add(k, n)
+
+    def key_index(self, similarity: str) -> KeyIndex:
+        """The gate's scorer for a similarity over every stored key (cached; extended as memories are added)."""
+        if similarity not in self._indexes:
+            ids, keys, owners = self._all_keys()
+            self._indexes[similarity] = KeyIndex(keys, owners, len(ids), similarity, self._exact_max_keys)
+        return self._indexes[similarity]
+
     def route(self, question: str, gate: GateConfig | None = None) -> list[tuple[str, float]]:
         """The gate for a question: (memory id, weight) for every memory with weight > 0, heaviest first."""
         question = clean_text(question, "question")
-        ids, keys, owners = self._all_keys()
+        ids = self._all_keys()[0]
         if not ids:
             return []
         model, tok = self.load() if self.key_function == "activation" else (None, None)
         q = compute_keys(self.key_function, [question], model, tok)[0]
         cfg = gate or self.gate
-        w = gate_weights(memory_scores(q, keys, owners, len(ids), cfg.similarity), cfg)
+        w = gate_weights(self.key_index(cfg.similarity).scores(q, cfg.top_k), cfg)
         order = torch.argsort(w, descending=True)
         return [(ids[i], float(w[i])) for i in order.tolist() if w[i] > 0]
 

@@ -1,0 +1,82 @@
+"""Shared helpers for the benchmarks: machine description, timing, and writing a section of docs/performance.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+
+
+def machine() -> str:
+    """'N CPU cores, MODEL, Python X, torch Y' for the results header."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in ["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of `repeats` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table of dicts (columns from the first row)."""
+    cols = list(rows[0])
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_section(name: str, title: str, body: str, notes: str = "") -> None:
+    """Replace (or append) the section `name` of docs/performance.md with the table, command, date, machine."""
+    try:
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        load = "n/a"
+    date = datetime.now(timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    text = (
+        f"<!-- begin {name} -->\n## {title}\n\n"
+        f"Command: `{command()}`  \nDate: {date}; commit {commit}  \nMachine: {machine()}; load average at the end "
+        f"{load} (shared machine)\n\n{body}\n" + (f"\n{notes}\n" if notes else "") + f"<!-- end {name} -->\n"
+    )
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    doc = DOC.read_text() if DOC.exists() else "# Performance\n\n"
+    pattern = re.compile(rf"<!-- begin {name} -->.*?<!-- end {name} -->\n", re.S)
+    doc = pattern.sub(lambda _m: text, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + text
+    DOC.write_text(doc)
+    print(f"\nwrote section '{name}' of {DOC}")
