@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from megamem.bench import run as bench_run
 from megamem.cli import app
+from megamem.errors import MegamemError
 
 RECORDS = [
     {
@@ -39,9 +40,10 @@ def data(tmp_path):
     return folder
 
 
-def bench(data, out, model, *extra):
+def bench(data, out, model, *extra, progress=False):
     args = ["bench", "--data", data, "--out", out, "--model", model, "--methods", ",".join(METHODS)]
-    args += ["--epochs", "1", "--max-steps", "2", "--mcq-limit", "4", "--text-paragraphs", "2", "--no-progress"]
+    args += ["--epochs", "1", "--max-steps", "2", "--mcq-limit", "4", "--text-paragraphs", "2"]
+    args += [] if progress else ["--no-progress"]
     args += ["--threads", "1"]
     return CliRunner().invoke(app, [str(a) for a in [*args, *extra]], catch_exceptions=False)
 
@@ -87,8 +89,9 @@ def test_bench_end_to_end_and_resume(tmp_path, data, tiny_dir, monkeypatch):
 
     monkeypatch.setattr(m.SeqLora, "learn", spy(orig[0]))
     monkeypatch.setattr(m.Mega, "learn", spy(orig[1]))
-    r = bench(data, out, tiny_dir)
+    r = bench(data, out, tiny_dir, progress=True)  # with the progress bars drawn
     assert r.exit_code == 0, r.output
+    assert "expected CPU time" in r.output
     assert learned == [("lora", 2)]  # lora's memories 1-2 were restored from its saved state
 
     rows = rows_of(out)
@@ -133,3 +136,48 @@ def test_bench_bad_input(tmp_path, data, args, message):
     assert r.exit_code == 1
     assert r.output.strip().startswith("error:") and message in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_compositional(tmp_path, tiny_dir):
+    """Two-passage questions: the needed passages are learned, each method answers, compositional.md is written."""
+    from megamem.bench.compositional import run_compositional
+    from megamem.bench.run import BenchConfig
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "partition-00.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS[:2]) + "\n")
+    (data / "partition-01.jsonl").write_text(json.dumps(RECORDS[2]) + "\n")
+    questions = [
+        {
+            "question": "Where does the heron live, and what colour is the bridge?",
+            "answer": "teal",
+            "themes": ["Zorblatt", "Vexmoor bridge"],
+        },
+        {
+            "question": "Who won the cup, and where does the heron live?",
+            "answer": "Ida Carrow",
+            "themes": ["Ida Carrow", "Zorblatt"],
+        },
+    ]
+    cfg = BenchConfig(
+        data=str(data),
+        methods=["mega", "rag", "full-batch"],
+        model=str(tiny_dir),
+        epochs=1,
+        max_steps=1,
+        mcq_limit=2,
+        text_paragraphs=1,
+        threads=1,
+    )
+    out = tmp_path / "comp"
+    run_compositional(cfg, out, progress=False, questions=questions)
+    rows = rows_of(out)
+    per = [r for r in rows if r["kind"] == "compositional"]
+    assert sorted({r["method"] for r in per}) == ["full-batch", "mega", "rag"] and len(per) == 6
+    assert all(r["top2_both"] == 1.0 for r in per)  # the embedder finds both named passages
+    mega = [r for r in per if r["method"] == "mega"]
+    assert all(0 < r["gate_on_needed"] < 1 for r in mega)  # beta 0.1: a soft mixture, never one memory
+    table = (out / "compositional.md").read_text()
+    assert "| mega |" in table and "| rag |" in table and "| full-batch |" in table
+    with pytest.raises(MegamemError):
+        run_compositional(cfg, tmp_path / "bad", progress=False, questions=[{**questions[0], "themes": ["Nobody"]}])

@@ -251,13 +251,20 @@ def bench(
     threads: Annotated[
         int | None, typer.Option(help="Torch CPU threads (1 is far faster on a machine shared with other jobs).")
     ] = None,
+    compositional: Annotated[
+        bool, typer.Option("--compositional", help="Two-passage questions (Table 2): mega, irag, rag, full-batch.")
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Continual-learning benchmark: learn memories one at a time, test all seen so far, write a run folder."""
+    from .bench.compositional import METHODS as COMPOSITIONAL
+    from .bench.compositional import run_compositional
     from .bench.run import BenchConfig, expand_methods, run_bench
 
     try:
         names = expand_methods([m.strip() for m in methods.split(",") if m.strip()])
+        if compositional:
+            names = [m for m in names if m in COMPOSITIONAL]
         for fam, text, flag in (
             ("full-l2", l2_lambda, "--l2-lambda"),
             ("full-ewc", ewc_lambda, "--ewc-lambda"),
@@ -301,11 +308,15 @@ def bench(
             text_paragraphs=text_paragraphs,
             threads=threads,
         )
-        folder = out_dir or Path("bench-runs") / f"{data.name}-p{'-'.join(map(str, parts))}"
-        run_bench(cfg, folder, console=err, progress=not no_progress)
+        if compositional:
+            folder = out_dir or Path("bench-runs") / f"{data.name}-compositional"
+            run_compositional(cfg, folder, console=err, progress=not no_progress)
+        else:
+            folder = out_dir or Path("bench-runs") / f"{data.name}-p{'-'.join(map(str, parts))}"
+            run_bench(cfg, folder, console=err, progress=not no_progress)
     except MegamemError as exc:
         _fail(str(exc))
-    out.print(f"results: {folder / 'results.md'}", highlight=False)
+    out.print(f"results: {folder / ('compositional.md' if compositional else 'results.md')}", highlight=False)
 
 
 def _short(text: str, n: int = 70) -> str:

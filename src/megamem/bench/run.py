@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..adapters import LoraSpec
 from ..errors import MegamemError
@@ -126,9 +127,9 @@ def recall_cue(rec: Record) -> str:
     return "Tell me the story that begins: " + " ".join(words[:12])
 
 
-def prepare(cfg: BenchConfig, index: int, model, tok) -> Partition:
-    """Load a partition and compute its keys, query keys and passage embeddings once."""
-    records = load_partition(cfg.data, index, cfg.memories)
+def prepare(cfg: BenchConfig, index: int, model, tok, records: list[Record] | None = None) -> Partition:
+    """Load a partition (or take the given records) and compute its keys, query keys and embeddings once."""
+    records = records if records is not None else load_partition(cfg.data, index, cfg.memories)
     if not records:
         raise MegamemError(f"partition {index} of {cfg.data} is empty")
     keys = [compute_keys(cfg.key_function, [r.passage, *r.paraphrases], model, tok) for r in records]
@@ -478,29 +479,8 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
     }
 
 
-def run_bench(cfg: BenchConfig, out: Path, console: Console | None = None, progress: bool = True) -> Path:
-    """Run (or resume) the benchmark into `out`; returns the run folder."""
-    from .report import write_report
-
-    console = console or Console(stderr=True)
-    validate(cfg)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _run_bench(cfg, out, console, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool) -> Path:
-    from .report import write_report
-
-    methods = expand_methods(cfg.methods)
-    check_config(cfg, out)
-    metrics = out / "metrics.jsonl"
-    rows = drop_open_rows(metrics, read_rows(metrics))
-
+def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig, dict[str, float]]:
+    """Load the model once, add the gated layers of the run's adapter spec, keep its base weights."""
     model, tok = load_model(cfg.model)
     n_layers = int(model.config.num_hidden_layers)
     spec = lora_spec(cfg, n_layers)
@@ -513,6 +493,40 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool) ->
     if cfg.beta is not None:
         gate = GateConfig(similarity=gate.similarity, beta=cfg.beta, top_k=gate.top_k, threshold=gate.threshold)
     lrs = {**DEFAULT_LR, **cfg.lrs}
+    return shared, gate, lrs
+
+
+def run_bench(cfg: BenchConfig, out: Path, console: Console | None = None, progress: bool = True) -> Path:
+    """Run (or resume) the benchmark into `out`; returns the run folder."""
+
+    console = console or Console(stderr=True)
+    validate(cfg)
+    with torch_threads(cfg.threads):
+        return _run_bench(cfg, out, console, progress)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with n torch CPU threads (None: leave as is), restoring the previous count after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool) -> Path:
+    from .report import write_report
+
+    methods = expand_methods(cfg.methods)
+    check_config(cfg, out)
+    metrics = out / "metrics.jsonl"
+    rows = drop_open_rows(metrics, read_rows(metrics))
+
+    shared, gate, lrs = setup(cfg)
+    model, tok = shared.model, shared.tok
 
     t0 = time.perf_counter()
     probes = make_probes(cfg, model, tok)
@@ -521,7 +535,7 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool) ->
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+        MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
