@@ -231,7 +231,9 @@ def bench(
     model: ModelOpt = None,
     epochs: Annotated[int, typer.Option(help="Training epochs per memory (all methods).")] = 10,
     max_steps: Annotated[int | None, typer.Option(help="Cap on optimiser steps per memory.")] = None,
-    lr: Annotated[list[str] | None, typer.Option("--lr", help="METHOD=RATE (repeatable; mega, lora, full...).")] = None,
+    lr: Annotated[
+        list[str] | None, typer.Option("--lr", help="METHOD=RATE, or METHOD=R1,R2 for a sweep (repeatable).")
+    ] = None,
     eval_every: Annotated[int, typer.Option(help="Test all seen memories every N memories.")] = 1,
     rank: Annotated[int, typer.Option(help="LoRA rank (mega, irag, lora, lora-l2).")] = 32,
     targets: Annotated[str, typer.Option(help="mlp | attn | all | early | mid | late (MLP thirds).")] = "mlp",
@@ -274,12 +276,15 @@ def bench(
             if lams:
                 names = [m for m in names if m != fam] + [f"{fam}@{x:g}" for x in lams]
         lrs = {}
-        for item in lr or []:
+        for item in lr or []:  # METHOD=RATE sets a rate; METHOD=R1,R2,... sweeps: one variant METHOD~R each
             key, _, val = item.partition("=")
-            try:
-                lrs[key.strip()] = float(val)
-            except ValueError:
-                _fail(f"--lr takes METHOD=RATE, got {item!r}")
+            rates = _floats(val, "--lr")
+            if not rates:
+                _fail(f"--lr takes METHOD=RATE[,RATE...], got {item!r}")
+            if len(rates) == 1:
+                lrs[key.strip()] = rates[0]
+            else:
+                names = [m for m in names if m != key.strip()] + [f"{key.strip()}~{x:g}" for x in rates]
         try:
             parts = [int(x) for x in partitions.split(",") if x.strip()]
         except ValueError:

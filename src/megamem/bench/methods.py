@@ -41,7 +41,7 @@ class Shared:
     spec: LoraSpec
     recipe: Recipe
     base_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    adapters: dict[int, Adapter] = field(default_factory=dict)  # memory index -> MEGa adapter (mega and irag)
+    adapters: dict[float, dict[int, Adapter]] = field(default_factory=dict)  # lr -> memory -> MEGa adapter
 
     def restore(self) -> None:
         """Put the base weights back (after a method that changed them) and switch every adapter off."""
@@ -182,17 +182,19 @@ class Mega(Method):
     def __init__(self, name: str, shared: Shared, two_turn: bool = False, **kw) -> None:
         super().__init__(name, shared, **kw)
         self.two_turn = two_turn
-        self.folder: Path | None = None
+        lr = self.recipe().lr  # mega and irag with the same recipe share one set of adapters
+        self.pool = shared.adapters.setdefault(lr, {})
+        self.pool_dir = f"adapters-lr{lr:g}"
 
     def learn(self, index: int, texts: list[str], on_step: OnStep = None) -> None:
-        if index in self.shared.adapters:
+        if index in self.pool:
             return
         s = self.shared
-        s.adapters[index] = train_adapter(s.model, s.tok, texts, s.spec, self.recipe(), on_step)
+        self.pool[index] = train_adapter(s.model, s.tok, texts, s.spec, self.recipe(), on_step)
 
     def save(self, folder: Path, step: int) -> None:
-        shared_dir = folder.parent / "adapters"
-        for i, adapter in self.shared.adapters.items():
+        shared_dir = folder.parent / self.pool_dir
+        for i, adapter in self.pool.items():
             target = shared_dir / str(i)
             if not (target / "adapter_config.json").is_file():  # the config is written last: its presence = complete
                 save_adapter(adapter, target, "bench")
@@ -200,15 +202,15 @@ class Mega(Method):
 
     def load(self, folder: Path) -> int:
         step = super().load(folder)
-        shared_dir = folder.parent / "adapters"
+        shared_dir = folder.parent / self.pool_dir
         for i in range(step):
-            if i not in self.shared.adapters:
-                self.shared.adapters[i] = load_adapter(shared_dir / str(i))
+            if i not in self.pool:
+                self.pool[i] = load_adapter(shared_dir / str(i))
         return step
 
     def adapters(self, k: int) -> list[Adapter]:
         """The adapters of the first k memories, in order."""
-        return [self.shared.adapters[i] for i in range(k)]
+        return [self.pool[i] for i in range(k)]
 
 
 class Full(Method):
@@ -335,21 +337,40 @@ class SeqLora(Method):
 
 
 def family(name: str) -> str:
-    """A method variant's family: 'full-l2@0.01' -> 'full-l2'."""
-    return name.split("@", 1)[0]
+    """A method variant's family: 'full-l2@0.01' -> 'full-l2', 'full~3e-05' -> 'full'."""
+    return name.split("@", 1)[0].split("~", 1)[0]
+
+
+def variant(name: str) -> tuple[float | None, float | None]:
+    """The (lambda, learning rate) a variant name sets: 'NAME@LAMBDA', 'NAME~LR' or 'NAME@LAMBDA~LR'."""
+    rest = name[len(family(name)) :]
+    lam = lr = None
+    try:
+        for part in rest.replace("~", " ~").replace("@", " @").split():
+            if part.startswith("@"):
+                lam = float(part[1:])
+            elif part.startswith("~"):
+                lr = float(part[1:])
+            else:
+                raise ValueError(part)
+    except ValueError:
+        raise MegamemError(f"bad method variant {name!r} (want NAME, NAME@LAMBDA, NAME~LR)") from None
+    for x in (lam, lr):
+        if x is not None and (not math.isfinite(x) or x < 0):
+            raise MegamemError(f"bad number in method variant {name!r}")
+    return lam, lr
 
 
 def make_method(name: str, shared: Shared, lrs: dict[str, float], rag_top_k: int = 1) -> Method:
-    """Build a method by name; 'NAME@LAMBDA' sets the penalty weight of full-l2, full-ewc and lora-l2."""
+    """Build a method by name; 'NAME@LAMBDA' sets the penalty weight of full-l2, full-ewc and lora-l2 and
+    'NAME~LR' the learning rate (so one run can hold a lambda or learning-rate sweep)."""
     fam = family(name)
-    lam = float(name.split("@", 1)[1]) if "@" in name else None
     if fam not in METHODS:
         raise MegamemError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or all")
+    lam, lr_variant = variant(name)
     if lam is not None and fam not in DEFAULT_LAMBDA:
         raise MegamemError(f"method {fam} takes no @lambda")
-    if lam is not None and not math.isfinite(lam):
-        raise MegamemError(f"bad lambda in {name!r}")
-    lr = lrs.get(name, lrs.get(fam))
+    lr = lr_variant if lr_variant is not None else lrs.get(name, lrs.get(fam))
     if fam == "base":
         return Base(name, shared)
     if fam == "rag":

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 COLUMNS = [  # (step-row field, header, digits)
     ("mean_recall_cos", "recall cos", 3),
@@ -93,7 +94,13 @@ def plot(rows: list[dict], methods: list[str], kind: str, field: str, title: str
         if xs:
             ax.plot(xs, ys, marker="o", markersize=3, label=m)
             drawn = True
+    if drawn and field in ("recall_cos", "mean_recall_cos"):
+        floors = [r["recall_floor"] for r in rows if r["kind"] == "step" and r.get("recall_floor") is not None]
+        floors = [f for f in floors if not math.isnan(f)]
+        if floors:
+            ax.axhline(statistics.fmean(floors), color="gray", linestyle="--", linewidth=1, label="random-pair floor")
     if drawn:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("memories learned")
         ax.set_ylabel(field)
         ax.set_title(title)

@@ -30,7 +30,7 @@ from ..train import Recipe
 from . import general
 from .data import Record, load_partition, partition_files
 from .infer import answer_logprobs, generate, last_logits, token_logprobs
-from .methods import DEFAULT_LR, METHODS, Mega, Method, Shared, family, keep_base, make_method
+from .methods import DEFAULT_LR, METHODS, Mega, Method, Shared, family, keep_base, make_method, variant
 from .metrics import cosine_matrix, llm_judge, qa_scores, random_pair_floor
 
 TARGETS = {
@@ -82,6 +82,7 @@ def expand_methods(names: list[str]) -> list[str]:
         for m in METHODS if n == "all" else [n]:
             if family(m) not in METHODS:
                 raise MegamemError(f"unknown method {m!r}; choose from {', '.join(METHODS)} or all")
+            variant(m)
             if m not in out:
                 out.append(m)
     return out
