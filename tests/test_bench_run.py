@@ -128,6 +128,9 @@ def test_bench_end_to_end_and_resume(tmp_path, data, tiny_dir, monkeypatch):
         (["--methods", "mega,teleport"], "unknown method"),
         (["--partitions", "3"], "out of range"),
         (["--targets", "everything"], "unknown targets"),
+        (["--rank", "0"], "--rank"),
+        (["--methods", "full~fast"], "bad method variant"),
+        (["--methods", "mega@0.1"], "takes no @lambda"),
     ],
 )
 def test_bench_bad_input(tmp_path, data, args, message):

@@ -235,7 +235,9 @@ def bench(
         list[str] | None, typer.Option("--lr", help="METHOD=RATE, or METHOD=R1,R2 for a sweep (repeatable).")
     ] = None,
     eval_every: Annotated[int, typer.Option(help="Test all seen memories every N memories.")] = 1,
-    rank: Annotated[int, typer.Option(help="LoRA rank (mega, irag, lora, lora-l2).")] = 32,
+    rank: Annotated[
+        int | None, typer.Option(help="LoRA rank (mega, irag, lora, lora-l2; default: the product's).")
+    ] = None,
     targets: Annotated[str, typer.Option(help="mlp | attn | all | early | mid | late (MLP thirds).")] = "mlp",
     key_function: Annotated[str, typer.Option("--key-function", help="embedder | activation.")] = "embedder",
     beta: Annotated[float | None, typer.Option(help="Gate softmax inverse temperature.")] = None,

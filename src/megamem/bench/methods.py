@@ -358,6 +358,8 @@ def variant(name: str) -> tuple[float | None, float | None]:
     for x in (lam, lr):
         if x is not None and (not math.isfinite(x) or x < 0):
             raise MegamemError(f"bad number in method variant {name!r}")
+    if lam is not None and family(name) not in DEFAULT_LAMBDA:
+        raise MegamemError(f"method {family(name)} takes no @lambda")
     return lam, lr
 
 
@@ -368,8 +370,6 @@ def make_method(name: str, shared: Shared, lrs: dict[str, float], rag_top_k: int
     if fam not in METHODS:
         raise MegamemError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or all")
     lam, lr_variant = variant(name)
-    if lam is not None and fam not in DEFAULT_LAMBDA:
-        raise MegamemError(f"method {fam} takes no @lambda")
     lr = lr_variant if lr_variant is not None else lrs.get(name, lrs.get(fam))
     if fam == "base":
         return Base(name, shared)

@@ -134,7 +134,7 @@ def write_report(out: Path, rows: list[dict], cfg) -> list[Path]:
         "# megamem bench results",
         "",
         f"Data `{cfg.data}`, partitions {cfg.partitions}, model `{cfg.model or 'default'}`, "
-        f"{cfg.epochs} epochs, targets {cfg.targets}, rank {cfg.rank}.",
+        f"{cfg.epochs} epochs, targets {cfg.targets}, rank {cfg.rank or 'default'}.",
         "",
         "State after the last memory; mean ± std over partitions of the mean over all memories.",
         "Recall cos is the sentence-embedder cosine between passage and recall; the random-pair floor is the",

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,7 +53,7 @@ class BenchConfig:
     epochs: int = 10
     max_steps: int | None = None
     lrs: dict[str, float] = field(default_factory=dict)
-    rank: int = 32
+    rank: int | None = None  # None: the product default (LoraSpec)
     targets: str = "mlp"
     key_function: str = "embedder"
     beta: float | None = None
@@ -90,12 +90,15 @@ def expand_methods(names: list[str]) -> list[str]:
 
 def lora_spec(cfg: BenchConfig, n_layers: int) -> LoraSpec:
     """The adapter shape of the run (mega, irag, lora, lora-l2) from the ablation flags."""
+    base = LoraSpec()  # the product's adapter shape; another rank keeps its alpha / rank scaling
+    rank = cfg.rank or base.rank
+    sized = replace(base, rank=rank, alpha=base.alpha * rank / base.rank)
     if cfg.targets in TARGETS:
-        return LoraSpec(targets=TARGETS[cfg.targets], rank=cfg.rank, alpha=float(cfg.rank))
+        return replace(sized, targets=TARGETS[cfg.targets])
     if cfg.targets in THIRDS:
         third = THIRDS.index(cfg.targets)
         lo, hi = third * n_layers // 3, (third + 1) * n_layers // 3
-        return LoraSpec(targets=TARGETS["mlp"], rank=cfg.rank, alpha=float(cfg.rank), layers=tuple(range(lo, hi)))
+        return replace(sized, targets=TARGETS["mlp"], layers=tuple(range(lo, hi)))
     raise MegamemError(f"unknown targets {cfg.targets!r}; choose from mlp, attn, all, early, mid, late")
 
 
@@ -417,6 +420,10 @@ def validate(cfg: BenchConfig) -> None:
         raise MegamemError("--memories must be at least 1")
     if cfg.eval_every < 1:
         raise MegamemError("--eval-every must be at least 1")
+    if cfg.rank is not None and cfg.rank < 1:
+        raise MegamemError("--rank must be at least 1")
+    if cfg.batch_size < 1:
+        raise MegamemError("--batch-size must be at least 1")
     expand_methods(cfg.methods)
     if cfg.targets not in TARGETS and cfg.targets not in THIRDS:
         raise MegamemError(f"unknown targets {cfg.targets!r}; choose from mlp, attn, all, early, mid, late")
@@ -431,17 +438,21 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
     model, tok = shared.model, shared.tok
     texts = part.texts(0)
     n = len(part.records)
+    fams = {family(m) for m in expand_methods(cfg.methods)}
     recipe1 = Recipe(lr=1e-12, epochs=1, batch_size=shared.recipe.batch_size, max_steps=1)
+    full_step = lora_step = 0.0
+    if fams & {"full", "full-l2", "full-ewc", "full-batch"}:
+        t0 = time.perf_counter()
+        train_params(model, tok, texts, list(model.parameters()), recipe1)
+        full_step = time.perf_counter() - t0
+        shared.restore()
+    if fams & {"mega", "irag", "lora", "lora-l2"}:
+        t0 = time.perf_counter()
+        train_adapter(model, tok, texts, shared.spec, recipe1)
+        lora_step = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_params(model, tok, texts, list(model.parameters()), recipe1)
-    full_step = time.perf_counter() - t0
-    shared.restore()
-    t0 = time.perf_counter()
-    train_adapter(model, tok, texts, shared.spec, recipe1)
-    lora_step = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _gen(model, tok, [[("user", qa_prompt(part.cues[0]))]] * min(cfg.batch_size, 8), 8)
-    tok_s = (time.perf_counter() - t0) / 8  # one decoding step of a batch
+    _gen(model, tok, [[("user", qa_prompt(part.cues[0]))]] * cfg.batch_size, 8)
+    tok_s = (time.perf_counter() - t0) / 8  # one decoding step of a full batch
     per_mem_steps = len(batches([([], [])] * len(texts), shared.recipe))
     steps = eval_steps(n, cfg.eval_every)
     qa_per_mem = max(1, len(part.questions) // n) if part.questions else 0
@@ -463,6 +474,8 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
             train = n * per_mem_steps * lora_step * (0 if fam == "irag" and "mega" in cfg.methods else 1)
         elif fam in ("full", "full-l2", "full-ewc"):
             train = n * per_mem_steps * full_step * (1.3 if fam != "full" else 1.0)
+            if fam == "full-ewc":  # the Fisher: one backward pass per training text
+                train += n * len(texts) * full_step * 0.5
         elif fam == "full-batch":
             train = n * per_mem_steps * full_step
         if fam in ("base", "rag"):
