@@ -184,3 +184,27 @@ def test_compositional(tmp_path, tiny_dir):
     assert "| mega |" in table and "| rag |" in table and "| full-batch |" in table
     with pytest.raises(MegamemError):
         run_compositional(cfg, tmp_path / "bad", progress=False, questions=[{**questions[0], "themes": ["Nobody"]}])
+
+
+def test_every_method_runs(tmp_path, data, tiny_dir):
+    """--methods all (with a lambda and a learning-rate sweep) on two memories: each method's rows and state."""
+    out = tmp_path / "all"
+    args = ["bench", "--data", data, "--out", out, "--model", tiny_dir, "--methods", "all", "--memories", "2"]
+    args += ["--epochs", "1", "--max-steps", "1", "--mcq-limit", "2", "--text-paragraphs", "1", "--no-progress"]
+    args += ["--threads", "1", "--l2-lambda", "0.01,1", "--lr", "full=1e-5,1e-4"]
+    r = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    steps = {(x["method"], x["step"]) for x in rows_of(out) if x["kind"] == "step"}
+    names = ["base", "rag", "mega", "irag", "full-ewc", "full-batch", "lora", "lora-l2"]
+    names += ["full-l2@0.01", "full-l2@1", "full~1e-05", "full~0.0001"]
+    want = {(m, k) for m in names for k in (1, 2) if m != "full-batch"} | {("full-batch", 2)}
+    assert steps == want
+    mem = [x for x in rows_of(out) if x["kind"] == "memory"]
+    assert all("gate_top1" in x for x in mem if x["method"] in ("rag", "mega", "irag"))
+    assert all(x["gate_top1"] == 1.0 for x in mem if x["method"] in ("rag", "mega", "irag"))
+    state = out / "state" / "p0"
+    assert (state / "full-ewc" / "fisher.safetensors").is_file()
+    assert (state / "full-l2@1" / "weights.safetensors").is_file()
+    assert len(list((state / "lora-l2" / "merged").iterdir())) == 2
+    table = (out / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in names)
