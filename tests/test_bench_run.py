@@ -114,6 +114,9 @@ def test_bench_end_to_end_and_resume(tmp_path, data, tiny_dir, monkeypatch):
     for method in METHODS:
         assert f"| {method} | 1 | 3 |" in table
 
+    # --estimate prints the expected CPU time and writes nothing.
+    r = bench(data, tmp_path / "estimate", tiny_dir, "--estimate")
+    assert r.exit_code == 0 and "expected CPU time" in r.output and not (tmp_path / "estimate").exists()
     # A finished run resumes to a no-op; another config in the same folder is refused.
     assert bench(data, out, tiny_dir).exit_code == 0
     assert len(rows_of(out)) == len(rows)

@@ -258,6 +258,9 @@ def bench(
     compositional: Annotated[
         bool, typer.Option("--compositional", help="Two-passage questions (Table 2): mega, irag, rag, full-batch.")
     ] = False,
+    estimate: Annotated[
+        bool, typer.Option("--estimate", help="Print the expected CPU time (measured steps) and stop.")
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Continual-learning benchmark: learn memories one at a time, test all seen so far, write a run folder."""
@@ -320,9 +323,11 @@ def bench(
             run_compositional(cfg, folder, console=err, progress=not no_progress)
         else:
             folder = out_dir or Path("bench-runs") / f"{data.name}-p{'-'.join(map(str, parts))}"
-            run_bench(cfg, folder, console=err, progress=not no_progress)
+            run_bench(cfg, folder, console=err, progress=not no_progress, estimate_only=estimate)
     except MegamemError as exc:
         _fail(str(exc))
+    if estimate:
+        return
     out.print(f"results: {folder / ('compositional.md' if compositional else 'results.md')}", highlight=False)
 
 

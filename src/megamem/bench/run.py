@@ -510,13 +510,16 @@ def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig, dict[str, float]]:
     return shared, gate, lrs
 
 
-def run_bench(cfg: BenchConfig, out: Path, console: Console | None = None, progress: bool = True) -> Path:
-    """Run (or resume) the benchmark into `out`; returns the run folder."""
+def run_bench(
+    cfg: BenchConfig, out: Path, console: Console | None = None, progress: bool = True, estimate_only: bool = False
+) -> Path:
+    """Run (or resume) the benchmark into `out`; returns the run folder. estimate_only: print the expected
+    CPU time (from measured steps) and stop, writing nothing."""
 
     console = console or Console(stderr=True)
     validate(cfg)
     with torch_threads(cfg.threads):
-        return _run_bench(cfg, out, console, progress)
+        return _run_bench(cfg, out, console, progress, estimate_only)
 
 
 @contextmanager
@@ -531,13 +534,14 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool) -> Path:
+def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool, estimate_only: bool) -> Path:
     from .report import write_report
 
     methods = expand_methods(cfg.methods)
-    check_config(cfg, out)
+    if not estimate_only:
+        check_config(cfg, out)
     metrics = out / "metrics.jsonl"
-    rows = drop_open_rows(metrics, read_rows(metrics))
+    rows = drop_open_rows(metrics, read_rows(metrics)) if not estimate_only else []
 
     shared, gate, lrs = setup(cfg)
     model, tok = shared.model, shared.tok
@@ -563,12 +567,15 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool) ->
                 total_s, timings = estimate_seconds(cfg, shared, part, probe_s)
                 shared.restore()
                 console.print(
-                    f"expected CPU time: about {total_s / 60:.0f} min ({total_s:.0f} s) for {len(methods)} methods x "
+                    f"expected CPU time: about {total_s / 60:.0f} min ({total_s:.0f} s) for the whole run, "
+                    f"{len(methods)} methods x "
                     f"{n} memories x {len(cfg.partitions)} partition(s); measured: full-FT step "
                     f"{timings['full_step_s']:.2f} s, LoRA step {timings['lora_step_s']:.2f} s, decode step "
                     f"{timings['decode_step_s'] * 1000:.0f} ms, general probes {probe_s:.1f} s",
                     highlight=False,
                 )
+                if estimate_only:
+                    return out
                 (out / "timings.json").write_text(json.dumps({**timings, "expected_s": total_s}, indent=2))
             shared.adapters = {}
             steps = eval_steps(n, cfg.eval_every)
