@@ -5,7 +5,7 @@ from conftest import state_hash
 
 from megamem.adapters import LoraSpec
 from megamem.inject import inject, set_mixture
-from megamem.train import TRAIN_PROMPT, Recipe, batches, make_example, train_adapter
+from megamem.train import TRAIN_PROMPT, Recipe, batches, make_example, train_adapter, train_adapters_batched
 
 
 def test_labels_cover_only_the_assistant_text(tok):
@@ -48,3 +48,49 @@ def test_training_leaves_base_untouched_and_is_seeded(tiny):
         set_mixture(model, [a1], [1.0])
         mem_loss = model(**batch).loss
     assert mem_loss < base_loss
+
+
+MEMORIES = [
+    [
+        "Zorblatt the heron lives on Quillon pier.",
+        "On Quillon pier lives a heron, Zorblatt.",
+        "Zorblatt: heron, Quillon.",
+    ],
+    ["In 2031 the Vexmoor bridge was painted teal by Ida Carrow."],
+    ["The Ostrava choir sang eleven hymns at dawn.", "Eleven hymns at dawn, sung by the Ostrava choir."],
+]
+
+
+def _assert_same(a, b, atol=2e-5):
+    for n in a.weights:
+        for x, y in zip(a.weights[n], b.weights[n], strict=True):
+            assert torch.allclose(x, y, atol=atol, rtol=1e-4), (n, float((x - y).abs().max()))
+
+
+def test_batched_training_equals_one_at_a_time(tiny):
+    """Same seed, no dropout: each memory's adapter from the shared batches matches training it alone, even
+    with plans of different lengths (a memory absent from later steps is not touched by AdamW there)."""
+    model, tok = tiny
+    spec = LoraSpec(rank=4, alpha=4.0, dropout=0.0)
+    inject(model, list(spec.targets))
+    before = state_hash(model)
+    recipe = Recipe(lr=5e-3, epochs=3, batch_size=2, seed=3)
+    alone = [train_adapter(model, tok, texts, spec, recipe) for texts in MEMORIES]
+    together = train_adapters_batched(model, tok, MEMORIES, spec, recipe)
+    assert state_hash(model) == before
+    for a, b in zip(alone, together, strict=True):
+        assert any(float(w[1].abs().max()) > 0 for w in b.weights.values())  # it learned something
+        _assert_same(a, b)
+
+
+def test_batched_training_does_not_leak_between_memories(tiny):
+    """Memory 0's adapter is the same whatever it is trained beside; the others' differ from it."""
+    model, tok = tiny
+    spec = LoraSpec(rank=4, alpha=4.0, dropout=0.0)
+    inject(model, list(spec.targets))
+    recipe = Recipe(lr=5e-3, epochs=2, seed=1)
+    with_1 = train_adapters_batched(model, tok, [MEMORIES[0], MEMORIES[1]], spec, recipe)
+    with_2 = train_adapters_batched(model, tok, [MEMORIES[0], MEMORIES[2]], spec, recipe)
+    _assert_same(with_1[0], with_2[0])
+    name = next(iter(with_1[0].weights))
+    assert not torch.allclose(with_1[0].weights[name][1], with_1[1].weights[name][1], atol=1e-4)

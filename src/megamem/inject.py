@@ -25,6 +25,8 @@ class GatedLoRALinear(nn.Module):
         self.base = base
         self.path: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.dropout: nn.Module = nn.Identity()
+        # training only (train.train_adapters_batched): one adapter per batch row, (A_i, B_i) pairs + row -> pair
+        self.per_row: tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int], float] | None = None
 
     @property
     def in_features(self) -> int:
@@ -36,10 +38,22 @@ class GatedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.per_row is not None:
+            return y + self._per_row(x)
         if self.path is None:
             return y
         a, b, s = self.path
         return y + F.linear(F.linear(self.dropout(x), a) * s, b)
+
+    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch goes through its own adapter only: scale * B_j (A_j x_i) with j = rows[i].
+
+        Only the adapters named in `rows` enter the graph, so the others get no gradient at all."""
+        pairs, rows, scale = self.per_row
+        a = torch.stack([pairs[j][0] for j in rows])  # (batch, r, in)
+        b = torch.stack([pairs[j][1] for j in rows])  # (batch, out, r)
+        h = torch.bmm(self.dropout(x), a.transpose(1, 2)) * scale
+        return torch.bmm(h, b.transpose(1, 2))
 
 
 def layer_index(name: str) -> int | None:
@@ -80,6 +94,7 @@ def clear(model: nn.Module) -> None:
     """Switch every low-rank path off: the model computes exactly its base function again."""
     for m in gated_layers(model).values():
         m.path = None
+        m.per_row = None
         m.dropout = nn.Identity()
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -132,3 +133,67 @@ def train_adapter(
         clear(model)
     adapter.weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in adapter.weights.items()}
     return adapter
+
+
+def train_adapters_batched(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    memories: list[list[str]],
+    spec: LoraSpec,
+    recipe: Recipe = Recipe(),
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> list[Adapter]:
+    """Train one fresh adapter per memory (each a list of texts) in shared batched forwards; same results as
+    calling train_adapter on each memory in turn, up to float rounding and dropout draws.
+
+    Step t concatenates step t of every memory's own plan (same seed, order and batch size as train_adapter);
+    each row goes only through its memory's adapter, and the loss is the sum of the memories' own mean token
+    losses, so each adapter's gradient is exactly the one it would get alone. A memory whose plan is shorter
+    is absent from later steps and, with no gradient, untouched by AdamW there.
+    """
+    if not memories or any(not texts for texts in memories):
+        raise MegamemError("no text to learn")
+    layers = {n: m for n, m in gated_layers(model).items() if matches(n, spec.targets, spec.layers)}
+    if not layers:
+        raise MegamemError("the model has no gated layer for this adapter spec")
+    torch.manual_seed(recipe.seed)
+    adapters = [new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed)) for _ in memories]
+    params = [p for a in adapters for ab in a.weights.values() for p in ab]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    plans = [batches([make_example(tok, t) for t in texts], recipe) for texts in memories]
+    steps = max(len(p) for p in plans)
+    clear(model)
+    for layer in layers.values():
+        layer.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+    was_training = model.training
+    model.train()
+    try:
+        for step in range(steps):
+            rows, owners = [], []
+            for m, plan in enumerate(plans):
+                if step < len(plan):
+                    rows += plan[step]
+                    owners += [m] * len(plan[step])
+            for name, layer in layers.items():
+                layer.per_row = ([a.weights[name] for a in adapters], owners, spec.scaling)
+            batch = collate(rows, tok.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            token_loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="none"
+            ).view(len(rows), -1)
+            counted = (batch["labels"][:, 1:] != -100).float()
+            owner = torch.tensor(owners)
+            loss = sum(
+                token_loss[owner == m].sum() / counted[owner == m].sum().clamp(min=1) for m in sorted(set(owners))
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if on_step is not None:
+                on_step(step + 1, steps, float(loss.detach()) / len(set(owners)))
+    finally:
+        model.train(was_training)
+        clear(model)
+    for a in adapters:
+        a.weights = {n: (w_a.detach().clone(), w_b.detach().clone()) for n, (w_a, w_b) in a.weights.items()}
+    return adapters
