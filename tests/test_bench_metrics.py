@@ -66,3 +66,41 @@ def test_load_mmlu_csv_release(tmp_path):
         general.load_mmlu(tmp_path / "missing")
     with pytest.raises(MegamemError):
         general.load_mmlu(tmp_path, subjects=["law"])
+
+
+def test_llm_judge_through_an_openai_compatible_endpoint():
+    """The optional LLM judge posts one chat request and reads YES / NO; a dead endpoint is a one-line error."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from megamem.bench.metrics import llm_judge
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            verdict = "YES" if "teal" in body["messages"][0]["content"].split("Model answer:")[1] else "NO"
+            data = json.dumps({"choices": [{"message": {"content": verdict}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    try:
+        assert llm_judge(url, "judge", "What colour?", "teal", "It is teal.") == 1.0
+        assert llm_judge(url, "judge", "What colour?", "teal", "It is red.") == 0.0
+        assert seen[0][0] == "/v1/chat/completions" and seen[0][1]["model"] == "judge"
+    finally:
+        server.shutdown()
+    with pytest.raises(MegamemError, match="LLM judge"):
+        llm_judge(url, "judge", "q", "a", "p", timeout=2)

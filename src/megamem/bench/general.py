@@ -144,4 +144,4 @@ def bucketed_kl(ref: Reference, logprobs: list[torch.Tensor]) -> float:
         kl = (p * (p.clamp_min(1e-12).log() - q.log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
         total += float(kl.sum())
         n += kl.numel()
-    return total / max(n, 1)
+    return max(total / max(n, 1), 0.0)  # KL >= 0; float error can dip a hair below
