@@ -82,3 +82,45 @@ def test_merge_equals_the_gated_adapter(tiny):
     with torch.no_grad():
         merged = model(input_ids=ids).logits
     assert torch.allclose(gated, merged, atol=1e-4)
+
+
+def test_bench_mega_answers_exactly_as_memory_ask(tmp_path, tiny_dir):
+    """The bench's mega (adapters in memory, batched per-row gate) gives Memory.ask's answer, token for token."""
+    from megamem import Memory
+    from megamem.bench.infer import generate
+    from megamem.bench.methods import make_method
+    from megamem.bench.run import BenchConfig, gate_matrix, setup
+    from megamem.generate import qa_prompt
+    from megamem.keys import compute_keys
+    from megamem.train import Recipe
+
+    texts = [
+        ["Zorblatt the heron lives on Quillon pier.", "On Quillon pier lives a heron named Zorblatt."],
+        ["The Vexmoor bridge was painted teal in 2031.", "In 2031 someone painted the Vexmoor bridge teal."],
+    ]
+    questions = ["What colour is the Vexmoor bridge?", "Where does the heron live?"]
+    mem = Memory(tmp_path / "store", model=str(tiny_dir), recipe=Recipe(epochs=1, max_steps=2))
+    for t in texts:
+        mem.add(t[0], paraphrases=t[1:])
+    want = [mem.ask(q, mode="qa", max_new_tokens=10).text for q in questions]
+
+    cfg = BenchConfig(data=str(tmp_path), model=str(tiny_dir), epochs=1, max_steps=2)
+    shared, gate, lrs = setup(cfg)
+    assert gate == mem.gate
+    mega = make_method("mega", shared, lrs)
+    for i, t in enumerate(texts):
+        mega.learn(i, t)
+    keys = [compute_keys("embedder", t) for t in texts]
+    w, _ = gate_matrix(compute_keys("embedder", questions), keys, gate)
+    convs = [[("user", qa_prompt(q))] for q in questions]
+    got = generate(shared.model, shared.tok, convs, 10, mega.adapters(2), w)
+    assert got == want
+    # The same gate and the same adapters (with the per-row logits test above: the same function).
+    ids = [r.id for r in mem.list()]
+    for n, q in enumerate(questions):
+        routed = dict(mem.route(q))
+        assert torch.allclose(torch.tensor([routed[i] for i in ids]), w[n], atol=1e-6)
+    for i, rid in enumerate(ids):
+        stored = mem.adapter(rid).weights
+        for name, (a, b) in mega.adapters(2)[i].weights.items():
+            assert torch.equal(stored[name][0], a) and torch.equal(stored[name][1], b)
