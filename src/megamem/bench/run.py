@@ -450,9 +450,13 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
         t0 = time.perf_counter()
         train_adapter(model, tok, texts, shared.spec, recipe1)
         lora_step = time.perf_counter() - t0
+    convs = [[("user", qa_prompt(part.cues[0]))]] * cfg.batch_size
     t0 = time.perf_counter()
-    _gen(model, tok, [[("user", qa_prompt(part.cues[0]))]] * cfg.batch_size, 8)
-    tok_s = (time.perf_counter() - t0) / 8  # one decoding step of a full batch
+    _gen(model, tok, convs, 1)
+    prefill_s = time.perf_counter() - t0  # a full batch's prompt pass
+    t0 = time.perf_counter()
+    _gen(model, tok, convs, 9)
+    tok_s = max(time.perf_counter() - t0 - prefill_s, 0.0) / 8  # one decoding step of a full batch
     per_mem_steps = len(batches([([], [])] * len(texts), shared.recipe))
     steps = eval_steps(n, cfg.eval_every)
     qa_per_mem = max(1, len(part.questions) // n) if part.questions else 0
@@ -461,9 +465,10 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
     def eval_cost(k: int, irag: bool) -> float:
         batches_qa = -(-k * qa_per_mem // cfg.batch_size)
         batches_rec = -(-k // cfg.batch_size)
-        c = batches_rec * recall_len * tok_s + batches_qa * cfg.qa_tokens * tok_s * 1.3
+        # upper bounds: every batch full, every answer as long as allowed; QA adds the log-prob pass
+        c = batches_rec * (prefill_s + recall_len * tok_s) + batches_qa * (2 * prefill_s + cfg.qa_tokens * tok_s)
         if irag:
-            c += batches_qa * recall_len * tok_s
+            c += batches_qa * (prefill_s + recall_len * tok_s)
         return c + probe_s
 
     detail = {}
@@ -489,7 +494,9 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
         "full_step_s": full_step,
         "lora_step_s": lora_step,
         "decode_step_s": tok_s,
+        "prefill_s": prefill_s,
         "probe_s": probe_s,
+        "per_method_s": {m: round(v * len(cfg.partitions)) for m, v in detail.items()},
     }
 
 
@@ -571,10 +578,13 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool, es
                     f"{len(methods)} methods x "
                     f"{n} memories x {len(cfg.partitions)} partition(s); measured: full-FT step "
                     f"{timings['full_step_s']:.2f} s, LoRA step {timings['lora_step_s']:.2f} s, decode step "
-                    f"{timings['decode_step_s'] * 1000:.0f} ms, general probes {probe_s:.1f} s",
+                    f"{timings['decode_step_s'] * 1000:.0f} ms and prompt pass {timings['prefill_s']:.2f} s "
+                    f"(batch {cfg.batch_size}), general probes {probe_s:.1f} s",
                     highlight=False,
                 )
                 if estimate_only:
+                    for m, sec in timings["per_method_s"].items():
+                        console.print(f"  {m}: about {sec / 60:.0f} min", highlight=False)
                     return out
                 (out / "timings.json").write_text(json.dumps({**timings, "expected_s": total_s}, indent=2))
             shared.adapters = {}
