@@ -40,8 +40,8 @@ def data(tmp_path):
     return folder
 
 
-def bench(data, out, model, *extra, progress=False):
-    args = ["bench", "--data", data, "--out", out, "--model", model, "--methods", ",".join(METHODS)]
+def bench(data, out, model, *extra, progress=False, methods=METHODS):
+    args = ["bench", "--data", data, "--out", out, "--model", model, "--methods", ",".join(methods)]
     args += ["--epochs", "1", "--max-steps", "2", "--mcq-limit", "4", "--text-paragraphs", "2"]
     args += [] if progress else ["--no-progress"]
     args += ["--threads", "1"]
@@ -122,6 +122,11 @@ def test_bench_end_to_end_and_resume(tmp_path, data, tiny_dir, monkeypatch):
     assert len(rows_of(out)) == len(rows)
     r = bench(data, out, tiny_dir, "--rank", "4")
     assert r.exit_code == 1 and "another config" in r.output
+    # Another method into the same folder: only it runs; the report and config.json cover all four.
+    r = bench(data, out, tiny_dir, methods=["rag"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["methods"] == [*METHODS, "rag"]
+    assert len(rows_of(out)) == len(rows) + 6 + 3 and "| rag | 1 | 3 |" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -394,18 +394,22 @@ def eval_steps(n: int, every: int) -> list[int]:
 
 
 def check_config(cfg: BenchConfig, out: Path) -> None:
-    """Write config.json, or check a resumed run's config is the same."""
+    """Write config.json, or check a resumed run's config is the same except for its methods and threads.
+
+    Methods may differ: one folder can be filled by several commands (say the full-FT methods on one
+    machine, the rest on another); config.json then lists every method run into it.
+    """
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.json"
     now = cfg.to_dict()
     if path.is_file():
         old = json.loads(path.read_text())
-        old["threads"] = now["threads"]  # speed only: a run may resume with other threads
-        if old != now:
-            diff = sorted(k for k in now if old.get(k) != now[k])
+        same = {**old, "threads": now["threads"], "methods": now["methods"]}
+        if same != now:
+            diff = sorted(k for k in now if same.get(k) != now[k])
             raise MegamemError(f"{out} holds a run with another config (differs in {', '.join(diff)}); use a new --out")
-    else:
-        path.write_text(json.dumps(now, indent=2))
+        now["methods"] = list(dict.fromkeys([*old["methods"], *now["methods"]]))
+    path.write_text(json.dumps(now, indent=2))
 
 
 def validate(cfg: BenchConfig) -> None:
