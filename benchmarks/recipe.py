@@ -69,9 +69,14 @@ def main() -> None:
                 f1.append(token_f1(text, gold))
             recall, _ = answer(model, tok, r.qa[0][0], "recall", [adapter], [1.0], max_new_tokens=160)
             cos.append(cosine(recall, r.passage))
-        row = {"config": cfg, "memories": len(recs), "qa": round(sum(qa) / len(qa), 3),
-               "f1": round(sum(f1) / len(f1), 3), "recall_cos": round(sum(cos) / len(cos), 3),
-               "sec_per_memory": round(sum(secs) / len(secs), 1)}
+        row = {
+            "config": cfg,
+            "memories": len(recs),
+            "qa": round(sum(qa) / len(qa), 3),
+            "f1": round(sum(f1) / len(f1), 3),
+            "recall_cos": round(sum(cos) / len(cos), 3),
+            "sec_per_memory": round(sum(secs) / len(secs), 1),
+        }
         print(json.dumps(row), flush=True)
 
 

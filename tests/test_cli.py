@@ -120,3 +120,14 @@ def test_bad_input(tmp_path, store):
 def test_store_built_with_other_model_is_refused(store):
     r = run("add", "x", "--store", store, "--model", "some/other-model")
     assert r.exit_code == 1 and "was built with base_model" in r.stderr
+
+
+def test_top_k_and_dense_gate(store):
+    assert run("add", "Pim the axolotl is the mascot.", "--id", "pim", "--epochs", "1", "--store", store).exit_code == 0
+
+    def gate(*flags):
+        out = run("ask", "Which heron?", "--beta", "1", *flags, "--store", store, "--json", "--max-new-tokens", "2")
+        return [g["id"] for g in json.loads(out.stdout)["gate"]]
+
+    assert gate("--top-k", "1") == ["heron"]
+    assert sorted(gate("--top-k", "0")) == ["heron", "pim"]  # 0: the dense gate mixes every memory

@@ -19,7 +19,7 @@ def test_memory_scores_take_max_over_keys():
 
 def test_dense_gate_is_softmax_of_beta_scores():
     s = torch.tensor([0.9, 0.2, -0.3])
-    w = gate_weights(s, GateConfig(beta=3.0))
+    w = gate_weights(s, GateConfig(beta=3.0, top_k=None))
     assert torch.allclose(w, torch.softmax(3.0 * s, 0))
 
 

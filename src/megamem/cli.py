@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -121,7 +122,7 @@ def ask(
     mode: Annotated[str, typer.Option(help="qa | recall | irag")] = "qa",
     show_gate: Annotated[bool, typer.Option("--show-gate", help="Print the gate weights.")] = False,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Answer with the base model alone.")] = False,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Mix only the k best memories.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Mix the k best memories (0: dense).")] = None,
     beta: Annotated[float | None, typer.Option(help="Gate softmax inverse temperature.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Use no memory scoring below this.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer in tokens (qa 64, recall 256).")] = None,
@@ -131,7 +132,9 @@ def ask(
     """Answer a question with the memories the gate picks."""
     mem = _open(store)
     try:
-        gate = with_overrides(mem.gate, top_k=top_k, beta=beta, threshold=threshold)
+        gate = with_overrides(mem.gate, top_k=top_k or None, beta=beta, threshold=threshold)
+        if top_k == 0:
+            gate = replace(gate, top_k=None)
         ans = mem.ask(question, mode=mode, gate=gate, max_new_tokens=max_new_tokens, use_memory=not no_memory)
     except MegamemError as exc:
         _fail(str(exc))

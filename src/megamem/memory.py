@@ -282,7 +282,7 @@ def default_gate(key_function: str) -> GateConfig:
     """The store's default gate for its key function (docs/tuning.md): the paper's beta=1 dot product
     for activation keys, a sharper softmax over cosines for the sentence embedder."""
     if key_function == "activation":
-        return GateConfig(similarity="dot", beta=1.0)
+        return GateConfig(similarity="dot", beta=1.0, top_k=None)
     return GateConfig()
 
 
