@@ -23,14 +23,17 @@ def qa_prompt(question: str) -> str:
 
 
 @torch.no_grad()
-def complete(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, turns: list[tuple[str, str]], max_new_tokens: int
-) -> str:
-    """Greedy continuation of a conversation ending in a user turn, with whatever mixture is active."""
-    ids = torch.tensor([chat_ids(tok, turns, generation_prompt=True)])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
+def greedy(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+) -> torch.Tensor:
+    """Greedy decoding (the paper's) of a batch of prompts; returns prompts + continuations."""
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tok.pad_token_id,
@@ -38,6 +41,15 @@ def complete(
         top_p=None,
         top_k=None,
     )
+
+
+@torch.no_grad()
+def complete(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, turns: list[tuple[str, str]], max_new_tokens: int
+) -> str:
+    """Greedy continuation of a conversation ending in a user turn, with whatever mixture is active."""
+    ids = torch.tensor([chat_ids(tok, turns, generation_prompt=True)])
+    out = greedy(model, tok, ids, torch.ones_like(ids), max_new_tokens)
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 

@@ -89,6 +89,43 @@ def batches(examples: list[Example], recipe: Recipe) -> list[list[Example]]:
     return out[: recipe.max_steps] if recipe.max_steps is not None else out
 
 
+def fit(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    texts: list[str],
+    params: list[torch.Tensor],
+    recipe: Recipe,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> None:
+    """The training loop: AdamW on `params` over the recipe's batches of `texts`, loss (+ `penalty()`).
+
+    One loop serves every learner (a memory's adapter here; full fine-tuning and merged-LoRA
+    baselines in megamem.bench), so all of them see the same examples, batches and optimiser.
+    """
+    torch.manual_seed(recipe.seed)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    plan = batches([make_example(tok, t) for t in texts], recipe)
+    was_training = model.training
+    model.train()
+    try:
+        for step, batch in enumerate(plan, 1):
+            loss = model(**collate(batch, tok.pad_token_id)).loss
+            total = loss + penalty() if penalty is not None else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            if on_step is not None:
+                on_step(step, len(plan), float(loss.detach()))
+    finally:
+        model.train(was_training)
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+
 def train_adapter(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -109,27 +146,14 @@ def train_adapter(
         raise MegamemError("the model has no gated layer for this adapter spec")
     torch.manual_seed(recipe.seed)
     adapter = new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed))
-    params = [p for ab in adapter.weights.values() for p in ab]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    examples = [make_example(tok, t) for t in texts]
-    plan = batches(examples, recipe)
     clear(model)
     for name, layer in layers.items():
         a, b = adapter.weights[name]
         layer.path = (a, b, torch.full((spec.rank,), spec.scaling))
         layer.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-    was_training = model.training
-    model.train()
     try:
-        for step, batch in enumerate(plan, 1):
-            loss = model(**collate(batch, tok.pad_token_id)).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if on_step is not None:
-                on_step(step, len(plan), float(loss.detach()))
+        fit(model, tok, texts, [p for ab in adapter.weights.values() for p in ab], recipe, on_step=on_step)
     finally:
-        model.train(was_training)
         clear(model)
     adapter.weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in adapter.weights.items()}
     return adapter

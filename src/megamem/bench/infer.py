@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..generate import greedy
 from ..inject import clear, gated_layers
 from ..model import chat_ids
 
@@ -58,16 +59,7 @@ def generate(
                 x[r, width - len(ids[i]) :] = torch.tensor(ids[i])
                 mask[r, width - len(ids[i]) :] = 1
             set_rows(model, adapters or [], weights[chunk] if weights is not None else None)
-            y = model.generate(
-                input_ids=x,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+            y = greedy(model, tok, x, mask, max_new_tokens)
             for r, i in enumerate(chunk):
                 out[i] = tok.decode(y[r, width:], skip_special_tokens=True).strip()
     finally:

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..adapters import Adapter, LoraSpec, load_adapter, new_adapter, save_adapter
 from ..errors import MegamemError
 from ..inject import clear, gated_layers, matches
-from ..train import Recipe, batches, collate, make_example, train_adapter
+from ..train import Recipe, collate, fit, make_example, train_adapter
 
 METHODS = ("base", "rag", "mega", "irag", "full", "full-l2", "full-ewc", "full-batch", "lora", "lora-l2")
 # Learning rates per family. mega/lora: the product recipe's (docs/tuning.md). Full fine-tuning: not yet
@@ -54,38 +54,6 @@ class Shared:
 def keep_base(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """A copy of every parameter, by name: restored instead of reloading the model."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def train_params(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    texts: list[str],
-    params: list[torch.Tensor],
-    recipe: Recipe,
-    penalty: Callable[[], torch.Tensor] | None = None,
-    on_step: OnStep = None,
-) -> None:
-    """The MEGa training loop (same examples, batches and optimiser) over any parameters, plus a penalty."""
-    torch.manual_seed(recipe.seed)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    plan = batches([make_example(tok, t) for t in texts], recipe)
-    model.train()
-    try:
-        for step, batch in enumerate(plan, 1):
-            loss = model(**collate(batch, tok.pad_token_id)).loss
-            total = loss + penalty() if penalty is not None else loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            if on_step is not None:
-                on_step(step, len(plan), float(loss.detach()))
-    finally:
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
 
 
 def fisher_diagonal(
@@ -234,7 +202,7 @@ class Full(Method):
     def learn(self, index: int, texts: list[str], on_step: OnStep = None) -> None:
         s = self.shared
         params = list(s.model.parameters())
-        train_params(s.model, s.tok, texts, params, self.recipe(), self._penalty(), on_step)
+        fit(s.model, s.tok, texts, params, self.recipe(), self._penalty(), on_step)
         if self.penalty == "ewc":
             names = [n for n, _ in s.model.named_parameters()]
             for n, f in fisher_diagonal(s.model, s.tok, texts, names).items():
@@ -273,7 +241,7 @@ class FullBatch(Full):
     def learn_all(self, texts: list[list[str]], on_step: OnStep = None) -> None:
         s = self.shared
         flat = [t for group in texts for t in group]
-        train_params(s.model, s.tok, flat, list(s.model.parameters()), self.recipe(), None, on_step)
+        fit(s.model, s.tok, flat, list(s.model.parameters()), self.recipe(), None, on_step)
 
 
 class SeqLora(Method):
@@ -315,7 +283,7 @@ class SeqLora(Method):
 
         try:
             params = [p for ab in adapter.weights.values() for p in ab]
-            train_params(s.model, s.tok, texts, params, recipe, penalty, on_step)
+            fit(s.model, s.tok, texts, params, recipe, penalty, on_step)
         finally:
             clear(s.model)
         adapter.weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in adapter.weights.items()}

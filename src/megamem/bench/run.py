@@ -435,9 +435,8 @@ def validate(cfg: BenchConfig) -> None:
 
 def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s: float) -> tuple[float, dict]:
     """Expected CPU seconds of the whole run from one measured training step and one measured generation."""
-    from ..train import batches, train_adapter
+    from ..train import batches, fit, train_adapter
     from .infer import generate as _gen
-    from .methods import train_params
 
     model, tok = shared.model, shared.tok
     texts = part.texts(0)
@@ -447,7 +446,7 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
     full_step = lora_step = 0.0
     if fams & {"full", "full-l2", "full-ewc", "full-batch"}:
         t0 = time.perf_counter()
-        train_params(model, tok, texts, list(model.parameters()), recipe1)
+        fit(model, tok, texts, list(model.parameters()), recipe1)
         full_step = time.perf_counter() - t0
         shared.restore()
     if fams & {"mega", "irag", "lora", "lora-l2"}:
