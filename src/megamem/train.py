@@ -89,6 +89,20 @@ def batches(examples: list[Example], recipe: Recipe) -> list[list[Example]]:
     return out[: recipe.max_steps] if recipe.max_steps is not None else out
 
 
+def target_layers(model: PreTrainedModel, spec: LoraSpec) -> dict:
+    """The model's gated layers that an adapter of `spec` trains, by name; none is an error."""
+    layers = {n: m for n, m in gated_layers(model).items() if matches(n, spec.targets, spec.layers)}
+    if not layers:
+        raise MegamemError("the model has no gated layer for this adapter spec")
+    return layers
+
+
+def frozen(adapter: Adapter) -> Adapter:
+    """The adapter with its trained weights detached from autograd (plain tensors, copied)."""
+    adapter.weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in adapter.weights.items()}
+    return adapter
+
+
 def fit(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -141,9 +155,7 @@ def train_adapter(
     """
     if not texts:
         raise MegamemError("no text to learn")
-    layers = {n: m for n, m in gated_layers(model).items() if matches(n, spec.targets, spec.layers)}
-    if not layers:
-        raise MegamemError("the model has no gated layer for this adapter spec")
+    layers = target_layers(model, spec)
     torch.manual_seed(recipe.seed)
     adapter = new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed))
     clear(model)
@@ -155,8 +167,7 @@ def train_adapter(
         fit(model, tok, texts, [p for ab in adapter.weights.values() for p in ab], recipe, on_step=on_step)
     finally:
         clear(model)
-    adapter.weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in adapter.weights.items()}
-    return adapter
+    return frozen(adapter)
 
 
 def train_adapters_batched(
@@ -177,9 +188,7 @@ def train_adapters_batched(
     """
     if not memories or any(not texts for texts in memories):
         raise MegamemError("no text to learn")
-    layers = {n: m for n, m in gated_layers(model).items() if matches(n, spec.targets, spec.layers)}
-    if not layers:
-        raise MegamemError("the model has no gated layer for this adapter spec")
+    layers = target_layers(model, spec)
     torch.manual_seed(recipe.seed)
     adapters = [new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed)) for _ in memories]
     params = [p for a in adapters for ab in a.weights.values() for p in ab]
@@ -218,6 +227,4 @@ def train_adapters_batched(
     finally:
         model.train(was_training)
         clear(model)
-    for a in adapters:
-        a.weights = {n: (w_a.detach().clone(), w_b.detach().clone()) for n, (w_a, w_b) in a.weights.items()}
-    return adapters
+    return [frozen(a) for a in adapters]

@@ -21,8 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import Adapter, LoraSpec, load_adapter, new_adapter, save_adapter
 from ..errors import MegamemError
-from ..inject import clear, gated_layers, matches
-from ..train import Recipe, collate, fit, make_example, train_adapter
+from ..inject import clear, gated_layers
+from ..train import Recipe, collate, fit, make_example, target_layers, train_adapter
 
 METHODS = ("base", "rag", "mega", "irag", "full", "full-l2", "full-ewc", "full-batch", "lora", "lora-l2")
 # Learning rates per family. mega/lora: the product recipe's (docs/tuning.md). Full fine-tuning: not yet
@@ -268,7 +268,7 @@ class SeqLora(Method):
 
     def _train_l2(self, texts: list[str], recipe: Recipe, on_step: OnStep) -> Adapter:
         s = self.shared
-        layers = {n: m for n, m in gated_layers(s.model).items() if matches(n, s.spec.targets, s.spec.layers)}
+        layers = target_layers(s.model, s.spec)
         torch.manual_seed(recipe.seed)
         adapter = new_adapter(layers, s.spec, torch.Generator().manual_seed(recipe.seed))
         scale = s.spec.scaling
