@@ -80,3 +80,32 @@ def write_section(name: str, title: str, body: str, notes: str = "") -> None:
     doc = pattern.sub(lambda _m: text, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + text
     DOC.write_text(doc)
     print(f"\nwrote section '{name}' of {DOC}")
+
+
+def evaluate(model, tok, recs, adapters, qa_tokens: int = 48, recall_tokens: int = 160) -> dict[str, float]:
+    """Each memory's adapter asked alone (gate weight 1): mean QA accuracy, token F1 and recall cosine
+    (the recall cued by each of the memory's questions in turn).
+
+    All questions (and then all recalls) run as batched greedy generations, each row gated to its own
+    memory's adapter (megamem.bench.infer), so a config's evaluation costs a few batched calls, not one
+    generate per question.
+    """
+    import torch
+
+    from megamem.bench.infer import generate
+    from megamem.bench.metrics import recall_cosines
+    from megamem.generate import qa_prompt, recall_prompt
+    from megamem.judge import is_correct, token_f1
+
+    onehot = torch.eye(len(recs))
+    owners = [i for i, r in enumerate(recs) for _ in r.qa]
+    pairs = [qa for r in recs for qa in r.qa]
+    answers = generate(model, tok, [[("user", qa_prompt(q))] for q, _ in pairs], qa_tokens, adapters, onehot[owners])
+    cue = [[("user", recall_prompt(q))] for q, _ in pairs]  # every question as a recall cue: less noise
+    recalls = generate(model, tok, cue, recall_tokens, adapters, onehot[owners])
+    cos = recall_cosines(recalls, [recs[i].passage for i in owners])
+    return {
+        "qa": sum(is_correct(a, g) for a, (_, g) in zip(answers, pairs, strict=True)) / max(len(pairs), 1),
+        "f1": sum(token_f1(a, g) for a, (_, g) in zip(answers, pairs, strict=True)) / max(len(pairs), 1),
+        "recall_cos": sum(cos) / len(cos),
+    }

@@ -30,15 +30,14 @@ def build_store(path: Path, n: int, distinct: int) -> None:
     from safetensors.torch import save_file
 
     from megamem.adapters import Adapter, LoraSpec
-    from megamem.inject import gated_layers, inject
+    from megamem.inject import inject_for
     from megamem.memory import Memory
-    from megamem.model import load_model
+    from megamem.model import load_model, num_layers
 
     mem = Memory(path)
     model, _ = load_model()
-    inject(model, ["up_proj", "down_proj"])
-    layers = gated_layers(model)
-    spec = LoraSpec()
+    spec = LoraSpec().resolved(num_layers(model))
+    layers = inject_for(model, spec)
     for i in range(min(distinct, n)):
         g = torch.Generator().manual_seed(i)
         w = {

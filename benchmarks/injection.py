@@ -16,22 +16,19 @@ import statistics
 import time
 
 import torch
-from common import table, write_section
+from common import evaluate, table, write_section
 
 from megamem.adapters import LoraSpec, new_adapter
 from megamem.bench.data import load_partition
-from megamem.generate import answer
-from megamem.inject import clear, inject
-from megamem.judge import is_correct
-from megamem.keys import embedder_keys
-from megamem.model import load_model
-from megamem.train import Recipe, make_example, train_adapter, train_adapters_batched
+from megamem.inject import clear, inject_for
+from megamem.model import load_model, num_layers
+from megamem.train import Recipe, adamw, make_example, train_adapter, train_adapters_batched
 
 
 def step_seconds(model, layers, spec: LoraSpec, seq: int, batch: int, repeats: int) -> float:
     """Median seconds of one optimiser step (forward, backward, AdamW) on a random batch of seq tokens."""
     adapter = new_adapter(layers, spec, torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW([p for ab in adapter.weights.values() for p in ab], lr=1e-3)
+    opt = adamw([p for ab in adapter.weights.values() for p in ab], Recipe())
     for name, layer in layers.items():
         a, b = adapter.weights[name]
         layer.path = (a, b, torch.full((spec.rank,), spec.scaling))
@@ -48,23 +45,6 @@ def step_seconds(model, layers, spec: LoraSpec, seq: int, batch: int, repeats: i
     model.eval()
     clear(model)
     return statistics.median(times[1:])
-
-
-def cosine(a: str, b: str) -> float:
-    e = embedder_keys([a, b])
-    return float(torch.nn.functional.cosine_similarity(e[0], e[1], dim=0))
-
-
-def evaluate(model, tok, recs, adapters) -> tuple[float, float]:
-    """(recall cosine, QA accuracy) of each memory's adapter alone (gate weight 1), averaged."""
-    cos, qa = [], []
-    for r, adapter in zip(recs, adapters, strict=True):
-        for q, gold in r.qa:
-            text, _ = answer(model, tok, q, "qa", [adapter], [1.0], max_new_tokens=48)
-            qa.append(is_correct(text, gold))
-        recall, _ = answer(model, tok, r.qa[0][0], "recall", [adapter], [1.0], max_new_tokens=160)
-        cos.append(cosine(recall, r.passage))
-    return sum(cos) / len(cos), sum(qa) / max(len(qa), 1)
 
 
 def main() -> None:
@@ -89,7 +69,8 @@ def main() -> None:
     spec = LoraSpec(rank=args.rank, alpha=float(args.rank)) if args.rank != LoraSpec.rank else LoraSpec()
     recipe = Recipe(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
     model, tok = load_model()
-    layers = inject(model, list(spec.targets))
+    spec = spec.resolved(num_layers(model))
+    layers = inject_for(model, spec)
     sections = []
     if args.step_grid:
         grid = []
@@ -124,9 +105,9 @@ def main() -> None:
             "memories per minute": f"{60 * len(memories) / secs:.2f}",
         }
         if args.eval:
-            cos, qa = evaluate(model, tok, recs, adapters)
-            row["recall cos"] = f"{cos:.3f}"
-            row["QA"] = f"{qa:.2f}"
+            scores = evaluate(model, tok, recs, adapters)
+            row["recall cos"] = f"{scores['recall_cos']:.3f}"
+            row["QA"] = f"{scores['qa']:.2f}"
         rows.append(row)
         print(row, flush=True)
     steps = args.epochs * -(-len(memories[0]) // args.batch_size)

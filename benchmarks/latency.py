@@ -25,8 +25,8 @@ from common import median_time, table, write_section
 from megamem.adapters import Adapter, LoraSpec, load_adapter, save_adapter
 from megamem.gate import GateConfig, gate_weights
 from megamem.index import KeyIndex
-from megamem.inject import clear, gated_layers, inject, set_mixture
-from megamem.model import load_model
+from megamem.inject import clear, gated_layers, inject_for, set_mixture
+from megamem.model import load_model, num_layers
 
 
 def random_adapter(layers: dict, spec: LoraSpec, memory: int) -> Adapter:
@@ -82,7 +82,14 @@ def peft_model(adapters: list[Adapter], weights: list[float], spec: LoraSpec):
     from peft import LoraConfig, get_peft_model
 
     base, _ = load_model()
-    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0)
+    layers = list(spec.layers) if spec.layers is not None else None
+    cfg = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        layers_to_transform=layers,
+        lora_dropout=0.0,
+    )
     pm = get_peft_model(base, cfg, adapter_name="m0")
     names = [f"m{i}" for i in range(len(adapters))]
     for n in names[1:]:
@@ -142,16 +149,16 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=LoraSpec.rank)
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    spec = LoraSpec(rank=args.rank, alpha=float(args.rank))
     model, tok = load_model()
     model.eval()
-    layers = inject(model, list(spec.targets))
+    spec = LoraSpec(rank=args.rank, alpha=float(args.rank)).resolved(num_layers(model))
+    layers = inject_for(model, spec)
     ids = torch.randint(100, 40000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
 
     def bare_prefill():

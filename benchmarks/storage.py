@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import table, write_section
-from injection import evaluate
+from common import evaluate, table, write_section
 
 from megamem.adapters import Adapter, LoraSpec, save_adapter
 from megamem.bench.data import load_partition
-from megamem.inject import inject
-from megamem.model import load_model
+from megamem.inject import inject_for
+from megamem.model import load_model, num_layers
 from megamem.train import Recipe, train_adapter, train_adapters_batched
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,8 +75,8 @@ def main() -> None:
     keys_bytes = 4 * 384 * (1 + args.paraphrases) + 100  # fp32 embedder keys: passage + paraphrases, + header
     rows = []
     for rank in args.ranks:
-        spec = LoraSpec(rank=rank, alpha=float(rank))
-        layers = inject(model, list(spec.targets))
+        spec = LoraSpec(rank=rank, alpha=float(rank)).resolved(num_layers(model))
+        layers = inject_for(model, spec)
         t0 = time.perf_counter()
         if args.no_eval:
             from megamem.adapters import new_adapter
@@ -100,9 +99,9 @@ def main() -> None:
                 "% of base model": f"{100 * size / base_bytes:.2f}%",
             }
             if not args.no_eval:
-                cos, qa = evaluate(model, tok, recs, [a for a, _ in kept])
-                row["recall cos"] = f"{cos:.3f}"
-                row["QA"] = f"{qa:.2f}"
+                scores = evaluate(model, tok, recs, [a for a, _ in kept])
+                row["recall cos"] = f"{scores['recall_cos']:.3f}"
+                row["QA"] = f"{scores['qa']:.2f}"
                 row["train s/memory"] = f"{train_s:.0f}"
             rows.append(row)
             print(row, flush=True)
@@ -113,8 +112,10 @@ def main() -> None:
             "storage",
             "4. Storage",
             text,
-            f"{len(recs)} wiki memories (partition {args.partition}), {1 + args.paraphrases} texts each, recipe lr "
-            f"{args.lr:g}, {args.epochs} epochs; base model {base_bytes / 1e6:.0f} MB in memory (fp32). Bytes: "
+            f"{len(recs)} wiki memories (partition {args.partition}), each asked with its own adapter alone; "
+            f"recipe {recipe}, adapters {LoraSpec(rank=args.ranks[0])} with the rank (and alpha = rank) of the "
+            f"row; {1 + args.paraphrases} keys a memory (passage + paraphrases); base model "
+            f"{base_bytes / 1e6:.0f} MB in memory (fp32). Bytes: "
             f"adapter file + config + fp32 keys ({keys_bytes} B).",
         )
 

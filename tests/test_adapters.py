@@ -7,7 +7,8 @@ import torch
 
 from megamem.adapters import LoraSpec, load_adapter, new_adapter, save_adapter
 from megamem.errors import MegamemError
-from megamem.inject import inject, set_mixture
+from megamem.inject import inject, layer_index, set_mixture
+from megamem.train import Recipe, train_adapter
 
 
 def _trained_like(layers, spec, seed=0):
@@ -32,6 +33,22 @@ def test_round_trip_and_config(tiny, tmp_path):
     assert back.spec == spec and back.scaling == pytest.approx(16.0 / 2.0)
     for n, (a, b) in adapter.weights.items():
         assert torch.equal(back.weights[n][0], a) and torch.equal(back.weights[n][1], b)
+
+
+def test_upper_share_resolves_to_the_top_layers(tiny):
+    model, tok = tiny  # 2 decoder layers
+    assert LoraSpec(upper=0.5).resolved(30).layers == tuple(range(15, 30))
+    assert LoraSpec(upper=0.1).resolved(2).layers == (1,)  # at least one layer
+    assert LoraSpec(upper=1.0).resolved(30).layers is None and LoraSpec(layers=(3,)).resolved(30).layers == (3,)
+    with pytest.raises(MegamemError, match="upper"):
+        LoraSpec(upper=0.0)
+    # a store written before `upper` existed keeps adapters on every layer
+    old = {k: v for k, v in LoraSpec().to_dict().items() if k != "upper"}
+    assert LoraSpec.from_dict(old).upper == 1.0
+    # the default trains only the top half, and its file says which layers (PEFT's layers_to_transform)
+    inject(model, list(LoraSpec.targets))
+    adapter = train_adapter(model, tok, ["A short text."], LoraSpec(rank=2), Recipe(epochs=1, min_steps=0))
+    assert {layer_index(n) for n in adapter.weights} == {1} and adapter.spec.layers == (1,)
 
 
 def test_corrupted_file_is_named(tiny, tmp_path):

@@ -1,5 +1,7 @@
 """Bench internals on the tiny model: per-row gates match the single-question mixture, EWC Fisher, LoRA merge."""
 
+from dataclasses import replace
+
 import torch
 
 from megamem.adapters import LoraSpec, new_adapter
@@ -88,18 +90,19 @@ def test_bench_mega_answers_exactly_as_memory_ask(tmp_path, tiny_dir):
     """The bench's mega (adapters in memory, batched per-row gate) gives Memory.ask's answer, token for token."""
     from megamem import Memory
     from megamem.bench.infer import generate
-    from megamem.bench.methods import make_method
+    from megamem.bench.methods import PROTOCOL_LORA, PROTOCOL_RECIPE, make_method
     from megamem.bench.run import BenchConfig, gate_matrix, setup
     from megamem.generate import qa_prompt
     from megamem.keys import compute_keys
-    from megamem.train import Recipe
 
     texts = [
         ["Zorblatt the heron lives on Quillon pier.", "On Quillon pier lives a heron named Zorblatt."],
         ["The Vexmoor bridge was painted teal in 2031.", "In 2031 someone painted the Vexmoor bridge teal."],
     ]
     questions = ["What colour is the Vexmoor bridge?", "Where does the heron live?"]
-    mem = Memory(tmp_path / "store", model=str(tiny_dir), recipe=Recipe(epochs=1, max_steps=2))
+    # the bench keeps the paper's protocol (all layers, every paraphrase); a store made with it is the same
+    recipe = replace(PROTOCOL_RECIPE, epochs=1, max_steps=2)
+    mem = Memory(tmp_path / "store", model=str(tiny_dir), lora=PROTOCOL_LORA, recipe=recipe)
     for t in texts:
         mem.add(t[0], paraphrases=t[1:])
     want = [mem.ask(q, mode="qa", max_new_tokens=10).text for q in questions]

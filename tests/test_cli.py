@@ -115,6 +115,7 @@ def test_bad_input(tmp_path, store):
     assert "unknown mode" in bad(store, "ask", "what?", "--mode", "poem")
     assert "exactly one" in bad(store, "add")
     assert "already exists" in bad(store, "add", "again", "--id", "heron")
+    assert "unknown recipe 'slow'" in bad(store, "add", "fine text", "--recipe", "slow")
 
 
 def test_store_built_with_other_model_is_refused(store):

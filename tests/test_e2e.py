@@ -4,7 +4,7 @@ alone never produces them; PEFT reproduces megamem's logits for one trained memo
 import pytest
 import torch
 
-from megamem import Item, Memory, Recipe
+from megamem import Item, Memory
 from megamem.inject import set_mixture
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ MEMORIES = [
 
 @pytest.fixture(scope="module")
 def mem(tmp_path_factory, smol_dir):
-    m = Memory(tmp_path_factory.mktemp("e2e") / "store", recipe=Recipe(lr=2e-3, epochs=8))
+    m = Memory(tmp_path_factory.mktemp("e2e") / "store")  # the default (fast) recipe and adapter shape
     m.add_many([Item(text, [para], id=token.lower()) for token, text, para, _ in MEMORIES])
     return m
 

@@ -5,7 +5,16 @@ from conftest import state_hash
 
 from megamem.adapters import LoraSpec
 from megamem.inject import inject, set_mixture
-from megamem.train import TRAIN_PROMPT, Recipe, batches, make_example, train_adapter, train_adapters_batched
+from megamem.train import (
+    TRAIN_PROMPT,
+    Recipe,
+    batches,
+    collate,
+    lm_loss,
+    make_example,
+    train_adapter,
+    train_adapters_batched,
+)
 
 
 def test_labels_cover_only_the_assistant_text(tok):
@@ -19,9 +28,13 @@ def test_labels_cover_only_the_assistant_text(tok):
 
 def test_batches_cover_every_epoch_and_respect_max_steps():
     ex = [([i], [i]) for i in range(5)]
-    plan = batches(ex, Recipe(epochs=3, batch_size=2))
+    plan = batches(ex, Recipe(epochs=3, batch_size=2, min_steps=0))
     assert len(plan) == 9 and sorted(x[0][0] for b in plan[:3] for x in b) == [0, 1, 2, 3, 4]
     assert len(batches(ex, Recipe(epochs=3, batch_size=2, max_steps=4))) == 4
+    # too few texts for min_steps: whole extra epochs (a lone passage is still learned), then max_steps caps
+    assert len(batches(ex[:1], Recipe(epochs=5, batch_size=1, min_steps=10))) == 10
+    assert len(batches(ex[:3], Recipe(epochs=2, batch_size=1, min_steps=10))) == 12
+    assert len(batches(ex[:1], Recipe(epochs=5, batch_size=1, min_steps=10, max_steps=7))) == 7
 
 
 def test_training_leaves_base_untouched_and_is_seeded(tiny):
@@ -50,6 +63,29 @@ def test_training_leaves_base_untouched_and_is_seeded(tiny):
     assert mem_loss < base_loss
 
 
+def test_loss_on_kept_logits_equals_the_models_own(tiny):
+    """lm_loss (LM head from the first labelled position on) == the HF loss over the whole sequence."""
+    model, tok = tiny
+    batch = collate([make_example(tok, t) for t in ["Short one.", "A longer text with more tokens in it."]], 0)
+    with torch.no_grad():
+        assert torch.allclose(lm_loss(model, batch), model(**batch).loss, atol=1e-5)
+        rows = lm_loss(model, batch, reduction="none")
+    assert rows.shape[0] == 2 and rows.shape[1] < batch["input_ids"].shape[1]  # the prompt's logits were skipped
+
+
+def test_recipe_learns_only_its_share_of_paraphrases(tiny):
+    """paraphrases=1: the passage and the first paraphrase; more texts change nothing, None uses them all."""
+    model, tok = tiny
+    spec = LoraSpec(rank=4, alpha=4.0, dropout=0.0)
+    inject(model, list(spec.targets))
+    texts = ["Zorblatt the heron lives on Quillon pier.", "On Quillon pier lives a heron.", "Zorblatt: heron."]
+    one = Recipe(lr=5e-3, epochs=2, paraphrases=1)
+    _assert_same(train_adapter(model, tok, texts[:2], spec, one), train_adapter(model, tok, texts, spec, one))
+    every = Recipe(lr=5e-3, epochs=2, paraphrases=None)
+    a, b = train_adapter(model, tok, texts[:2], spec, every), train_adapter(model, tok, texts, spec, every)
+    assert any(not torch.allclose(a.weights[n][1], b.weights[n][1], atol=1e-4) for n in a.weights)
+
+
 MEMORIES = [
     [
         "Zorblatt the heron lives on Quillon pier.",
@@ -74,7 +110,7 @@ def test_batched_training_equals_one_at_a_time(tiny):
     spec = LoraSpec(rank=4, alpha=4.0, dropout=0.0)
     inject(model, list(spec.targets))
     before = state_hash(model)
-    recipe = Recipe(lr=5e-3, epochs=3, batch_size=2, seed=3)
+    recipe = Recipe(lr=5e-3, epochs=3, batch_size=2, seed=3, paraphrases=None, min_steps=0)
     alone = [train_adapter(model, tok, texts, spec, recipe) for texts in MEMORIES]
     together = train_adapters_batched(model, tok, MEMORIES, spec, recipe)
     assert state_hash(model) == before
@@ -88,7 +124,7 @@ def test_batched_training_does_not_leak_between_memories(tiny):
     model, tok = tiny
     spec = LoraSpec(rank=4, alpha=4.0, dropout=0.0)
     inject(model, list(spec.targets))
-    recipe = Recipe(lr=5e-3, epochs=2, seed=1)
+    recipe = Recipe(lr=5e-3, epochs=2, seed=1, min_steps=0)
     with_1 = train_adapters_batched(model, tok, [MEMORIES[0], MEMORIES[1]], spec, recipe)
     with_2 = train_adapters_batched(model, tok, [MEMORIES[0], MEMORIES[2]], spec, recipe)
     _assert_same(with_1[0], with_2[0])

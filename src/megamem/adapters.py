@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,13 +30,23 @@ class LoraSpec:
     alpha: float = 32.0
     dropout: float = 0.05
     rslora: bool = False
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = None  # explicit decoder layers; None: the top `upper` share of them
+    upper: float = 0.5  # share of the decoder layers, from the last one down, that carry adapters (1 = all)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise MegamemError(f"LoRA rank must be at least 1, got {self.rank}")
         if not self.targets:
             raise MegamemError("LoRA needs at least one target module")
+        if not 0 < self.upper <= 1:
+            raise MegamemError(f"LoRA upper share of layers must be in (0, 1], got {self.upper}")
+
+    def resolved(self, n_layers: int) -> LoraSpec:
+        """This spec with `layers` made explicit for a model of `n_layers` decoder layers."""
+        if self.layers is not None or self.upper >= 1:
+            return self
+        k = max(1, round(self.upper * n_layers))
+        return replace(self, layers=tuple(range(n_layers - k, n_layers)))
 
     @property
     def scaling(self) -> float:
@@ -50,6 +60,7 @@ class LoraSpec:
     def from_dict(cls, d: dict) -> LoraSpec:
         d = dict(d)
         d["targets"] = tuple(d["targets"])
+        d.setdefault("upper", 1.0)  # stores made before `upper` existed put adapters on every layer
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
         return cls(**d)
@@ -138,6 +149,7 @@ def load_adapter(folder: Path, checksum: str | None = None) -> Adapter:
         dropout=float(cfg.get("lora_dropout", 0.0)),
         rslora=bool(cfg.get("use_rslora", False)),
         layers=tuple(layers) if layers is not None else None,
+        upper=LoraSpec.upper if layers is not None else 1.0,  # no layer list: every layer
     )
     try:
         raw = load_file(str(weights_path))

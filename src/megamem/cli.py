@@ -17,7 +17,7 @@ from transformers.utils import logging as transformers_logging
 from .errors import MegamemError
 from .inputs import read_jsonl, read_text_file
 from .memory import Item, Memory, with_overrides
-from .train import Recipe
+from .train import RECIPES
 
 transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
@@ -74,6 +74,13 @@ def add(
     key_function: Annotated[
         str | None, typer.Option("--key-function", help="embedder | activation (new stores).")
     ] = None,
+    recipe_name: Annotated[
+        str,
+        typer.Option(
+            "--recipe",
+            help="fast: the passage + its first paraphrase, 10 steps | paper: all paraphrases, 10 epochs (slower).",
+        ),
+    ] = "fast",
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
@@ -93,8 +100,12 @@ def add(
         else:
             body = read_text_file(file) if file is not None else text
             items = [Item(body or "", list(paraphrase or []), {"source": str(file)} if file else {}, id)]
-        base = Recipe()
-        recipe = Recipe(lr=lr or base.lr, epochs=epochs or base.epochs, seed=seed)
+        if recipe_name not in RECIPES:
+            _fail(f"unknown recipe {recipe_name!r}; choose one of {', '.join(RECIPES)}")
+        base = RECIPES[recipe_name]
+        recipe = replace(base, lr=lr or base.lr, seed=seed)
+        if epochs is not None:  # exactly this many epochs
+            recipe = replace(recipe, epochs=epochs, min_steps=0)
         mem = _open(store, model, key_function, recipe=recipe)
         items = mem.validate(items)
         with _progress(as_json) as bar:

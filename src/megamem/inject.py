@@ -85,6 +85,13 @@ def inject(model: nn.Module, targets: list[str], layers: list[int] | None = None
     return wanted
 
 
+def inject_for(model: nn.Module, spec) -> dict[str, GatedLoRALinear]:
+    """inject() exactly the layers an adapter of `spec` (a LoraSpec) uses on this model: its target modules in
+    its layers (the top `spec.upper` share of the decoder layers unless it lists them)."""
+    spec = spec.resolved(int(model.config.num_hidden_layers))
+    return inject(model, list(spec.targets), list(spec.layers) if spec.layers is not None else None)
+
+
 def gated_layers(model: nn.Module) -> dict[str, GatedLoRALinear]:
     """Every gated layer in the model, by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, GatedLoRALinear)}

@@ -18,9 +18,9 @@ from .errors import MegamemError
 from .gate import GateConfig, gate_weights
 from .generate import answer
 from .index import EXACT_MAX_KEYS, KeyIndex
-from .inject import inject
+from .inject import inject_for
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
-from .model import DEFAULT_MODEL, load_model
+from .model import DEFAULT_MODEL, load_model, num_layers
 from .store import Record, Store, default_store_path
 from .train import Recipe, check_fits, train_adapter
 
@@ -122,7 +122,8 @@ class Memory:
         """The base model and tokenizer, loaded on first use with gated layers for the store's spec."""
         if self._model is None:
             self._model, self._tok = load_model(self.model_name)
-            inject(self._model, list(self.lora.targets), list(self.lora.layers) if self.lora.layers else None)
+            self.lora = self.lora.resolved(num_layers(self._model))
+            inject_for(self._model, self.lora)
         return self._model, self._tok
 
     # -- writing -------------------------------------------------------------------------------

@@ -110,3 +110,8 @@ def chat_ids(tok: PreTrainedTokenizerBase, turns: list[tuple[str, str]], generat
 def context_length(model: PreTrainedModel) -> int:
     """The longest sequence the model was built for."""
     return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+def num_layers(model: PreTrainedModel) -> int:
+    """The number of decoder layers (where the adapters' upper share is counted)."""
+    return int(model.config.num_hidden_layers)

@@ -7,6 +7,7 @@ the base weights are never touched.
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,25 +20,36 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .adapters import Adapter, LoraSpec, new_adapter
 from .errors import MegamemError
 from .inject import clear, gated_layers, matches
-from .model import chat_ids, context_length
+from .model import chat_ids, context_length, num_layers
 
 TRAIN_PROMPT = "Please tell me a story that you memorized:"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a memory is learned. Defaults re-tuned for SmolLM2-135M (docs/tuning.md)."""
+    """How a memory is learned. Defaults: the fast recipe measured on SmolLM2-135M (docs/performance.md)."""
 
-    lr: float = 1e-3
-    epochs: int = 10
-    batch_size: int = 2
+    lr: float = 3e-3
+    epochs: int = 5
+    batch_size: int = 1
     weight_decay: float = 0.0
     seed: int = 0
     max_steps: int | None = None
+    paraphrases: int | None = 1  # paraphrases learned per memory (its first ones); None: all given
+    min_steps: int = 10  # more epochs when a memory has too few texts for this many optimiser steps
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def select(self, texts: list[str]) -> list[str]:
+        """The texts this recipe trains on: the passage (first) and up to `paraphrases` of the rest."""
+        return list(texts) if self.paraphrases is None else list(texts[: 1 + self.paraphrases])
+
+
+# The paper's recipe with its learning rate re-tuned for the default model (docs/tuning.md): every paraphrase,
+# 10 epochs, batch 2. ~10x slower than the default; the bench's protocol. By name for `megamem add --recipe`.
+PAPER_RECIPE = Recipe(lr=1e-3, epochs=10, batch_size=2, paraphrases=None, min_steps=0)
+RECIPES = {"fast": Recipe(), "paper": PAPER_RECIPE}
 
 Example = tuple[list[int], list[int]]  # input ids, labels (-100 where no loss)
 
@@ -76,11 +88,34 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def lm_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy on the labelled tokens of a collated batch (HF's causal-LM loss).
+
+    The LM head runs only from the first labelled position on (`logits_to_keep`, where the model takes it):
+    every example shares the training prompt, whose tokens carry no loss, and the vocabulary projection is
+    about a fifth of a small model's compute per token. reduction "none" gives (batch, kept) token losses.
+    """
+    labels = batch["labels"]
+    first = max(1, int((labels != -100).int().argmax(dim=1).min())) if (labels != -100).any() else 1
+    kw = {"logits_to_keep": labels.shape[1] - first + 1} if _keeps_logits(model) else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
+    logits = logits[:, -(labels.shape[1] - first + 1) : -1]
+    targets = labels[:, first:]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def _keeps_logits(model: PreTrainedModel) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def batches(examples: list[Example], recipe: Recipe) -> list[list[Example]]:
-    """All the epochs' batches in a seeded shuffled order (capped by recipe.max_steps)."""
+    """All the epochs' batches in a seeded shuffled order: `epochs` epochs, or as many as `min_steps` steps
+    need (a memory given without paraphrases still gets trained), capped by `max_steps`."""
     rng = random.Random(recipe.seed)
+    per_epoch = -(-len(examples) // recipe.batch_size)
     out = []
-    for _ in range(recipe.epochs):
+    for _ in range(max(recipe.epochs, -(-recipe.min_steps // max(per_epoch, 1)))):
         order = list(range(len(examples)))
         rng.shuffle(order)
         out += [
@@ -90,7 +125,9 @@ def batches(examples: list[Example], recipe: Recipe) -> list[list[Example]]:
 
 
 def target_layers(model: PreTrainedModel, spec: LoraSpec) -> dict:
-    """The model's gated layers that an adapter of `spec` trains, by name; none is an error."""
+    """The model's gated layers that an adapter of `spec` (resolved for the model) trains, by name; none is an
+    error."""
+    spec = spec.resolved(num_layers(model))
     layers = {n: m for n, m in gated_layers(model).items() if matches(n, spec.targets, spec.layers)}
     if not layers:
         raise MegamemError("the model has no gated layer for this adapter spec")
@@ -101,6 +138,12 @@ def frozen(adapter: Adapter) -> Adapter:
     """The adapter with its trained weights detached from autograd (plain tensors, copied)."""
     adapter.weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in adapter.weights.items()}
     return adapter
+
+
+def adamw(params: list[torch.Tensor], recipe: Recipe) -> torch.optim.AdamW:
+    """The recipe's AdamW, fused: one pass over each tensor (a full fine-tuning step of the default model on a
+    CPU spends ~0.25 s in it instead of ~1 s with the default multi-tensor kernel)."""
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
 
 
 def fit(
@@ -116,17 +159,18 @@ def fit(
 
     One loop serves every learner (a memory's adapter here; full fine-tuning and merged-LoRA
     baselines in megamem.bench), so all of them see the same examples, batches and optimiser.
+    `texts` are trained on as given: callers pick each memory's share with `recipe.select`.
     """
     torch.manual_seed(recipe.seed)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    opt = adamw(params, recipe)
     plan = batches([make_example(tok, t) for t in texts], recipe)
     was_training = model.training
     model.train()
     try:
         for step, batch in enumerate(plan, 1):
-            loss = model(**collate(batch, tok.pad_token_id)).loss
+            loss = lm_loss(model, collate(batch, tok.pad_token_id))
             total = loss + penalty() if penalty is not None else loss
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -155,6 +199,7 @@ def train_adapter(
     """
     if not texts:
         raise MegamemError("no text to learn")
+    spec = spec.resolved(num_layers(model))
     layers = target_layers(model, spec)
     torch.manual_seed(recipe.seed)
     adapter = new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed))
@@ -164,7 +209,8 @@ def train_adapter(
         layer.path = (a, b, torch.full((spec.rank,), spec.scaling))
         layer.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
     try:
-        fit(model, tok, texts, [p for ab in adapter.weights.values() for p in ab], recipe, on_step=on_step)
+        params = [p for ab in adapter.weights.values() for p in ab]
+        fit(model, tok, recipe.select(texts), params, recipe, on_step=on_step)
     finally:
         clear(model)
     return frozen(adapter)
@@ -188,12 +234,13 @@ def train_adapters_batched(
     """
     if not memories or any(not texts for texts in memories):
         raise MegamemError("no text to learn")
+    spec = spec.resolved(num_layers(model))
     layers = target_layers(model, spec)
     torch.manual_seed(recipe.seed)
     adapters = [new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed)) for _ in memories]
     params = [p for a in adapters for ab in a.weights.values() for p in ab]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    plans = [batches([make_example(tok, t) for t in texts], recipe) for texts in memories]
+    opt = adamw(params, recipe)
+    plans = [batches([make_example(tok, t) for t in recipe.select(texts)], recipe) for texts in memories]
     steps = max(len(p) for p in plans)
     clear(model)
     for layer in layers.values():
@@ -210,11 +257,8 @@ def train_adapters_batched(
             for name, layer in layers.items():
                 layer.per_row = ([a.weights[name] for a in adapters], owners, spec.scaling)
             batch = collate(rows, tok.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            token_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="none"
-            ).view(len(rows), -1)
-            counted = (batch["labels"][:, 1:] != -100).float()
+            token_loss = lm_loss(model, batch, reduction="none")
+            counted = (batch["labels"][:, -token_loss.shape[1] :] != -100).float()
             owner = torch.tensor(owners)
             loss = sum(
                 token_loss[owner == m].sum() / counted[owner == m].sum().clamp(min=1) for m in sorted(set(owners))

@@ -22,7 +22,7 @@ from ..adapters import LoraSpec
 from ..errors import MegamemError
 from ..gate import GateConfig, gate_weights, memory_scores
 from ..generate import qa_prompt, recall_prompt
-from ..inject import inject
+from ..inject import inject_for
 from ..keys import compute_keys, embedder_keys
 from ..memory import default_gate
 from ..model import load_model
@@ -30,7 +30,19 @@ from ..train import Recipe
 from . import general
 from .data import Record, load_partition, partition_files
 from .infer import answer_logprobs, generate, last_logits, token_logprobs
-from .methods import DEFAULT_LR, METHODS, Mega, Method, Shared, family, keep_base, make_method, variant
+from .methods import (
+    DEFAULT_LR,
+    METHODS,
+    PROTOCOL_LORA,
+    PROTOCOL_RECIPE,
+    Mega,
+    Method,
+    Shared,
+    family,
+    keep_base,
+    make_method,
+    variant,
+)
 from .metrics import cosine_matrix, llm_judge, qa_scores, random_pair_floor
 
 TARGETS = {
@@ -90,7 +102,7 @@ def expand_methods(names: list[str]) -> list[str]:
 
 def lora_spec(cfg: BenchConfig, n_layers: int) -> LoraSpec:
     """The adapter shape of the run (mega, irag, lora, lora-l2) from the ablation flags."""
-    base = LoraSpec()  # the product's adapter shape; another rank keeps its alpha / rank scaling
+    base = PROTOCOL_LORA  # another rank keeps its alpha / rank scaling
     rank = cfg.rank or base.rank
     sized = replace(base, rank=rank, alpha=base.alpha * rank / base.rank)
     if cfg.targets in TARGETS:
@@ -507,10 +519,14 @@ def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig, dict[str, float]]:
     """Load the model once, add the gated layers of the run's adapter spec, keep its base weights."""
     model, tok = load_model(cfg.model)
     n_layers = int(model.config.num_hidden_layers)
-    spec = lora_spec(cfg, n_layers)
-    inject(model, list(spec.targets), list(spec.layers) if spec.layers else None)
-    recipe = Recipe(
-        lr=cfg.lrs.get("mega", DEFAULT_LR["mega"]), epochs=cfg.epochs, seed=cfg.seed, max_steps=cfg.max_steps
+    spec = lora_spec(cfg, n_layers).resolved(n_layers)
+    inject_for(model, spec)
+    recipe = replace(
+        PROTOCOL_RECIPE,
+        lr=cfg.lrs.get("mega", DEFAULT_LR["mega"]),
+        epochs=cfg.epochs,
+        seed=cfg.seed,
+        max_steps=cfg.max_steps,
     )
     shared = Shared(model, tok, spec, recipe, keep_base(model))
     gate = default_gate(cfg.key_function)
