@@ -176,6 +176,8 @@ def main() -> None:
     text = table(rows)
     print(text)
     if not args.no_doc:
+        from megamem.memory import ADAPTER_DTYPE
+
         write_section(
             "footprint",
             "5. Footprint",
@@ -185,10 +187,11 @@ def main() -> None:
             f"key matrix (the only part that grows with N: the raw and the normalised copy, 2 x 4 x 384 x 4 bytes = "
             f"12 KB a memory). '+ 1st question': the first forward pass (activations, the base weights' pages "
             f"touched) and its {args.top_k} adapters. '+ next': {args.questions - 1} more questions through a "
-            f"top-{args.top_k} gate, each loading its gated adapters on demand (16.2 MB each at rank 32 fp32) into "
-            f"the LRU cache of {cache} adapters, mixing them and running one forward. Adapters are memory-mapped "
-            f"(safetensors loads fp32 files zero-copy), so the cached ones are file-backed pages the kernel can "
-            f"drop, not heap: the anonymous part grows by one question's stacked mixture ({args.top_k} x 16.2 MB, "
+            f"top-{args.top_k} gate, each loading its gated adapters on demand (the default shape: rank 32 on "
+            f"the upper half of the layers, {ADAPTER_DTYPE} files of ~4.1 MB, ~8.1 MB once read into fp32) into the "
+            f"LRU cache of {cache} adapters, mixing them and running one forward. The cache holds at most {cache} "
+            f"fp32 copies (~130 MB) whatever N (fp32 files would be memory-mapped zero-copy instead, as file-backed "
+            f"pages); a question adds one stacked mixture ({args.top_k} x 8.1 MB, "
             f"freed after the answer), whatever N. 's per question' includes loading and checksumming the adapters "
             f"that were not cached (every question here routes to new memories).",
         )

@@ -22,7 +22,7 @@ from megamem.adapters import LoraSpec, new_adapter
 from megamem.bench.data import load_partition
 from megamem.inject import clear, inject_for
 from megamem.model import load_model, num_layers
-from megamem.train import Recipe, adamw, make_example, train_adapter, train_adapters_batched
+from megamem.train import Recipe, adamw, batches, make_example, train_adapter, train_adapters_batched
 
 
 def step_seconds(model, layers, spec: LoraSpec, seq: int, batch: int, repeats: int) -> float:
@@ -87,7 +87,7 @@ def main() -> None:
         )
     recs = load_partition(args.data, args.partition, args.memories)
     memories = [[r.passage, *r.paraphrases[: args.paraphrases]] for r in recs]
-    tokens = statistics.mean(len(make_example(tok, t)[0]) for m in memories for t in m)
+    tokens = statistics.mean(len(make_example(tok, t)[0]) for m in memories for t in recipe.select(m))
     rows = []
     for g in args.group_sizes:
         t0 = time.perf_counter()
@@ -110,13 +110,15 @@ def main() -> None:
             row["QA"] = f"{scores['qa']:.2f}"
         rows.append(row)
         print(row, flush=True)
-    steps = args.epochs * -(-len(memories[0]) // args.batch_size)
+    learned = recipe.select(memories[0])
+    plans = [len(batches([make_example(tok, t) for t in recipe.select(m)], recipe)) for m in memories]
+    steps = f"{min(plans)}-{max(plans)} (mean {statistics.mean(plans):.1f})"
+    where = f"layers {spec.layers[0]}-{spec.layers[-1]}" if spec.layers else "every layer"
     sections.append(
         f"Memories per minute vs memories per batched forward: {len(memories)} wiki memories (partition "
-        f"{args.partition}), {len(memories[0])} texts each (passage + {args.paraphrases} paraphrases, mean "
-        f"{tokens:.0f} tokens as a training example), recipe lr {args.lr:g}, {args.epochs} epochs, "
-        f"{args.batch_size} examples per memory per step ({steps} steps per memory), rank {spec.rank}, "
-        f"{args.threads} thread(s):\n\n{table(rows)}"
+        f"{args.partition}), each given with {args.paraphrases} paraphrases of which the recipe learns "
+        f"{len(learned) - 1} (mean {tokens:.0f} tokens as a training example), {recipe}, {steps} steps per "
+        f"memory, rank {spec.rank} on {where}, {args.threads} thread(s):\n\n{table(rows)}"
     )
     text = "\n\n".join(sections)
     print(text)

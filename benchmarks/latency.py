@@ -26,6 +26,7 @@ from megamem.adapters import Adapter, LoraSpec, load_adapter, save_adapter
 from megamem.gate import GateConfig, gate_weights
 from megamem.index import KeyIndex
 from megamem.inject import clear, gated_layers, inject_for, set_mixture
+from megamem.memory import ADAPTER_DTYPE
 from megamem.model import load_model, num_layers
 
 
@@ -172,9 +173,9 @@ def main() -> None:
     # what a question costs besides the forward passes: the gate over N keys and loading k adapters from disk
     one = random_adapter(layers, spec, 0)
     with tempfile.TemporaryDirectory() as tmp:
-        sha = save_adapter(one, Path(tmp) / "a", "bench")
+        sha = save_adapter(one, Path(tmp) / "a", "bench", getattr(torch, ADAPTER_DTYPE))
         load_ms = 1000 * median_time(lambda: load_adapter(Path(tmp) / "a", checksum=sha), 3)
-    adapter_mb = sum(a.numel() + b.numel() for a, b in one.weights.values()) * 4 / 1e6
+        adapter_mb = (Path(tmp) / "a" / "adapter_model.safetensors").stat().st_size / 1e6
 
     # per-token cost depends only on how many adapters are active: measure each count once
     counts = {min(k, n) for n in args.sizes for k in args.top_k} | {n for n in args.sizes if n <= args.dense_max}
@@ -260,6 +261,7 @@ def main() -> None:
     text = table(rows)
     print(text)
     if not args.no_doc:
+        where = f"layers {spec.layers[0]}-{spec.layers[-1]}" if spec.layers else "every layer"
         peft_check = ", ".join(f"{c}: {r.get('peft max |dlogit|', float('nan')):.1e}" for c, r in per_count.items())
         write_section(
             "latency",
@@ -268,7 +270,8 @@ def main() -> None:
             f"Ratios to the bare model, measured back to back in this run (median of {args.repeats} repeats); the "
             f"bare model took {1000 * bare['bare prefill'] / args.prompt_tokens:.1f} ms per prompt token in prefill "
             f"({args.prompt_tokens}-token prompt, one forward) and {1000 * bare['bare decode']:.1f} ms per decoded "
-            f"token (KV cache). Adapters: rank {args.rank} fp32, {adapter_mb:.1f} MB each, random and made lazily "
+            f"token (KV cache). Adapters: rank {args.rank} on {len(layers)} modules ({where}), stored "
+            f"{ADAPTER_DTYPE} ({adapter_mb:.1f} MB each) and computed in fp32, random and made lazily "
             f"from their memory number (only the gated ones ever exist). Per question, besides the forward passes: "
             f"gate ms = scoring N keys (one key per memory here; benchmarks/gate_latency.py has the detail); load "
             f"adapters ms = reading the k gated adapters from disk with the checksum ({load_ms:.0f} ms each, page "

@@ -24,7 +24,7 @@ from megamem.adapters import LoraSpec
 from megamem.bench.data import load_partition
 from megamem.inject import inject_for
 from megamem.model import load_model
-from megamem.train import Recipe, train_adapter
+from megamem.train import Recipe, batches, make_example, train_adapter
 
 
 def parse_config(text: str) -> tuple[Recipe, LoraSpec]:
@@ -65,11 +65,11 @@ def main() -> None:
         adapters = [train_adapter(model, tok, [r.passage, *r.paraphrases], spec, recipe) for r in recs]
         secs = (time.perf_counter() - t0) / len(recs)
         scores = evaluate(model, tok, recs, adapters)
-        texts = len(recipe.select([recs[0].passage, *recs[0].paraphrases]))
-        steps = recipe.epochs * -(-texts // recipe.batch_size)
+        texts = recipe.select([recs[0].passage, *recs[0].paraphrases])
+        steps = len(batches([make_example(tok, t) for t in texts], recipe))
         row = {
             "config": cfg or "(the defaults)",
-            "texts": texts,
+            "texts": len(texts),
             "steps": steps,
             "recall cos": f"{scores['recall_cos']:.3f}",
             "QA": f"{scores['qa']:.3f}",

@@ -62,6 +62,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=Recipe.epochs)
     ap.add_argument("--lr", type=float, default=Recipe.lr)
     ap.add_argument("--group", type=int, default=1, help="memories per batched forward while training")
+    ap.add_argument(
+        "--alpha-rule",
+        choices=["rank", "matched"],
+        default="rank",
+        help="rank: alpha = rank (scaling 1); matched: alpha = sqrt(32 x rank), so that a step moves the weights "
+        "as far as the default rank-32 adapter's does (with alpha = rank a smaller rank also learns slower)",
+    )
     ap.add_argument("--no-eval", action="store_true", help="sizes only (no training)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-doc", action="store_true")
@@ -75,7 +82,8 @@ def main() -> None:
     keys_bytes = 4 * 384 * (1 + args.paraphrases) + 100  # fp32 embedder keys: passage + paraphrases, + header
     rows = []
     for rank in args.ranks:
-        spec = LoraSpec(rank=rank, alpha=float(rank)).resolved(num_layers(model))
+        alpha = float(rank) if args.alpha_rule == "rank" else (32.0 * rank) ** 0.5
+        spec = LoraSpec(rank=rank, alpha=alpha).resolved(num_layers(model))
         layers = inject_for(model, spec)
         t0 = time.perf_counter()
         if args.no_eval:
@@ -94,6 +102,7 @@ def main() -> None:
             size = kept[0][1] + keys_bytes
             row = {
                 "rank": rank,
+                "alpha": f"{alpha:g}",
                 "dtype": dtype,
                 "bytes per memory": f"{size / 1e6:.2f} MB",
                 "% of base model": f"{100 * size / base_bytes:.2f}%",
@@ -109,12 +118,12 @@ def main() -> None:
     print(text)
     if not args.no_doc:
         write_section(
-            "storage",
-            "4. Storage",
+            "storage" if args.alpha_rule == "rank" else "storage-matched",
+            "4. Storage" if args.alpha_rule == "rank" else "4b. Storage with matched alpha",
             text,
             f"{len(recs)} wiki memories (partition {args.partition}), each asked with its own adapter alone; "
-            f"recipe {recipe}, adapters {LoraSpec(rank=args.ranks[0])} with the rank (and alpha = rank) of the "
-            f"row; {1 + args.paraphrases} keys a memory (passage + paraphrases); base model "
+            f"recipe {recipe}, adapters {LoraSpec()} but for the rank and alpha of the row; "
+            f"{1 + args.paraphrases} keys a memory (passage + paraphrases); base model "
             f"{base_bytes / 1e6:.0f} MB in memory (fp32). Bytes: "
             f"adapter file + config + fp32 keys ({keys_bytes} B).",
         )

@@ -47,7 +47,7 @@ def test_upper_share_resolves_to_the_top_layers(tiny):
     assert LoraSpec.from_dict(old).upper == 1.0
     # the default trains only the top half, and its file says which layers (PEFT's layers_to_transform)
     inject(model, list(LoraSpec.targets))
-    adapter = train_adapter(model, tok, ["A short text."], LoraSpec(rank=2), Recipe(epochs=1, min_steps=0))
+    adapter = train_adapter(model, tok, ["A short text."], LoraSpec(rank=2), Recipe(epochs=1, min_tokens=0))
     assert {layer_index(n) for n in adapter.weights} == {1} and adapter.spec.layers == (1,)
 
 

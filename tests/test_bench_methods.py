@@ -126,4 +126,6 @@ def test_bench_mega_answers_exactly_as_memory_ask(tmp_path, tiny_dir):
     for i, rid in enumerate(ids):
         stored = mem.adapter(rid).weights
         for name, (a, b) in mega.adapters(2)[i].weights.items():
-            assert torch.equal(stored[name][0], a) and torch.equal(stored[name][1], b)
+            # the store keeps adapters in bfloat16 (memory.ADAPTER_DTYPE): equal after that rounding
+            assert torch.equal(stored[name][0], a.to(torch.bfloat16).float())
+            assert torch.equal(stored[name][1], b.to(torch.bfloat16).float())

@@ -28,13 +28,16 @@ def test_labels_cover_only_the_assistant_text(tok):
 
 def test_batches_cover_every_epoch_and_respect_max_steps():
     ex = [([i], [i]) for i in range(5)]
-    plan = batches(ex, Recipe(epochs=3, batch_size=2, min_steps=0))
+    plan = batches(ex, Recipe(epochs=3, batch_size=2, min_tokens=0))
     assert len(plan) == 9 and sorted(x[0][0] for b in plan[:3] for x in b) == [0, 1, 2, 3, 4]
     assert len(batches(ex, Recipe(epochs=3, batch_size=2, max_steps=4))) == 4
-    # too few texts for min_steps: whole extra epochs (a lone passage is still learned), then max_steps caps
-    assert len(batches(ex[:1], Recipe(epochs=5, batch_size=1, min_steps=10))) == 10
-    assert len(batches(ex[:3], Recipe(epochs=2, batch_size=1, min_steps=10))) == 12
-    assert len(batches(ex[:1], Recipe(epochs=5, batch_size=1, min_steps=10, max_steps=7))) == 7
+    # too few tokens for min_tokens: whole extra epochs (short texts get more steps), then max_steps caps
+    long = [([1] * 100, [1] * 100), ([2] * 100, [2] * 100)]
+    short = [([1] * 25, [1] * 25), ([2] * 25, [2] * 25)]
+    assert len(batches(long, Recipe(epochs=5, batch_size=1, min_tokens=1000))) == 10
+    assert len(batches(short, Recipe(epochs=5, batch_size=1, min_tokens=1000))) == 40
+    assert len(batches(long[:1], Recipe(epochs=5, batch_size=1, min_tokens=1000))) == 10
+    assert len(batches(short, Recipe(epochs=5, batch_size=1, min_tokens=1000, max_steps=7))) == 7
 
 
 def test_training_leaves_base_untouched_and_is_seeded(tiny):
@@ -110,7 +113,7 @@ def test_batched_training_equals_one_at_a_time(tiny):
     spec = LoraSpec(rank=4, alpha=4.0, dropout=0.0)
     inject(model, list(spec.targets))
     before = state_hash(model)
-    recipe = Recipe(lr=5e-3, epochs=3, batch_size=2, seed=3, paraphrases=None, min_steps=0)
+    recipe = Recipe(lr=5e-3, epochs=3, batch_size=2, seed=3, paraphrases=None, min_tokens=0)
     alone = [train_adapter(model, tok, texts, spec, recipe) for texts in MEMORIES]
     together = train_adapters_batched(model, tok, MEMORIES, spec, recipe)
     assert state_hash(model) == before
@@ -124,9 +127,31 @@ def test_batched_training_does_not_leak_between_memories(tiny):
     model, tok = tiny
     spec = LoraSpec(rank=4, alpha=4.0, dropout=0.0)
     inject(model, list(spec.targets))
-    recipe = Recipe(lr=5e-3, epochs=2, seed=1, min_steps=0)
+    recipe = Recipe(lr=5e-3, epochs=2, seed=1, min_tokens=0)
     with_1 = train_adapters_batched(model, tok, [MEMORIES[0], MEMORIES[1]], spec, recipe)
     with_2 = train_adapters_batched(model, tok, [MEMORIES[0], MEMORIES[2]], spec, recipe)
     _assert_same(with_1[0], with_2[0])
     name = next(iter(with_1[0].weights))
     assert not torch.allclose(with_1[0].weights[name][1], with_1[1].weights[name][1], atol=1e-4)
+
+
+def test_add_many_trains_in_groups_like_one_at_a_time(tmp_path, tiny_dir):
+    """Memory.add_many with train_group=2 (batched forwards) stores the adapters one-at-a-time training gives."""
+    from megamem import Item, Memory
+
+    spec = LoraSpec(rank=4, alpha=4.0, dropout=0.0)
+    recipe = Recipe(lr=5e-3, epochs=2, seed=1)
+    items = [Item(m[0], m[1:]) for m in MEMORIES]
+    stores, starts = {}, {1: [], 2: []}
+    for group in (1, 2):
+        mem = Memory(tmp_path / f"g{group}", model=str(tiny_dir), lora=spec, recipe=recipe, train_group=group)
+        todo = [Item(i.text, i.paraphrases, id=f"m{n}") for n, i in enumerate(items)]
+        stores[group] = (mem, mem.add_many(todo, on_memory=lambda n, total, g=group: starts[g].append(n)))
+    assert starts == {1: [0, 1, 2], 2: [0, 2]}  # groups of two memories, then the last alone
+    (one, recs1), (two, recs2) = stores[1], stores[2]
+    assert [r.id for r in recs1] == [r.id for r in recs2] == ["m0", "m1", "m2"]
+    for r in recs1:
+        a, b = one.adapter(r.id), two.adapter(r.id)
+        assert any(float(w[1].abs().max()) > 0 for w in b.weights.values())
+        for n in a.weights:  # stored in bfloat16: equal up to its rounding
+            assert torch.allclose(a.weights[n][1], b.weights[n][1], atol=1e-3, rtol=1e-2), n

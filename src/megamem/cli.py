@@ -78,7 +78,7 @@ def add(
         str,
         typer.Option(
             "--recipe",
-            help="fast: the passage + its first paraphrase, 10 steps | paper: all paraphrases, 10 epochs (slower).",
+            help="fast: the passage + its first paraphrase, ~1000 tokens | paper: all paraphrases, 10 epochs.",
         ),
     ] = "fast",
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
@@ -105,14 +105,16 @@ def add(
         base = RECIPES[recipe_name]
         recipe = replace(base, lr=lr or base.lr, seed=seed)
         if epochs is not None:  # exactly this many epochs
-            recipe = replace(recipe, epochs=epochs, min_steps=0)
+            recipe = replace(recipe, epochs=epochs, min_tokens=0)
         mem = _open(store, model, key_function, recipe=recipe)
         items = mem.validate(items)
         with _progress(as_json) as bar:
             task = bar.add_task("learning", total=None, loss=0.0)
 
             def on_memory(i: int, n: int) -> None:
-                bar.update(task, description=f"memory {i + 1}/{n}", completed=0, total=None)
+                last = min(i + mem.train_group, n)  # add_many trains train_group memories per batched forward
+                what = f"memory {i + 1}/{n}" if last == i + 1 else f"memories {i + 1}-{last}/{n}"
+                bar.update(task, description=what, completed=0, total=None)
 
             def on_step(step: int, total: int, loss: float) -> None:
                 bar.update(task, completed=step, total=total, loss=loss)

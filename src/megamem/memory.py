@@ -22,7 +22,11 @@ from .inject import inject_for
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
 from .model import DEFAULT_MODEL, load_model, num_layers
 from .store import Record, Store, default_store_path
-from .train import Recipe, check_fits, train_adapter
+from .train import Recipe, check_fits, train_adapter, train_adapters_batched
+
+# Adapters are stored in bfloat16: half the bytes of float32 with recall and QA unchanged at every rank
+# measured (docs/performance.md, storage); they are computed in float32 once loaded.
+ADAPTER_DTYPE = "bfloat16"
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Memory:
     the store is created; for an existing store, any given value must match the stored one.
     adapter_cache: adapters kept in RAM (LRU; the rest stay on disk). exact_max_keys: key rows up to which
     a top-k gate scores every key; beyond it an approximate index proposes candidates (megamem.index).
+    train_group: memories add_many trains together in one batched forward, each with its own adapter (2 was
+    the fastest on a 2-core CPU: 5.0-5.1 s a memory vs 6.1-6.9 s one at a time; docs/performance.md, injection).
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class Memory:
         gate: GateConfig | None = None,
         adapter_cache: int = 16,
         exact_max_keys: int = EXACT_MAX_KEYS,
+        train_group: int = 2,
     ) -> None:
         if key_function is not None and key_function not in KEY_FUNCTIONS:
             raise MegamemError(f"unknown key function {key_function!r}; choose one of {', '.join(KEY_FUNCTIONS)}")
@@ -97,7 +104,7 @@ class Memory:
                 "key_function": kf,
                 "lora": (lora or LoraSpec()).to_dict(),
                 "gate": (gate or default_gate(kf)).to_dict(),
-                "adapter_dtype": "float32",
+                "adapter_dtype": ADAPTER_DTYPE,
             }
             if new
             else {"base_model": model, "key_function": key_function}
@@ -115,6 +122,9 @@ class Memory:
         self._adapter_cache = adapter_cache
         self._keys: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
         self._exact_max_keys = exact_max_keys
+        if train_group < 1:
+            raise MegamemError(f"train_group must be at least 1, got {train_group}")
+        self.train_group = train_group
         self._indexes: dict[str, KeyIndex] = {}  # by similarity; kept in step with _keys
 
     # -- model ---------------------------------------------------------------------------------
@@ -162,19 +172,25 @@ class Memory:
         on_step: Callable[[int, int, float], None] | None = None,
         on_memory: Callable[[int, int], None] | None = None,
     ) -> list[Record]:
-        """Validate every item first (nothing is stored if one is bad), then learn and store each."""
+        """Validate every item first (nothing is stored if one is bad), then learn them `train_group` at a time and
+        store each as soon as its group is learned."""
         checked = self.validate(items)
         model, tok = self.load()
         records = []
-        for n, item in enumerate(checked):
+        for start in range(0, len(checked), self.train_group):
+            group = checked[start : start + self.train_group]
             if on_memory is not None:
-                on_memory(n, len(checked))
-            texts = [item.text, *item.paraphrases]
-            adapter = train_adapter(model, tok, texts, self.lora, self.recipe, on_step)
-            keys = compute_keys(self.key_function, texts, model, tok)
-            meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else item.metadata
-            records.append(self.store.add(item.text, adapter, keys, meta, item.id))
-            self._append_keys(records[-1].id, keys)
+                on_memory(start, len(checked))
+            texts = [[item.text, *item.paraphrases] for item in group]
+            if len(group) == 1:
+                adapters = [train_adapter(model, tok, texts[0], self.lora, self.recipe, on_step)]
+            else:
+                adapters = train_adapters_batched(model, tok, texts, self.lora, self.recipe, on_step)
+            for item, item_texts, adapter in zip(group, texts, adapters, strict=True):
+                keys = compute_keys(self.key_function, item_texts, model, tok)
+                meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else item.metadata
+                records.append(self.store.add(item.text, adapter, keys, meta, item.id))
+                self._append_keys(records[-1].id, keys)
         return records
 
     def forget(self, memory_id: str) -> Record:

@@ -36,7 +36,7 @@ class Recipe:
     seed: int = 0
     max_steps: int | None = None
     paraphrases: int | None = 1  # paraphrases learned per memory (its first ones); None: all given
-    min_steps: int = 10  # more epochs when a memory has too few texts for this many optimiser steps
+    min_tokens: int = 1000  # more epochs until the plan holds this many example tokens (prompt included)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +48,7 @@ class Recipe:
 
 # The paper's recipe with its learning rate re-tuned for the default model (docs/tuning.md): every paraphrase,
 # 10 epochs, batch 2. ~10x slower than the default; the bench's protocol. By name for `megamem add --recipe`.
-PAPER_RECIPE = Recipe(lr=1e-3, epochs=10, batch_size=2, paraphrases=None, min_steps=0)
+PAPER_RECIPE = Recipe(lr=1e-3, epochs=10, batch_size=2, paraphrases=None, min_tokens=0)
 RECIPES = {"fast": Recipe(), "paper": PAPER_RECIPE}
 
 Example = tuple[list[int], list[int]]  # input ids, labels (-100 where no loss)
@@ -110,12 +110,13 @@ def _keeps_logits(model: PreTrainedModel) -> bool:
 
 
 def batches(examples: list[Example], recipe: Recipe) -> list[list[Example]]:
-    """All the epochs' batches in a seeded shuffled order: `epochs` epochs, or as many as `min_steps` steps
-    need (a memory given without paraphrases still gets trained), capped by `max_steps`."""
+    """All the epochs' batches in a seeded shuffled order: `epochs` epochs, or more until they hold `min_tokens`
+    example tokens (a short memory, or one given without paraphrases, gets more steps for the same compute:
+    a step costs about its token count), capped by `max_steps`."""
     rng = random.Random(recipe.seed)
-    per_epoch = -(-len(examples) // recipe.batch_size)
+    per_epoch = sum(len(ids) for ids, _ in examples)
     out = []
-    for _ in range(max(recipe.epochs, -(-recipe.min_steps // max(per_epoch, 1)))):
+    for _ in range(max(recipe.epochs, -(-recipe.min_tokens // max(per_epoch, 1)))):
         order = list(range(len(examples)))
         rng.shuffle(order)
         out += [

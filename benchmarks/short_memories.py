@@ -1,0 +1,57 @@
+"""Short invented memories (tests/test_e2e.py's 3 + the demo's 5) under several recipes: does the memory's
+distinctive word come back in recall and in a QA answer, each asked with its own adapter alone?
+
+    python benchmarks/short_memories.py "" min_tokens=2000 upper=1.0
+
+Each argument is comma-separated Recipe fields plus `upper=` (LoraSpec.upper); "" is the defaults. Prints one
+JSON line per config: recall / QA hits out of 8 and the memories recall missed. 1 thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from megamem.adapters import LoraSpec
+from megamem.bench.infer import generate
+from megamem.demo import demo_items
+from megamem.generate import qa_prompt, recall_prompt
+from megamem.inject import inject_for
+from megamem.model import load_model
+from megamem.train import Recipe, train_adapter
+
+
+def memories() -> list[tuple[str, list[str], str, str]]:
+    """(text, paraphrases, question, word that must come back) for the e2e test's and the demo's memories."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_e2e import MEMORIES
+
+    items = [(text, [para], q, word) for word, text, para, q in MEMORIES]
+    return items + [(d["text"], d["paraphrases"], d["question"], d["answer"]) for d in demo_items()]
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    items = memories()
+    model, tok = load_model()
+    for cfg in sys.argv[1:]:
+        kw = dict(x.split("=") for x in cfg.split(",") if x)
+        spec = LoraSpec(upper=float(kw.pop("upper", LoraSpec.upper)))
+        recipe = Recipe(**{k: (float(v) if "." in v or "e" in v else int(v)) for k, v in kw.items()})
+        inject_for(model, spec)
+        adapters = [train_adapter(model, tok, [t, *p], spec, recipe) for t, p, _, _ in items]
+        gate = torch.eye(len(items))  # each question through its own memory's adapter alone
+        recalls = generate(model, tok, [[("user", recall_prompt(q))] for _, _, q, _ in items], 40, adapters, gate)
+        answers = generate(model, tok, [[("user", qa_prompt(q))] for _, _, q, _ in items], 40, adapters, gate)
+        hit_r = [w.lower() in r.lower() for (_, _, _, w), r in zip(items, recalls, strict=True)]
+        hit_q = [w.lower() in a.lower() for (_, _, _, w), a in zip(items, answers, strict=True)]
+        row = {"config": cfg or "(the defaults)", "recall": sum(hit_r), "qa": sum(hit_q), "of": len(items)}
+        row["recall missed"] = [items[i][3] for i, hit in enumerate(hit_r) if not hit]
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
