@@ -82,6 +82,11 @@ def write_section(name: str, title: str, body: str, notes: str = "") -> None:
     print(f"\nwrote section '{name}' of {DOC}")
 
 
+def layers_text(spec) -> str:
+    """'layers 15-29' or 'every layer' for a LoraSpec resolved for its model (for the sections' notes)."""
+    return f"layers {spec.layers[0]}-{spec.layers[-1]}" if spec.layers else "every layer"
+
+
 def evaluate(model, tok, recs, adapters, qa_tokens: int = 48, recall_tokens: int = 160) -> dict[str, float]:
     """Each memory's adapter asked alone (gate weight 1): mean QA accuracy, token F1 and recall cosine
     (the recall cued by each of the memory's questions in turn).

@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from common import evaluate, table, write_section
+from common import evaluate, layers_text, table, write_section
 
 from megamem.adapters import LoraSpec, new_adapter
 from megamem.bench.data import load_partition
@@ -113,7 +113,7 @@ def main() -> None:
     learned = recipe.select(memories[0])
     plans = [len(batches([make_example(tok, t) for t in recipe.select(m)], recipe)) for m in memories]
     steps = f"{min(plans)}-{max(plans)} (mean {statistics.mean(plans):.1f})"
-    where = f"layers {spec.layers[0]}-{spec.layers[-1]}" if spec.layers else "every layer"
+    where = layers_text(spec)
     sections.append(
         f"Memories per minute vs memories per batched forward: {len(memories)} wiki memories (partition "
         f"{args.partition}), each given with {args.paraphrases} paraphrases of which the recipe learns "

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import median_time, table, write_section
+from common import layers_text, median_time, table, write_section
 
 from megamem.adapters import Adapter, LoraSpec, load_adapter, save_adapter
 from megamem.gate import GateConfig, gate_weights
@@ -261,7 +261,7 @@ def main() -> None:
     text = table(rows)
     print(text)
     if not args.no_doc:
-        where = f"layers {spec.layers[0]}-{spec.layers[-1]}" if spec.layers else "every layer"
+        where = layers_text(spec)
         peft_check = ", ".join(f"{c}: {r.get('peft max |dlogit|', float('nan')):.1e}" for c, r in per_count.items())
         write_section(
             "latency",

@@ -3,7 +3,7 @@ distinctive word come back in recall and in a QA answer, each asked with its own
 
     python benchmarks/short_memories.py "" min_tokens=2000 upper=1.0
 
-Each argument is comma-separated Recipe fields plus `upper=` (LoraSpec.upper); "" is the defaults. Prints one
+Each argument is a config as recipe.py takes it (Recipe / LoraSpec fields); "" is the defaults. Prints one
 JSON line per config: recall / QA hits out of 8 and the memories recall missed. 1 thread.
 """
 
@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import torch
+from recipe import parse_config
 
-from megamem.adapters import LoraSpec
 from megamem.bench.infer import generate
 from megamem.demo import demo_items
 from megamem.generate import qa_prompt, recall_prompt
 from megamem.inject import inject_for
 from megamem.model import load_model
-from megamem.train import Recipe, train_adapter
+from megamem.train import train_adapter
 
 
 def memories() -> list[tuple[str, list[str], str, str]]:
@@ -38,9 +38,7 @@ def main() -> None:
     items = memories()
     model, tok = load_model()
     for cfg in sys.argv[1:]:
-        kw = dict(x.split("=") for x in cfg.split(",") if x)
-        spec = LoraSpec(upper=float(kw.pop("upper", LoraSpec.upper)))
-        recipe = Recipe(**{k: (float(v) if "." in v or "e" in v else int(v)) for k, v in kw.items()})
+        recipe, spec = parse_config(cfg)
         inject_for(model, spec)
         adapters = [train_adapter(model, tok, [t, *p], spec, recipe) for t, p, _, _ in items]
         gate = torch.eye(len(items))  # each question through its own memory's adapter alone

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MegamemError
+from .model import num_layers
 
 
 class GatedLoRALinear(nn.Module):
@@ -88,7 +89,7 @@ def inject(model: nn.Module, targets: list[str], layers: list[int] | None = None
 def inject_for(model: nn.Module, spec) -> dict[str, GatedLoRALinear]:
     """inject() exactly the layers an adapter of `spec` (a LoraSpec) uses on this model: its target modules in
     its layers (the top `spec.upper` share of the decoder layers unless it lists them)."""
-    spec = spec.resolved(int(model.config.num_hidden_layers))
+    spec = spec.resolved(num_layers(model))
     return inject(model, list(spec.targets), list(spec.layers) if spec.layers is not None else None)
 
 

@@ -20,7 +20,7 @@ from .generate import answer
 from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject_for
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
-from .model import DEFAULT_MODEL, load_model, num_layers
+from .model import DEFAULT_MODEL, load_model
 from .store import Record, Store, default_store_path
 from .train import Recipe, check_fits, train_adapter, train_adapters_batched
 
@@ -132,7 +132,6 @@ class Memory:
         """The base model and tokenizer, loaded on first use with gated layers for the store's spec."""
         if self._model is None:
             self._model, self._tok = load_model(self.model_name)
-            self.lora = self.lora.resolved(num_layers(self._model))
             inject_for(self._model, self.lora)
         return self._model, self._tok
 

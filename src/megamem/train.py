@@ -7,6 +7,7 @@ the base weights are never touched.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 from collections.abc import Callable
@@ -96,17 +97,21 @@ def lm_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], reduction: s
     about a fifth of a small model's compute per token. reduction "none" gives (batch, kept) token losses.
     """
     labels = batch["labels"]
-    first = max(1, int((labels != -100).int().argmax(dim=1).min())) if (labels != -100).any() else 1
-    kw = {"logits_to_keep": labels.shape[1] - first + 1} if _keeps_logits(model) else {}
+    labelled = labels != -100
+    first = max(1, int(labelled.int().argmax(dim=1).min())) if labelled.any() else 1
+    keep = labels.shape[1] - first + 1  # positions first-1 .. end: their logits predict tokens first .. end
+    kw = {"logits_to_keep": keep} if _keeps_logits(type(model)) else {}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
-    logits = logits[:, -(labels.shape[1] - first + 1) : -1]
+    logits = logits[:, -keep:-1]
     targets = labels[:, first:]
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
-def _keeps_logits(model: PreTrainedModel) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    """Whether the model class's forward takes `logits_to_keep` (asked once per class, not every step)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def batches(examples: list[Example], recipe: Recipe) -> list[list[Example]]:
