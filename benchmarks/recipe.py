@@ -30,10 +30,13 @@ from megamem.train import Recipe, batches, make_example, train_adapter
 def parse_config(text: str) -> tuple[Recipe, LoraSpec]:
     """'lr=1e-3,rank=16,paraphrases=3,layers=15-29' -> (Recipe, LoraSpec) with those fields set."""
     recipe_fields = {f.name for f in fields(Recipe)}
+    spec_fields = {f.name for f in fields(LoraSpec)}
     kw_r: dict = {}
     kw_s: dict = {}
     for part in filter(None, text.split(",")):
-        k, v = part.split("=")
+        k, _, v = part.partition("=")
+        if k not in recipe_fields | spec_fields or not v:
+            raise SystemExit(f"bad config part {part!r}: want FIELD=VALUE, FIELD one of Recipe / LoraSpec's fields")
         if k == "layers":
             lo, hi = (int(x) for x in v.split("-"))
             kw_s["layers"] = tuple(range(lo, hi + 1))

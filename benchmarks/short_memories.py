@@ -9,6 +9,7 @@ JSON line per config: recall / QA hits out of 8 and the memories recall missed. 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,10 +35,15 @@ def memories() -> list[tuple[str, list[str], str, str]]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+", help='recipe.py configs, e.g. "" min_tokens=2000 upper=1.0')
+    args = parser.parse_args()
+    for cfg in args.configs:  # bad configs fail before the model loads
+        parse_config(cfg)
     torch.set_num_threads(1)
     items = memories()
     model, tok = load_model()
-    for cfg in sys.argv[1:]:
+    for cfg in args.configs:
         recipe, spec = parse_config(cfg)
         inject_for(model, spec)
         adapters = [train_adapter(model, tok, [t, *p], spec, recipe) for t, p, _, _ in items]
