@@ -113,6 +113,9 @@ def test_bench_end_to_end_and_resume(tmp_path, data, tiny_dir, monkeypatch):
     table = (out / "results.md").read_text()
     for method in METHODS:
         assert f"| {method} | 1 | 3 |" in table
+        # The first-memory table: memory 0's recall cosine in the state after the last memory.
+        first = next(x for x in mem_rows if x["method"] == method and x["step"] == 3 and x["memory"] == 0)
+        assert f"| {method} | 3 | {first['recall_cos']:.3f} | {first['qa_acc']:.3f} |" in table
 
     # --estimate prints the expected CPU time and writes nothing.
     r = bench(data, tmp_path / "estimate", tiny_dir, "--estimate")

@@ -70,6 +70,30 @@ def results_table(rows: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+FIRST_COLUMNS = [("recall_cos", "recall cos", 3), ("qa_acc", "QA acc", 3), ("logprob", "log p(gold)", 2)]
+
+
+def first_memory_table(rows: list[dict], methods: list[str]) -> str:
+    """The first memory after the last one is learned (the paper's forgetting test), per method: mean ± std
+    over partitions of its recall cosine, QA accuracy and gold log-prob."""
+    finals = final_rows(rows)
+    at = {(r["method"], r["partition"]): r["step"] for rs in finals.values() for r in rs}
+    firsts: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "memory" and r.get("memory") == 0 and at.get((r["method"], r["partition"])) == r["step"]:
+            firsts[r["method"]].append(r)
+    cols = [c for c in FIRST_COLUMNS if any(c[0] in r for rs in firsts.values() for r in rs)]
+    lines = [
+        "| method | after memories | " + " | ".join(h for _, h, _ in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for m in methods:
+        if firsts.get(m):
+            cells = [mean_std([r.get(f) for r in firsts[m]], d) for f, _, d in cols]
+            lines.append(f"| {m} | {max(r['step'] for r in firsts[m])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def curve(rows: list[dict], method: str, kind: str, field: str, memory: int | None = None) -> tuple[list, list]:
     """(steps, mean over partitions) of one field of a method's rows."""
     by_step: dict[int, list[float]] = defaultdict(list)
@@ -141,6 +165,10 @@ def write_report(out: Path, rows: list[dict], cfg) -> list[Path]:
         "cosine between a recall and the other memories' passages.",
         "",
         results_table(rows, methods),
+        "",
+        "The first memory after the last one is learned (how much of it each method kept):",
+        "",
+        first_memory_table(rows, methods),
         "",
         "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in written),
         "",
