@@ -219,3 +219,19 @@ def test_every_method_runs(tmp_path, data, tiny_dir):
     assert len(list((state / "lora-l2" / "merged").iterdir())) == 2
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in names)
+
+
+def test_recall_only_stories(tmp_path, tiny_dir):
+    """Stories without QA (the fictional set's layout): recall metrics only, and irag (= mega's recall there)
+    is skipped with a note instead of recomputing mega's rows."""
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    stories = [{"character": r["theme"], "passage": r["passage"]} for r in RECORDS[:2]]
+    (folder / "partition-00.jsonl").write_text("\n".join(json.dumps(s) for s in stories) + "\n")
+    out = tmp_path / "run"
+    r = bench(folder, out, tiny_dir, methods=["mega", "irag"])
+    assert r.exit_code == 0, r.output
+    assert "irag (recall, then answer) is skipped" in r.output
+    mem = [x for x in rows_of(out) if x["kind"] == "memory"]
+    assert {x["method"] for x in mem} == {"mega"} and len(mem) == 1 + 2
+    assert all(-1 <= x["recall_cos"] <= 1 and "qa_acc" not in x for x in mem)
