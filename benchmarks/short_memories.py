@@ -38,13 +38,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", help='recipe.py configs, e.g. "" min_tokens=2000 upper=1.0')
     args = parser.parse_args()
-    for cfg in args.configs:  # bad configs fail before the model loads
-        parse_config(cfg)
+    configs = [(cfg, *parse_config(cfg)) for cfg in args.configs]  # bad configs fail before the model loads
     torch.set_num_threads(1)
     items = memories()
     model, tok = load_model()
-    for cfg in args.configs:
-        recipe, spec = parse_config(cfg)
+    for cfg, recipe, spec in configs:
         inject_for(model, spec)
         adapters = [train_adapter(model, tok, [t, *p], spec, recipe) for t, p, _, _ in items]
         gate = torch.eye(len(items))  # each question through its own memory's adapter alone

@@ -53,21 +53,29 @@ def final_rows(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def results_table(rows: list[dict], methods: list[str]) -> str:
-    """The Markdown table: one row per method, mean ± std over partitions after the last memory."""
-    finals = final_rows(rows)
-    cols = [c for c in COLUMNS if any(c[0] in r for rs in finals.values() for r in rs)]
+def markdown_table(groups: dict[str, list[dict]], methods: list[str], columns: list, lead: dict) -> str:
+    """One row per method of `groups` (its rows, one per partition): the `lead` columns ({header: function of
+    the rows}), then mean ± std of each of `columns` (field, header, digits) that any row has."""
+    cols = [c for c in columns if any(c[0] in r for rs in groups.values() for r in rs)]
     lines = [
-        "| method | partitions | memories | " + " | ".join(h for _, h, _ in cols) + " |",
-        "|---|---|---|" + "---|" * len(cols),
+        "| method | " + " | ".join([*lead, *(h for _, h, _ in cols)]) + " |",
+        "|---|" + "---|" * (len(lead) + len(cols)),
     ]
     for m in methods:
-        rs = finals.get(m)
-        if not rs:
-            continue
-        cells = [mean_std([r.get(f) for r in rs], d) for f, _, d in cols]
-        lines.append(f"| {m} | {len(rs)} | {max(r['step'] for r in rs)} | " + " | ".join(cells) + " |")
+        rs = groups.get(m)
+        if rs:
+            cells = [str(f(rs)) for f in lead.values()] + [mean_std([r.get(f) for r in rs], d) for f, _, d in cols]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def last_step(rs: list[dict]) -> int:
+    return max(r["step"] for r in rs)
+
+
+def results_table(rows: list[dict], methods: list[str]) -> str:
+    """The Markdown table: one row per method, mean ± std over partitions after the last memory."""
+    return markdown_table(final_rows(rows), methods, COLUMNS, {"partitions": len, "memories": last_step})
 
 
 FIRST_COLUMNS = [("recall_cos", "recall cos", 3), ("qa_acc", "QA acc", 3), ("logprob", "log p(gold)", 2)]
@@ -76,22 +84,12 @@ FIRST_COLUMNS = [("recall_cos", "recall cos", 3), ("qa_acc", "QA acc", 3), ("log
 def first_memory_table(rows: list[dict], methods: list[str]) -> str:
     """The first memory after the last one is learned (the paper's forgetting test), per method: mean ± std
     over partitions of its recall cosine, QA accuracy and gold log-prob."""
-    finals = final_rows(rows)
-    at = {(r["method"], r["partition"]): r["step"] for rs in finals.values() for r in rs}
+    at = {(r["method"], r["partition"]): r["step"] for rs in final_rows(rows).values() for r in rs}
     firsts: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r["kind"] == "memory" and r.get("memory") == 0 and at.get((r["method"], r["partition"])) == r["step"]:
             firsts[r["method"]].append(r)
-    cols = [c for c in FIRST_COLUMNS if any(c[0] in r for rs in firsts.values() for r in rs)]
-    lines = [
-        "| method | after memories | " + " | ".join(h for _, h, _ in cols) + " |",
-        "|---|---|" + "---|" * len(cols),
-    ]
-    for m in methods:
-        if firsts.get(m):
-            cells = [mean_std([r.get(f) for r in firsts[m]], d) for f, _, d in cols]
-            lines.append(f"| {m} | {max(r['step'] for r in firsts[m])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(firsts, methods, FIRST_COLUMNS, {"after memories": last_step})
 
 
 def curve(rows: list[dict], method: str, kind: str, field: str, memory: int | None = None) -> tuple[list, list]:

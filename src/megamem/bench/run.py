@@ -445,6 +445,12 @@ def validate(cfg: BenchConfig) -> None:
         raise MegamemError(f"unknown targets {cfg.targets!r}; choose from mlp, attn, all, early, mid, late")
 
 
+def skipped(method: str, part: Partition) -> bool:
+    """Whether a method is not run on a partition: irag where there are no questions (its recall turn is
+    mega's, so its rows would only copy mega's)."""
+    return family(method) == "irag" and not part.questions
+
+
 def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s: float) -> tuple[float, dict]:
     """Expected CPU seconds of the whole run from one measured training step and one measured generation."""
     from ..train import batches, fit, train_adapter
@@ -494,7 +500,7 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
     for m in expand_methods(cfg.methods):
         fam = family(m)
         train = 0.0
-        if fam == "irag" and not part.questions:  # skipped: see _run_bench
+        if skipped(m, part):
             continue
         if fam in ("mega", "irag", "lora", "lora-l2"):
             train = n * per_mem_steps * lora_step * (0 if fam == "irag" and "mega" in cfg.methods else 1)
@@ -616,8 +622,7 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool, es
             steps = eval_steps(n, cfg.eval_every)
             overall = bar.add_task(f"partition {p}", total=len(methods) * n)
             for name in methods:
-                if family(name) == "irag" and not part.questions:
-                    # irag's recall turn is mega's: on stories without questions its rows would copy mega's
+                if skipped(name, part):
                     console.print(f"partition {p} has no questions: {name} (recall, then answer) is skipped")
                     bar.advance(overall, n)
                     continue
