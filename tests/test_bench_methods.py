@@ -7,7 +7,7 @@ import torch
 from megamem.adapters import LoraSpec, new_adapter
 from megamem.bench.infer import answer_logprobs, last_logits, set_rows
 from megamem.bench.methods import fisher_diagonal, merge
-from megamem.inject import clear, inject, set_mixture
+from megamem.inject import clear, gated_layers, inject, set_mixture
 from megamem.train import collate, make_example
 
 
@@ -36,6 +36,18 @@ def test_per_row_gate_equals_single_question_mixture(tiny):
         assert torch.allclose(batched[r], single, atol=1e-4)
     base = last_logits(model, tok, seqs)
     assert not torch.allclose(base[0], batched[0], atol=1e-3)  # the adapters do change the output
+    # An adapter that no row weighs is left out of the low-rank path: the same logits from a narrower path.
+    w = torch.tensor([[0.7, 0.0, 0.3], [0.0, 0.0, 1.0]])
+    set_rows(model, adapters, w)
+    layer = next(iter(gated_layers(model).values()))
+    assert layer.path[0].shape[0] == 2 * spec.rank
+    clear(model)
+    pruned = last_logits(model, tok, seqs, adapters, w)
+    for r in range(2):
+        set_mixture(model, adapters, w[r].tolist())
+        with torch.no_grad():
+            assert torch.allclose(pruned[r], model(input_ids=torch.tensor([seqs[r]])).logits[0, -1], atol=1e-4)
+        clear(model)
 
 
 def test_answer_logprobs_match_a_manual_forward(tiny):

@@ -1,13 +1,17 @@
-"""The bench end to end on the tiny model: the run folder's files, a metric, resume after a kill, bad input."""
+"""The bench end to end on the tiny model: the run folder's files, a metric, resume after a kill, bad input,
+outputs reused across steps."""
 
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from megamem.bench import run as bench_run
+from megamem.bench.methods import make_method
 from megamem.cli import app
 from megamem.errors import MegamemError
+from megamem.gate import GateConfig
 
 RECORDS = [
     {
@@ -132,6 +136,48 @@ def test_bench_end_to_end_and_resume(tmp_path, data, tiny_dir, monkeypatch):
     assert len(rows_of(out)) == len(rows) + 6 + 3 and "| rag | 1 | 3 |" in (out / "results.md").read_text()
 
 
+def test_finished_rows_need_no_state_and_report_covers_the_folder(tmp_path, data, tiny_dir, monkeypatch):
+    """A folder holding only config.json and metrics.jsonl (a run's record, say, carried to another machine):
+    finished methods are not learned again; a method whose last step is missing is learned again up to it and
+    only that step is tested. The report covers rows another command appended to the folder meanwhile."""
+    import shutil
+
+    from megamem.bench import methods as m
+
+    out = tmp_path / "run"
+    assert bench(data, out, tiny_dir, methods=["mega", "lora"]).exit_code == 0
+    shutil.rmtree(out / "state")
+    rows = [r for r in rows_of(out) if not (r["method"] == "lora" and r["step"] == 3)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    learned = []
+
+    def spy(real):
+        def learn(self, index, texts, on_step=None):
+            learned.append((self.name, index))
+            return real(self, index, texts, on_step)
+
+        return learn
+
+    monkeypatch.setattr(m.Mega, "learn", spy(m.Mega.learn))
+    monkeypatch.setattr(m.SeqLora, "learn", spy(m.SeqLora.learn))
+    other = tmp_path / "other"  # another command's method, written into the folder while this one runs
+    assert bench(data, other, tiny_dir, methods=["rag"]).exit_code == 0
+    real_run_method = bench_run._run_method
+
+    def meanwhile(*args, **kw):
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write((other / "metrics.jsonl").read_text())
+        (other / "metrics.jsonl").write_text("")
+        return real_run_method(*args, **kw)
+
+    monkeypatch.setattr(bench_run, "_run_method", meanwhile)
+    assert bench(data, out, tiny_dir, methods=["mega", "lora"]).exit_code == 0
+    assert learned == [("lora", 0), ("lora", 1), ("lora", 2)]  # mega is finished; lora's state was lost
+    mem = [(x["method"], x["step"], x["memory"]) for x in rows_of(out) if x["kind"] == "memory"]
+    assert len(mem) == len(set(mem)) == 3 * (1 + 2 + 3)  # mega, lora and rag; nothing tested twice
+    assert "| rag | 1 | 3 |" in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -235,3 +281,82 @@ def test_recall_only_stories(tmp_path, tiny_dir):
     mem = [x for x in rows_of(out) if x["kind"] == "memory"]
     assert {x["method"] for x in mem} == {"mega"} and len(mem) == 1 + 2
     assert all(-1 <= x["recall_cos"] <= 1 and "qa_acc" not in x for x in mem)
+
+
+def test_reuse_computes_each_item_once_per_gate():
+    items = ["heron", "bridge"]
+    calls: list[list[int]] = []
+
+    def compute(idx):
+        calls.append(list(idx))
+        return [items[i].upper() for i in idx]
+
+    w = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    assert bench_run.reuse(None, "gen", items, w, compute) == ["HERON", "BRIDGE"]
+    assert bench_run.reuse(None, "gen", items, w, compute) == ["HERON", "BRIDGE"]
+    assert calls == [[0, 1], [0, 1]]  # no cache: a method whose weights change recomputes everything
+
+    cache: dict = {}
+    calls.clear()
+    assert bench_run.reuse(cache, "gen", items, w, compute) == ["HERON", "BRIDGE"]
+    assert bench_run.reuse(cache, "gen", items, w, compute) == ["HERON", "BRIDGE"]
+    # a third memory nobody weighs, and a weight that moved by float rounding: the same mixtures
+    wider = torch.tensor([[1.0, 0.0, 0.0], [0.25 + 1e-8, 0.75, 0.0]])
+    assert bench_run.reuse(cache, "gen", items, wider, compute) == ["HERON", "BRIDGE"]
+    assert calls == [[0, 1]]
+    # the bridge question now also weighs the new memory: only it is computed again
+    moved = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.7, 0.1]])
+    bench_run.reuse(cache, "gen", items, moved, compute)
+    assert calls == [[0, 1], [1]]
+    # another kind of output, or no gate at all, is another entry
+    bench_run.reuse(cache, "gen48", items, moved, compute)
+    bench_run.reuse(cache, "gen", items, None, compute)
+    assert calls == [[0, 1], [1], [0, 1], [0, 1]]
+
+
+@pytest.fixture()
+def bench_setup(tmp_path, tiny_dir):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "partition-00.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    # batch size 1: every prompt runs alone, so reused and recomputed outputs are comparable token for token
+    cfg = bench_run.BenchConfig(
+        data=str(folder), model=str(tiny_dir), epochs=1, max_steps=1, mcq_limit=6, text_paragraphs=2, batch_size=1
+    )
+    shared, _, lrs = bench_run.setup(cfg)
+    part = bench_run.prepare(cfg, 0, shared.model, shared.tok)
+    probes = bench_run.make_probes(cfg, shared.model, shared.tok)
+    return cfg, shared, lrs, part, probes
+
+
+def test_reused_outputs_equal_recomputed_ones_and_skip_the_known_prompts(bench_setup, monkeypatch):
+    cfg, shared, lrs, part, probes = bench_setup
+    gate = GateConfig(similarity="cosine", beta=50.0, top_k=1)  # one memory a query: old prompts keep their gate
+    mega = make_method("mega", shared, lrs)
+    assert mega.cache is not None and make_method("irag", shared, lrs).cache is mega.cache  # shared adapters
+    assert make_method("full", shared, lrs).cache is None  # its weights change: never reused
+    prompts: list[int] = []
+    real = bench_run.generate
+
+    def counting(model, tok, convs, *a, **kw):
+        prompts.append(len(convs))
+        return real(model, tok, convs, *a, **kw)
+
+    monkeypatch.setattr(bench_run, "generate", counting)
+    for k in range(1, len(part.records) + 1):
+        mega.learn(k - 1, part.texts(k - 1))
+        prompts.clear()
+        reused = bench_run.evaluate(cfg, mega, shared, part, probes, k, gate)
+        # only memory k's recall cue and its question are new (each query routes to its own memory)
+        assert sum(prompts) == 2
+        cache, mega.cache = mega.cache, None
+        fresh = bench_run.evaluate(cfg, mega, shared, part, probes, k, gate)
+        mega.cache = cache
+        assert sum(prompts) == 2 + 2 * k
+        for a, b in zip(reused, fresh, strict=True):
+            assert a.keys() == b.keys()
+            for field, value in a.items():
+                if isinstance(value, float):
+                    assert value == pytest.approx(b[field], abs=1e-5), (k, field)
+                else:
+                    assert value == b[field], (k, field)

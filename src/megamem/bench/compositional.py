@@ -26,6 +26,7 @@ from .run import (
     BenchConfig,
     append_rows,
     check_config,
+    folder_lock,
     gate_matrix,
     read_rows,
     setup,
@@ -74,7 +75,7 @@ def _run(cfg: BenchConfig, out: Path, console: Console, progress: bool, question
     questions = questions if questions is not None else shipped_questions()
     records = needed_records(cfg.data, questions)
     check_config(cfg, out)
-    rows = read_rows(out / "metrics.jsonl")
+    rows = read_rows(out / "metrics.jsonl")  # a question's rows and their summary are appended in one write
     shared, gate, lrs = setup(cfg)
     if cfg.beta is None:
         gate = type(gate)(similarity=gate.similarity, beta=BETA, top_k=gate.top_k, threshold=gate.threshold)
@@ -105,7 +106,10 @@ def _run(cfg: BenchConfig, out: Path, console: Console, progress: bool, question
             append_rows(out / "metrics.jsonl", new)
             rows += new
             bar.remove_task(task)
-    (out / "compositional.md").write_text(_table(rows, methods, gate.beta), encoding="utf-8")
+    with folder_lock(out):  # every method in the folder, also those another command added meanwhile
+        rows = read_rows(out / "metrics.jsonl")
+        done = list(dict.fromkeys(r["method"] for r in rows if r["kind"] == "compositional-step"))
+        (out / "compositional.md").write_text(_table(rows, done, gate.beta), encoding="utf-8")
     return out
 
 

@@ -134,14 +134,23 @@ def make_reference(base_logprobs: list[torch.Tensor], k: int = 64) -> Reference:
     return Reference(ids, probs)
 
 
+def kl_sum(ref: Reference, i: int, lq: torch.Tensor) -> tuple[float, int]:
+    """Paragraph i's summed KL(base || model) over its positions, on the base's top-k tokens plus one bucket
+    for the rest, and the number of positions."""
+    ids, p = ref.ids[i], ref.probs[i]
+    q = lq.exp().gather(-1, ids).clamp_min(1e-12)
+    p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
+    q_rest = (1 - q.sum(-1)).clamp_min(1e-12)
+    kl = (p * (p.clamp_min(1e-12).log() - q.log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return float(kl.sum()), kl.numel()
+
+
 def bucketed_kl(ref: Reference, logprobs: list[torch.Tensor]) -> float:
     """Mean over positions of KL(base || model) on the base's top-k tokens plus one bucket for the rest."""
-    total, n = 0.0, 0
-    for ids, p, lq in zip(ref.ids, ref.probs, logprobs, strict=True):
-        q = lq.exp().gather(-1, ids).clamp_min(1e-12)
-        p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
-        q_rest = (1 - q.sum(-1)).clamp_min(1e-12)
-        kl = (p * (p.clamp_min(1e-12).log() - q.log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
-        total += float(kl.sum())
-        n += kl.numel()
+    return mean_kl([kl_sum(ref, i, lq) for i, lq in enumerate(logprobs)])
+
+
+def mean_kl(sums: list[tuple[float, int]]) -> float:
+    """The mean KL per position from per-paragraph (summed KL, positions)."""
+    total, n = sum(t for t, _ in sums), sum(n for _, n in sums)
     return max(total / max(n, 1), 0.0)  # KL >= 0; float error can dip a hair below

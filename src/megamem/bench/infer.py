@@ -22,8 +22,10 @@ def set_rows(model: PreTrainedModel, adapters: list, weights: torch.Tensor | Non
     clear(model)
     if weights is None or not adapters:
         return
+    # Adapters no row weighs are left out: the same sum, and the cost follows the gate's top-k, not the store.
+    used = (weights != 0).any(dim=0).nonzero().flatten().tolist()
     for name, layer in gated_layers(model).items():
-        parts = [(i, a.weights[name], a.scaling) for i, a in enumerate(adapters) if name in a.weights]
+        parts = [(i, adapters[i].weights[name], adapters[i].scaling) for i in used if name in adapters[i].weights]
         if not parts:
             continue
         a_cat = torch.cat([ab[0] for _, ab, _ in parts], dim=0)

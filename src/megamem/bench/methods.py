@@ -47,6 +47,7 @@ class Shared:
     recipe: Recipe
     base_state: dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: dict[float, dict[int, Adapter]] = field(default_factory=dict)  # lr -> memory -> MEGa adapter
+    caches: dict[str, dict] = field(default_factory=dict)  # outputs of a frozen model (run.reuse), by model
 
     def restore(self) -> None:
         """Put the base weights back (after a method that changed them) and switch every adapter off."""
@@ -98,7 +99,7 @@ class Method:
     gated = False  # answers through the MEGa gate over the adapters learned so far
     retrieve = 0  # passages put in context (RAG)
     two_turn = False  # irag: recall, then answer
-    static = False  # the model never changes: outputs can be cached across steps
+    static = False  # never learns: the base model answers (base, rag)
     batch_only = False  # learns everything at the last step (full-batch)
 
     def __init__(self, name: str, shared: Shared, lr: float | None = None, lam: float | None = None) -> None:
@@ -106,7 +107,7 @@ class Method:
         self.shared = shared
         self.lr = lr
         self.lam = lam
-        self.cache: dict = {}
+        self.cache: dict | None = None  # outputs reused across steps; set where the model's weights never change
 
     def recipe(self) -> Recipe:
         r = self.shared.recipe
@@ -138,10 +139,12 @@ class Method:
 class Base(Method):
     static = True
 
+    def __init__(self, name: str, shared: Shared, **kw) -> None:
+        super().__init__(name, shared, **kw)
+        self.cache = shared.caches.setdefault("base", {})  # base and rag run the same model
 
-class Rag(Method):
-    static = True
 
+class Rag(Base):
     def __init__(self, name: str, shared: Shared, top_k: int = 1, **kw) -> None:
         super().__init__(name, shared, **kw)
         self.retrieve = top_k
@@ -158,6 +161,7 @@ class Mega(Method):
         lr = self.recipe().lr  # mega and irag with the same recipe share one set of adapters
         self.pool = shared.adapters.setdefault(lr, {})
         self.pool_dir = f"adapters-lr{lr:g}"
+        self.cache = shared.caches.setdefault(self.pool_dir, {})  # frozen adapters: mega and irag share outputs
 
     def learn(self, index: int, texts: list[str], on_step: OnStep = None) -> None:
         if index in self.pool:

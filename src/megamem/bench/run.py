@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -220,59 +221,86 @@ def make_probes(cfg: BenchConfig, model, tok) -> Probes:
 
 
 def general_ability(
-    shared: Shared, probes: Probes, adapters: list, keys: list[torch.Tensor], gate: GateConfig, bs: int
+    shared: Shared, probes: Probes, adapters: list, keys: list[torch.Tensor], gate: GateConfig, bs: int, cache
 ) -> dict[str, float]:
-    """MCQ accuracy, MMLU accuracy (if given) and KL to the base model; gated methods go through the gate."""
+    """MCQ accuracy, MMLU accuracy (if given) and KL to the base model; gated methods go through the gate.
+    Each probe's result is reused from `cache` (see `reuse`) where its gate is one already computed."""
     model, tok = shared.model, shared.tok
 
     def w(q: torch.Tensor) -> torch.Tensor | None:
         return gate_matrix(q, keys, gate)[0] if adapters else None
 
-    out = {
-        "mcq_acc": general.mcq_accuracy(
-            last_logits(model, tok, probes.mcq_seqs, adapters, w(probes.mcq_keys), bs), probes.letters, probes.mcq
-        )
-    }
+    def letter_logits(kind: str, seqs: list[list[int]], weights: torch.Tensor | None) -> torch.Tensor:
+        def run(idx: list[int]) -> list[torch.Tensor]:
+            sub = [seqs[i] for i in idx]
+            return list(last_logits(model, tok, sub, adapters, rows_of(weights, idx), bs)[:, probes.letters])
+
+        return torch.stack(reuse(cache, kind, list(range(len(seqs))), weights, run))
+
+    choices = list(range(len(probes.letters)))  # the letters' columns of the kept logits
+    mcq_logits = letter_logits("mcq", probes.mcq_seqs, w(probes.mcq_keys))
+    out = {"mcq_acc": general.mcq_accuracy(mcq_logits, choices, probes.mcq)}
     if probes.mmlu:
-        logits = last_logits(model, tok, probes.mmlu_seqs, adapters, w(probes.mmlu_keys), bs)
-        out["mmlu_acc"] = general.mcq_accuracy(logits, probes.letters, probes.mmlu)
-    logp = token_logprobs(model, probes.text_seqs, tok.pad_token_id, adapters, w(probes.text_keys), max(bs // 2, 1))
-    out["kl"] = general.bucketed_kl(probes.reference, logp)
+        logits = letter_logits("mmlu", probes.mmlu_seqs, w(probes.mmlu_keys))
+        out["mmlu_acc"] = general.mcq_accuracy(logits, choices, probes.mmlu)
+    text_w = w(probes.text_keys)
+
+    def kl_sums(idx: list[int]) -> list[tuple[float, int]]:
+        seqs = [probes.text_seqs[i] for i in idx]
+        logp = token_logprobs(model, seqs, tok.pad_token_id, adapters, rows_of(text_w, idx), max(bs // 2, 1))
+        return [general.kl_sum(probes.reference, i, lp) for i, lp in zip(idx, logp, strict=True)]
+
+    out["kl"] = general.mean_kl(reuse(cache, "kl", list(range(len(probes.text_seqs))), text_w, kl_sums))
     return out
 
 
+# -- reusing outputs across steps ------------------------------------------------------------------
+
+
+def rows_of(weights: torch.Tensor | None, idx: list[int]) -> torch.Tensor | None:
+    """The gate weights of the rows `idx` (None: no gate)."""
+    return weights[idx] if weights is not None else None
+
+
+def gate_signature(w: torch.Tensor | None) -> tuple | None:
+    """A query's mixture: the memories with a nonzero weight and their weights (to 1e-6). Two steps where a
+    query has the same signature run the same model on it (frozen adapters), so its output can be reused."""
+    if w is None:
+        return None
+    return tuple((i, round(float(w[i]), 6)) for i in w.nonzero().flatten().tolist())
+
+
+def reuse(
+    cache: dict | None, kind: str, items: list, weights: torch.Tensor | None, compute: Callable[[list[int]], list]
+) -> list:
+    """compute(indices) -> one result per index, run only for the items (hashable) whose (kind, item, gate
+    signature) is not in `cache` yet. cache None (a method whose weights change between steps): compute all.
+
+    For base, rag (the base model) and mega, irag (frozen adapters, top-k gate) most of a step's prompts were
+    already answered at an earlier step with the same mixture: the new memory's, and those whose top-k
+    changed, are computed; the step's cost stays about flat in the number of memories seen."""
+    if cache is None:
+        return compute(list(range(len(items))))
+    keys = [(kind, item, gate_signature(weights[i] if weights is not None else None)) for i, item in enumerate(items)]
+    todo = [i for i, key in enumerate(keys) if key not in cache]
+    if todo:
+        for i, value in zip(todo, compute(todo), strict=True):
+            cache[keys[i]] = value
+    return [cache[key] for key in keys]
+
+
 # -- one evaluation step ---------------------------------------------------------------------------
+
+
+def conv_key(conv: list[tuple[str, str]]) -> tuple:
+    """A conversation as a hashable cache key."""
+    return tuple(conv)
 
 
 def with_context(prompt: str, passages: list[str]) -> str:
     """A RAG user turn: the retrieved passages, then the question prompt."""
     ctx = "\n\n".join(passages)
     return f"Context:\n{ctx}\n\n{prompt}"
-
-
-def _cached_generate(method: Method, shared: Shared, convs, max_new: int, adapters, weights, bs: int) -> list[str]:
-    """Generation with a per-method cache for methods whose model never changes (base, rag)."""
-    if not method.static:
-        return generate(shared.model, shared.tok, convs, max_new, adapters, weights, bs)
-    keys = [("gen", max_new, tuple(c)) for c in convs]
-    todo = [i for i, k in enumerate(keys) if k not in method.cache]
-    if todo:
-        outs = generate(shared.model, shared.tok, [convs[i] for i in todo], max_new, None, None, bs)
-        for i, o in zip(todo, outs, strict=True):
-            method.cache[keys[i]] = o
-    return [method.cache[k] for k in keys]
-
-
-def _cached_logprobs(method: Method, shared: Shared, convs, answers, adapters, weights, bs: int) -> list[float]:
-    if not method.static:
-        return answer_logprobs(shared.model, shared.tok, convs, answers, adapters, weights, bs)
-    keys = [("lp", a, tuple(c)) for c, a in zip(convs, answers, strict=True)]
-    todo = [i for i, k in enumerate(keys) if k not in method.cache]
-    if todo:
-        outs = answer_logprobs(shared.model, shared.tok, [convs[i] for i in todo], [answers[i] for i in todo])
-        for i, o in zip(todo, outs, strict=True):
-            method.cache[keys[i]] = o
-    return [method.cache[k] for k in keys]
 
 
 def evaluate(
@@ -295,11 +323,20 @@ def evaluate(
     def user(prompt: str, ret: list[int]) -> str:
         return with_context(prompt, [passages[r] for r in ret]) if method.retrieve else prompt
 
+    cache = method.cache
+    model, tok = shared.model, shared.tok
+
+    def gen(convs: list, max_new: int, weights: torch.Tensor | None) -> list[str]:
+        def run(idx: list[int]) -> list[str]:
+            return generate(model, tok, [convs[i] for i in idx], max_new, adapters, rows_of(weights, idx), bs)
+
+        return reuse(cache, f"gen{max_new}", [conv_key(c) for c in convs], weights, run)
+
     # recall: one cue per memory
     cue_w, cue_top1, cue_ret = route(part.cue_keys[:k])
     recall_convs = [[("user", user(recall_prompt(part.cues[i]), cue_ret[i] if cue_ret else []))] for i in range(k)]
-    recall_len = max(part.recall_tokens) + cfg.recall_extra_tokens  # one length for every step: cacheable
-    recalls = _cached_generate(method, shared, recall_convs, recall_len, adapters, cue_w, bs)
+    recall_len = max(part.recall_tokens) + cfg.recall_extra_tokens  # one length for every step: reusable
+    recalls = gen(recall_convs, recall_len, cue_w)
     rec_emb = embedder_keys(recalls)
     rec_cos = cosine_matrix(rec_emb, part.passage_emb)
     floor = random_pair_floor(rec_emb, part.passage_emb)  # recall i against the partition's other passages
@@ -309,15 +346,20 @@ def evaluate(
     q_w, q_top1, q_ret = route(qk)
     qa_convs = [[("user", user(qa_prompt(q), q_ret[n] if q_ret else []))] for n, (_, _, q, _) in enumerate(seen_q)]
     if method.two_turn and seen_q:
-        first = [[("user", recall_prompt(q))] for _, _, q, _ in seen_q]
-        q_recalls = generate(shared.model, shared.tok, first, recall_len, adapters, q_w, bs)
+        q_recalls = gen([[("user", recall_prompt(q))] for _, _, q, _ in seen_q], recall_len, q_w)
         qa_convs = [
             [("user", recall_prompt(q)), ("assistant", r), ("user", qa_prompt(q))]
             for (_, _, q, _), r in zip(seen_q, q_recalls, strict=True)
         ]
-    answers = _cached_generate(method, shared, qa_convs, cfg.qa_tokens, adapters, q_w, bs) if seen_q else []
+    answers = gen(qa_convs, cfg.qa_tokens, q_w) if seen_q else []
     golds = [a for *_, a in seen_q]
-    logps = _cached_logprobs(method, shared, qa_convs, golds, adapters, q_w, bs) if seen_q else []
+
+    def logprobs(idx: list[int]) -> list[float]:
+        convs, gold = [qa_convs[i] for i in idx], [golds[i] for i in idx]
+        return answer_logprobs(model, tok, convs, gold, adapters, rows_of(q_w, idx), bs)
+
+    items = [(conv_key(c), g) for c, g in zip(qa_convs, golds, strict=True)]
+    logps = reuse(cache, "logprob", items, q_w, logprobs) if seen_q else []
 
     rows = []
     for i in range(k):
@@ -347,13 +389,8 @@ def evaluate(
                 row["llm_judge"] = sum(judged) / len(judged)
         rows.append(row)
 
-    if method.static and "general" in method.cache:
-        gen = method.cache["general"]
-    else:
-        gen = general_ability(shared, probes, adapters, keys, gate, bs)
-        if method.static:
-            method.cache["general"] = gen
-    step_row = {"kind": "step", "partition": part.index, "method": method.name, "step": k, **gen}
+    general_row = general_ability(shared, probes, adapters, keys, gate, bs, cache)
+    step_row = {"kind": "step", "partition": part.index, "method": method.name, "step": k, **general_row}
     for metric in ("recall_cos", "qa_acc", "qa_f1", "logprob", "gate_top1", "llm_judge"):
         vals = [r[metric] for r in rows if metric in r]
         if vals:
@@ -394,8 +431,22 @@ def drop_open_rows(path: Path, rows: list[dict]) -> list[dict]:
     return keep
 
 
+def folder_lock(out: Path) -> FileLock:
+    """The run folder's lock: several bench commands (processes) may fill one folder with different methods;
+    config.json, metrics.jsonl and the report are read and written under it."""
+    out.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(out / ".lock"))
+
+
+def read_closed_rows(out: Path) -> list[dict]:
+    """The folder's rows, without those of steps that never closed (dropped from the file too)."""
+    path = out / "metrics.jsonl"
+    with folder_lock(out):
+        return drop_open_rows(path, read_rows(path))
+
+
 def append_rows(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
+    with folder_lock(path.parent), open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         f.flush()
 
@@ -411,7 +462,11 @@ def check_config(cfg: BenchConfig, out: Path) -> None:
     Methods may differ: one folder can be filled by several commands (say the full-FT methods on one
     machine, the rest on another); config.json then lists every method run into it.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        _check_config(cfg, out)
+
+
+def _check_config(cfg: BenchConfig, out: Path) -> None:
     path = out / "config.json"
     now = cfg.to_dict()
     if path.is_file():
@@ -578,8 +633,7 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool, es
     methods = expand_methods(cfg.methods)
     if not estimate_only:
         check_config(cfg, out)
-    metrics = out / "metrics.jsonl"
-    rows = drop_open_rows(metrics, read_rows(metrics)) if not estimate_only else []
+    rows = read_closed_rows(out) if not estimate_only else []
 
     shared, gate, lrs = setup(cfg)
     model, tok = shared.model, shared.tok
@@ -618,7 +672,7 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool, es
                         console.print(f"  {m}: about {sec / 60:.0f} min", highlight=False)
                     return out
                 (out / "timings.json").write_text(json.dumps({**timings, "expected_s": total_s}, indent=2))
-            shared.adapters = {}
+            shared.adapters, shared.caches = {}, {}  # memory indices name other adapters in another partition
             steps = eval_steps(n, cfg.eval_every)
             overall = bar.add_task(f"partition {p}", total=len(methods) * n)
             for name in methods:
@@ -629,7 +683,8 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool, es
                 method = make_method(name, shared, lrs, rag_top_k=1)
                 rows = _run_method(cfg, method, shared, part, probes, steps, gate, out, rows, bar, overall)
             bar.remove_task(overall)
-    write_report(out, rows, cfg)
+    with folder_lock(out):  # every method in the folder, also those another command added meanwhile
+        write_report(out, read_rows(out / "metrics.jsonl"), cfg)
     return out
 
 
@@ -650,10 +705,14 @@ def _run_method(
     n = len(part.records)
     folder = out / "state" / f"p{part.index}" / method.name
     closed = closed_steps(rows, part.index, method.name)
-    method.start()
-    learned = method.load(folder)
     if method.batch_only:
         steps = [n]
+    if all(k in closed for k in steps):  # finished: its rows are all there, whether or not its state is kept
+        bar.advance(overall, n)
+        return rows
+    last = max(k for k in steps if k not in closed)  # nothing after the last untested step needs learning
+    method.start()
+    learned = method.load(folder)
     bar.update(overall, advance=learned if not method.batch_only else (n if learned else 0))
     sub = bar.add_task(f"  {method.name}", total=None)
     on_step: Callable[[int, int, float], None] = lambda s, t, _loss: bar.update(sub, completed=s, total=t)  # noqa: E731
@@ -679,11 +738,11 @@ def _run_method(
         if n not in closed:
             test(n)
     else:
-        for k in range(learned + 1, n + 1):
+        for k in range(learned + 1, last + 1):
             bar.update(sub, description=f"  {method.name}: learning memory {k}/{n}", completed=0, total=None)
             method.learn(k - 1, part.texts(k - 1), on_step)
             method.save(folder, k)
-            if k in steps:
+            if k in steps and k not in closed:  # closed already: its state was lost and relearned, its rows kept
                 test(k)
             bar.update(overall, advance=1)
     bar.remove_task(sub)
