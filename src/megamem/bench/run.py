@@ -565,8 +565,8 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
                 train += n * len(texts) * full_step * 0.5
         elif fam == "full-batch":
             train = n * per_mem_steps * full_step
-        if fam in ("base", "rag"):
-            ev = eval_cost(1, False) * n  # cached: each memory's prompts are generated once
+        if fam in ("base", "rag", "mega", "irag"):  # outputs reused (see reuse): each step tests its new memories
+            ev = sum(eval_cost(k - prev, fam == "irag") for prev, k in zip([0, *steps], steps))
         elif fam == "full-batch":
             ev = eval_cost(n, False)
         else:
