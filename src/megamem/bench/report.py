@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .methods import METHODS, family  # noqa: E402
+
 COLUMNS = [  # (step-row field, header, digits)
     ("mean_recall_cos", "recall cos", 3),
     ("recall_floor", "random-pair floor", 3),
@@ -145,9 +147,16 @@ PLOTS = [  # (file, row kind, field, title, memory)
 ]
 
 
+def ordered(names) -> list[str]:
+    """Method names once each, in the paper's order of families (variants of one family in order of appearance):
+    rows of several commands filling one folder come interleaved."""
+    rank = {f: i for i, f in enumerate(METHODS)}
+    return sorted(dict.fromkeys(names), key=lambda m: rank.get(family(m), len(METHODS)))
+
+
 def write_report(out: Path, rows: list[dict], cfg) -> list[Path]:
     """Write results.md and the plots into the run folder; returns the files written."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = ordered(r["method"] for r in rows)
     written = []
     for name, kind, field, title, memory in PLOTS:
         if plot(rows, methods, kind, field, title, out / name, memory):

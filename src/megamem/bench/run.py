@@ -566,7 +566,7 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
         elif fam == "full-batch":
             train = n * per_mem_steps * full_step
         if fam in ("base", "rag", "mega", "irag"):  # outputs reused (see reuse): each step tests its new memories
-            ev = sum(eval_cost(k - prev, fam == "irag") for prev, k in zip([0, *steps], steps))
+            ev = sum(eval_cost(k - prev, fam == "irag") for prev, k in zip([0, *steps[:-1]], steps, strict=True))
         elif fam == "full-batch":
             ev = eval_cost(n, False)
         else:
