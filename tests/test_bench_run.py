@@ -267,6 +267,10 @@ def test_every_method_runs(tmp_path, data, tiny_dir):
     assert len(list((state / "lora-l2" / "merged").iterdir())) == 2
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in names)
+    # config.json records the learning rates in effect (the defaults here), so a record says what ran
+    from megamem.bench.methods import DEFAULT_LR
+
+    assert json.loads((out / "config.json").read_text())["lrs"] == DEFAULT_LR
 
 
 def test_recall_only_stories(tmp_path, tiny_dir):

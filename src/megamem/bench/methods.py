@@ -30,9 +30,10 @@ METHODS = ("base", "rag", "mega", "irag", "full", "full-l2", "full-ewc", "full-b
 # product's faster defaults (Recipe(), LoraSpec(); docs/performance.md) are, so runs stay comparable.
 PROTOCOL_LORA = LoraSpec(rank=32, alpha=32.0, dropout=0.05, upper=1.0)
 PROTOCOL_RECIPE = PAPER_RECIPE
-# Learning rates per family. mega/lora: the protocol's. Full fine-tuning: 1e-5, the best of a sweep over
-# 3e-6 / 1e-5 / 3e-5 on the default model (docs/bench.md, "Learning rates").
-DEFAULT_LR = {"mega": PROTOCOL_RECIPE.lr, "lora": PROTOCOL_RECIPE.lr, "full": 1e-5}
+# Learning rates per family, each the best of a sweep on the default model (docs/bench.md, "Learning rates"):
+# mega: the protocol's (docs/tuning.md); sequential merged LoRA (lora, lora-l2): 1e-4 of 3e-5 / 1e-4 / 3e-4 /
+# 1e-3 (mega's 1e-3 overwrites earlier memories); full fine-tuning: 1e-5 of 3e-6 / 1e-5 / 3e-5.
+DEFAULT_LR = {"mega": PROTOCOL_RECIPE.lr, "lora": 1e-4, "full": 1e-5}
 DEFAULT_LAMBDA = {"full-l2": 0.1, "full-ewc": 1.0, "lora-l2": 0.1}
 OnStep = Callable[[int, int, float], None] | None
 

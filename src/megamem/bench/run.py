@@ -84,6 +84,11 @@ class BenchConfig:
     batch_size: int = 16
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        # the rates in effect, not only those given: config.json then says what ran, and a folder begun under
+        # other default rates is refused instead of mixing them
+        self.lrs = {**DEFAULT_LR, **self.lrs}
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -590,7 +595,7 @@ def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig, dict[str, float]]:
     inject_for(model, spec)
     recipe = replace(
         PROTOCOL_RECIPE,
-        lr=cfg.lrs.get("mega", DEFAULT_LR["mega"]),
+        lr=cfg.lrs["mega"],
         epochs=cfg.epochs,
         seed=cfg.seed,
         max_steps=cfg.max_steps,
@@ -599,7 +604,7 @@ def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig, dict[str, float]]:
     gate = default_gate(cfg.key_function)
     if cfg.beta is not None:
         gate = GateConfig(similarity=gate.similarity, beta=cfg.beta, top_k=gate.top_k, threshold=gate.threshold)
-    lrs = {**DEFAULT_LR, **cfg.lrs}
+    lrs = dict(cfg.lrs)
     return shared, gate, lrs
 
 
