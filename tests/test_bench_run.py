@@ -239,8 +239,10 @@ def test_compositional(tmp_path, tiny_dir):
     assert all(r["top2_both"] == 1.0 for r in per)  # the embedder finds both named passages
     mega = [r for r in per if r["method"] == "mega"]
     assert all(0 < r["gate_on_needed"] < 1 for r in mega)  # beta 0.1: a soft mixture, never one memory
+    assert all("gate_on_needed" not in r for r in per if r["method"] != "mega")  # only mega is gated
     table = (out / "compositional.md").read_text()
     assert "| mega |" in table and "| rag |" in table and "| full-batch |" in table
+    assert next(line for line in table.splitlines() if line.startswith("| rag |")).endswith("| – |")
     with pytest.raises(MegamemError):
         run_compositional(cfg, tmp_path / "bad", progress=False, questions=[{**questions[0], "themes": ["Nobody"]}])
 

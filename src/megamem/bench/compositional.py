@@ -20,7 +20,7 @@ from ..generate import qa_prompt, recall_prompt
 from ..keys import compute_keys
 from .data import Record, load_partition
 from .infer import answer_logprobs, generate
-from .methods import Method, make_method
+from .methods import Method, family, make_method
 from .metrics import qa_scores
 from .run import (
     BenchConfig,
@@ -170,7 +170,7 @@ def _answer(cfg, method, records, keys, qkeys, questions, index, gate) -> list[d
                 **qa_scores(answers[n], golds[n]),
                 "logprob": logps[n],
                 "top2_both": float(need <= set(top2[n])),
-                "gate_on_needed": float(sum(float(w[n, i]) for i in need)),
+                **({"gate_on_needed": float(sum(float(w[n, i]) for i in need))} if method.gated else {}),
             }
         )
     return rows
@@ -179,7 +179,8 @@ def _answer(cfg, method, records, keys, qkeys, questions, index, gate) -> list[d
 def _summary(name: str, rows: list[dict], seconds: float) -> dict:
     out = {"kind": "compositional-step", "method": name, "seconds": round(seconds, 2)}
     for f in ("qa_acc", "qa_f1", "logprob", "top2_both", "gate_on_needed"):
-        out[f"mean_{f}"] = sum(r[f] for r in rows) / len(rows)
+        if f in rows[0]:
+            out[f"mean_{f}"] = sum(r[f] for r in rows) / len(rows)
     return out
 
 
@@ -196,8 +197,10 @@ def _table(rows: list[dict], methods: list[str], beta: float) -> str:
         s = [r for r in rows if r["kind"] == "compositional-step" and r["method"] == m]
         if s:
             r = s[-1]
+            gated = family(m) in ("mega", "irag")  # rag and full-batch have no gate (older rows carry one)
+            gate = f"{r['mean_gate_on_needed']:.3f}" if gated and "mean_gate_on_needed" in r else "–"
             lines.append(
                 f"| {m} | {r['mean_qa_acc']:.3f} | {r['mean_qa_f1']:.3f} | {r['mean_logprob']:.2f} | "
-                f"{r['mean_top2_both']:.3f} | {r['mean_gate_on_needed']:.3f} |"
+                f"{r['mean_top2_both']:.3f} | {gate} |"
             )
     return "\n".join(lines) + "\n"
