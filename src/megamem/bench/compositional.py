@@ -22,6 +22,7 @@ from .data import Record, load_partition
 from .infer import answer_logprobs, generate
 from .methods import Method, family, make_method
 from .metrics import qa_scores
+from .report import ordered
 from .run import (
     BenchConfig,
     append_rows,
@@ -108,7 +109,7 @@ def _run(cfg: BenchConfig, out: Path, console: Console, progress: bool, question
             bar.remove_task(task)
     with folder_lock(out):  # every method in the folder, also those another command added meanwhile
         rows = read_rows(out / "metrics.jsonl")
-        done = list(dict.fromkeys(r["method"] for r in rows if r["kind"] == "compositional-step"))
+        done = ordered(r["method"] for r in rows if r["kind"] == "compositional-step")
         (out / "compositional.md").write_text(_table(rows, done, gate.beta), encoding="utf-8")
     return out
 

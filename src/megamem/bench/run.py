@@ -283,7 +283,7 @@ def reuse(
 
     For base, rag (the base model) and mega, irag (frozen adapters, top-k gate) most of a step's prompts were
     already answered at an earlier step with the same mixture: the new memory's, and those whose top-k
-    changed, are computed; the step's cost stays about flat in the number of memories seen."""
+    changed, are computed, so the step's cost does not grow with the memories seen (docs/bench.md)."""
     if cache is None:
         return compute(list(range(len(items))))
     keys = [(kind, item, gate_signature(weights[i] if weights is not None else None)) for i, item in enumerate(items)]
