@@ -368,3 +368,28 @@ def test_reused_outputs_equal_recomputed_ones_and_skip_the_known_prompts(bench_s
                     assert value == pytest.approx(b[field], abs=1e-5), (k, field)
                 else:
                     assert value == b[field], (k, field)
+
+
+def test_partitions_added_to_a_folder_later(tmp_path, tiny_dir):
+    """Partition 1 run into partition 0's folder (a later session, say): partition 0 is not tested again,
+    config.json lists both partitions and the report's table is mean ± std over the two."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "partition-00.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS[:2]) + "\n")
+    (data / "partition-01.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS[1:]) + "\n")
+    out = tmp_path / "run"
+    assert bench(data, out, tiny_dir, "--partitions", "0", methods=["base"]).exit_code == 0
+    first = rows_of(out)
+    assert "| base | 1 | 2 |" in (out / "results.md").read_text()
+    r = bench(data, out, tiny_dir, "--partitions", "1", methods=["base"])
+    assert r.exit_code == 0, r.output
+    rows = rows_of(out)
+    assert rows[: len(first)] == first and {x["partition"] for x in rows[len(first) :]} == {1}
+    assert json.loads((out / "config.json").read_text())["partitions"] == [0, 1]
+    report = (out / "results.md").read_text()
+    assert "partitions [0, 1]" in report
+    line = next(x for x in report.splitlines() if x.startswith("| base | 2 | 2 |"))
+    assert "±" in line  # mean ± std over the two partitions
+    # Both partitions again: each is finished, nothing is tested twice.
+    assert bench(data, out, tiny_dir, "--partitions", "0,1", methods=["base"]).exit_code == 0
+    assert rows_of(out) == rows

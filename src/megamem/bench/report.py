@@ -164,7 +164,7 @@ def write_report(out: Path, rows: list[dict], cfg) -> list[Path]:
     text = [
         "# megamem bench results",
         "",
-        f"Data `{cfg.data}`, partitions {cfg.partitions}, model `{cfg.model or 'default'}`, "
+        f"Data `{cfg.data}`, partitions {sorted({r['partition'] for r in rows})}, model `{cfg.model or 'default'}`, "
         f"{cfg.epochs} epochs, targets {cfg.targets}, rank {cfg.rank or 'default'}.",
         "",
         "State after the last memory; mean ± std over partitions of the mean over all memories.",

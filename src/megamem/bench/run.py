@@ -462,10 +462,12 @@ def eval_steps(n: int, every: int) -> list[int]:
 
 
 def check_config(cfg: BenchConfig, out: Path) -> None:
-    """Write config.json, or check a resumed run's config is the same except for its methods and threads.
+    """Write config.json, or check a resumed run's config is the same except for its methods, partitions and
+    threads.
 
-    Methods may differ: one folder can be filled by several commands (say the full-FT methods on one
-    machine, the rest on another); config.json then lists every method run into it.
+    Methods and partitions may differ: one folder can be filled by several commands (say the full-FT methods
+    on one machine, the rest on another, or partition 1 in a later session); config.json then lists every
+    method and partition run into it, and the report's mean ± std covers every partition in the folder.
     """
     with folder_lock(out):
         _check_config(cfg, out)
@@ -476,11 +478,12 @@ def _check_config(cfg: BenchConfig, out: Path) -> None:
     now = cfg.to_dict()
     if path.is_file():
         old = json.loads(path.read_text())
-        same = {**old, "threads": now["threads"], "methods": now["methods"]}
+        same = {**old, "threads": now["threads"], "methods": now["methods"], "partitions": now["partitions"]}
         if same != now:
             diff = sorted(k for k in now if same.get(k) != now[k])
             raise MegamemError(f"{out} holds a run with another config (differs in {', '.join(diff)}); use a new --out")
         now["methods"] = list(dict.fromkeys([*old["methods"], *now["methods"]]))
+        now["partitions"] = sorted({*old["partitions"], *now["partitions"]})
     path.write_text(json.dumps(now, indent=2))
 
 
