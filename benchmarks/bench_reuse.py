@@ -31,10 +31,10 @@ def main() -> None:
     cfg = BenchConfig(data=args.data, partitions=[args.partition], memories=args.memories, max_steps=args.max_steps)
     rows, same, total = [], 0, [0.0, 0.0]
     with torch_threads(1):
-        shared, gate, lrs = setup(cfg)
+        shared, gate = setup(cfg)
         part = prepare(cfg, args.partition, shared.model, shared.tok)
         probes = make_probes(cfg, shared.model, shared.tok)
-        mega = make_method("mega", shared, lrs)
+        mega = make_method("mega", shared, cfg.lrs)
         for k in range(1, len(part.records) + 1):
             mega.learn(k - 1, part.texts(k - 1))
             t0 = time.perf_counter()

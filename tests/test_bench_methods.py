@@ -120,9 +120,9 @@ def test_bench_mega_answers_exactly_as_memory_ask(tmp_path, tiny_dir):
     want = [mem.ask(q, mode="qa", max_new_tokens=10).text for q in questions]
 
     cfg = BenchConfig(data=str(tmp_path), model=str(tiny_dir), epochs=1, max_steps=2)
-    shared, gate, lrs = setup(cfg)
+    shared, gate = setup(cfg)
     assert gate == mem.gate
-    mega = make_method("mega", shared, lrs)
+    mega = make_method("mega", shared, cfg.lrs)
     for i, t in enumerate(texts):
         mega.learn(i, t)
     keys = [compute_keys("embedder", t) for t in texts]

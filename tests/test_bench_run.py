@@ -331,10 +331,10 @@ def bench_setup(tmp_path, tiny_dir):
     cfg = bench_run.BenchConfig(
         data=str(folder), model=str(tiny_dir), epochs=1, max_steps=1, mcq_limit=6, text_paragraphs=2, batch_size=1
     )
-    shared, _, lrs = bench_run.setup(cfg)
+    shared, _ = bench_run.setup(cfg)
     part = bench_run.prepare(cfg, 0, shared.model, shared.tok)
     probes = bench_run.make_probes(cfg, shared.model, shared.tok)
-    return cfg, shared, lrs, part, probes
+    return cfg, shared, cfg.lrs, part, probes
 
 
 def test_reused_outputs_equal_recomputed_ones_and_skip_the_known_prompts(bench_setup, monkeypatch):

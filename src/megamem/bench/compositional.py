@@ -77,7 +77,7 @@ def _run(cfg: BenchConfig, out: Path, console: Console, progress: bool, question
     records = needed_records(cfg.data, questions)
     check_config(cfg, out)
     rows = read_rows(out / "metrics.jsonl")  # a question's rows and their summary are appended in one write
-    shared, gate, lrs = setup(cfg)
+    shared, gate = setup(cfg)
     if cfg.beta is None:
         gate = type(gate)(similarity=gate.similarity, beta=BETA, top_k=gate.top_k, threshold=gate.threshold)
     model, tok = shared.model, shared.tok
@@ -97,7 +97,7 @@ def _run(cfg: BenchConfig, out: Path, console: Console, progress: bool, question
         for name in methods:
             if any(r["kind"] == "compositional-step" and r["method"] == name for r in rows):
                 continue
-            method = make_method(name, shared, lrs, rag_top_k=2)
+            method = make_method(name, shared, cfg.lrs, rag_top_k=2)
             task = bar.add_task(f"{name}: learning", total=len(records))
             _learn(method, records, out / "state" / "compositional" / name, bar, task)
             bar.update(task, description=f"{name}: answering")

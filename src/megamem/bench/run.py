@@ -590,7 +590,7 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
     }
 
 
-def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig, dict[str, float]]:
+def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig]:
     """Load the model once, add the gated layers of the run's adapter spec, keep its base weights."""
     model, tok = load_model(cfg.model)
     n_layers = int(model.config.num_hidden_layers)
@@ -607,8 +607,7 @@ def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig, dict[str, float]]:
     gate = default_gate(cfg.key_function)
     if cfg.beta is not None:
         gate = GateConfig(similarity=gate.similarity, beta=cfg.beta, top_k=gate.top_k, threshold=gate.threshold)
-    lrs = dict(cfg.lrs)
-    return shared, gate, lrs
+    return shared, gate
 
 
 def run_bench(
@@ -643,7 +642,7 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool, es
         check_config(cfg, out)
     rows = read_closed_rows(out) if not estimate_only else []
 
-    shared, gate, lrs = setup(cfg)
+    shared, gate = setup(cfg)
     model, tok = shared.model, shared.tok
 
     t0 = time.perf_counter()
@@ -688,7 +687,7 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool, es
                     console.print(f"partition {p} has no questions: {name} (recall, then answer) is skipped")
                     bar.advance(overall, n)
                     continue
-                method = make_method(name, shared, lrs, rag_top_k=1)
+                method = make_method(name, shared, cfg.lrs, rag_top_k=1)
                 rows = _run_method(cfg, method, shared, part, probes, steps, gate, out, rows, bar, overall)
             bar.remove_task(overall)
     with folder_lock(out):  # every method in the folder, also those another command added meanwhile
