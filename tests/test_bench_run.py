@@ -110,6 +110,7 @@ def test_bench_end_to_end_and_resume(tmp_path, data, tiny_dir, monkeypatch):
     steps = [x for x in rows if x["kind"] == "step"]
     assert all(x["kl"] == pytest.approx(0.0, abs=1e-6) for x in steps if x["method"] == "base")
     assert all(0 <= x["mcq_acc"] <= 1 for x in steps)
+    assert {x["memories"] for x in steps} == {3}  # the partition's size: the report tells finished methods apart
 
     for name in ["config.json", "results.md", "forgetting_recall.png", "forgetting_qa.png", "general_mcq.png"]:
         assert (out / name).is_file(), name

@@ -40,18 +40,40 @@ def mean_std(values: list[float], digits: int) -> str:
     return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
-def final_rows(rows: list[dict]) -> dict[str, list[dict]]:
-    """Per method, the step row of the state after the last memory, one per partition."""
-    last: dict[tuple[str, int], dict] = {}
+def partition_ends(rows: list[dict]) -> dict[int, int]:
+    """Per partition, its number of memories: the step after its last memory (rows written before step rows
+    carried 'memories' count the furthest step any method reached)."""
+    ends: dict[int, int] = {}
     for r in rows:
-        if r["kind"] != "step":
-            continue
-        key = (r["method"], r["partition"])
-        if key not in last or r["step"] > last[key]["step"]:
-            last[key] = r
+        if r["kind"] == "step":
+            ends[r["partition"]] = max(ends.get(r["partition"], 0), r.get("memories", r["step"]))
+    return ends
+
+
+def progress(rows: list[dict]) -> dict[tuple[str, int], tuple[int, int]]:
+    """(method, partition) -> (last closed step, the partition's number of memories)."""
+    ends, last = partition_ends(rows), {}
+    for r in rows:
+        if r["kind"] == "step":
+            key = (r["method"], r["partition"])
+            last[key] = max(last.get(key, 0), r["step"])
+    return {key: (k, ends[key[1]]) for key, k in last.items()}
+
+
+def finished_rows(rows: list[dict]) -> list[dict]:
+    """The rows of the (method, partition) pairs that reached their partition's last memory: a method stopped
+    part-way through one partition would otherwise be averaged, at its last step, with another's final state."""
+    done = {key for key, (k, end) in progress(rows).items() if k == end}
+    return [r for r in rows if (r["method"], r["partition"]) in done]
+
+
+def final_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per method, the step row of the state after its partition's last memory, one per finished partition."""
+    ends = partition_ends(rows)
     out: dict[str, list[dict]] = defaultdict(list)
-    for (method, _), r in sorted(last.items(), key=lambda kv: kv[0][1]):
-        out[method].append(r)
+    for r in sorted(finished_rows(rows), key=lambda r: r["partition"]):
+        if r["kind"] == "step" and r["step"] == ends[r["partition"]]:
+            out[r["method"]].append(r)
     return out
 
 
@@ -159,7 +181,7 @@ def write_report(out: Path, rows: list[dict], cfg) -> list[Path]:
     methods = ordered(r["method"] for r in rows)
     written = []
     for name, kind, field, title, memory in PLOTS:
-        if plot(rows, methods, kind, field, title, out / name, memory):
+        if plot(finished_rows(rows), methods, kind, field, title, out / name, memory):
             written.append(out / name)
     text = [
         "# megamem bench results",
@@ -180,5 +202,10 @@ def write_report(out: Path, rows: list[dict], cfg) -> list[Path]:
         "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in written),
         "",
     ]
+    partial = [
+        f"{m} in partition {p} ({k} of {end} memories)" for (m, p), (k, end) in progress(rows).items() if k < end
+    ]
+    if partial:
+        text += ["Not finished, left out of the tables and plots: " + ", ".join(sorted(partial)) + ".", ""]
     (out / "results.md").write_text("\n".join(text), encoding="utf-8")
     return [out / "results.md", *written]

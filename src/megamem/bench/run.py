@@ -396,6 +396,7 @@ def evaluate(
 
     general_row = general_ability(shared, probes, adapters, keys, gate, bs, cache)
     step_row = {"kind": "step", "partition": part.index, "method": method.name, "step": k, **general_row}
+    step_row["memories"] = len(part.records)  # the partition's last step: the report tells finished methods apart
     for metric in ("recall_cos", "qa_acc", "qa_f1", "logprob", "gate_top1", "llm_judge"):
         vals = [r[metric] for r in rows if metric in r]
         if vals:
