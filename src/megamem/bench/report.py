@@ -68,10 +68,11 @@ def finished_rows(rows: list[dict]) -> list[dict]:
 
 
 def final_rows(rows: list[dict]) -> dict[str, list[dict]]:
-    """Per method, the step row of the state after its partition's last memory, one per finished partition."""
+    """Per method, the step row of the state after its partition's last memory, one per partition that reached it
+    (a method stopped part-way through a partition has no such row there)."""
     ends = partition_ends(rows)
     out: dict[str, list[dict]] = defaultdict(list)
-    for r in sorted(finished_rows(rows), key=lambda r: r["partition"]):
+    for r in sorted(rows, key=lambda r: r["partition"]):
         if r["kind"] == "step" and r["step"] == ends[r["partition"]]:
             out[r["method"]].append(r)
     return out
@@ -179,9 +180,9 @@ def ordered(names) -> list[str]:
 def write_report(out: Path, rows: list[dict], cfg) -> list[Path]:
     """Write results.md and the plots into the run folder; returns the files written."""
     methods = ordered(r["method"] for r in rows)
-    written = []
+    written, finished = [], finished_rows(rows)
     for name, kind, field, title, memory in PLOTS:
-        if plot(finished_rows(rows), methods, kind, field, title, out / name, memory):
+        if plot(finished, methods, kind, field, title, out / name, memory):
             written.append(out / name)
     text = [
         "# megamem bench results",
