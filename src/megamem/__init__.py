@@ -1,10 +1,36 @@
-"""megamem: long-term memory for a language model, stored in its weights as gated LoRA adapters (MEGa)."""
+"""megamem: long-term memory for a language model, stored in its weights as gated LoRA adapters (MEGa).
 
-from .adapters import LoraSpec
-from .errors import MegamemError
-from .gate import GateConfig
-from .memory import Answer, Item, Memory
-from .train import Recipe
+The public names load on first use (PEP 562), so that `megamem.entry` starts without importing torch: a
+Ctrl-C while the command line starts up then ends in one clear line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __all__ = ["Answer", "GateConfig", "Item", "LoraSpec", "MegamemError", "Memory", "Recipe"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_WHERE = {
+    "Answer": "memory",
+    "GateConfig": "gate",
+    "Item": "memory",
+    "LoraSpec": "adapters",
+    "MegamemError": "errors",
+    "Memory": "memory",
+    "Recipe": "train",
+}
+
+if TYPE_CHECKING:
+    from .adapters import LoraSpec
+    from .errors import MegamemError
+    from .gate import GateConfig
+    from .memory import Answer, Item, Memory
+    from .train import Recipe
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'megamem' has no attribute {name!r}")

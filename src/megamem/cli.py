@@ -1,9 +1,8 @@
-"""The megamem command line: add, ask, list, show, forget, info, demo, bench. --json on the store commands."""
+"""The megamem command line: add, ask, list, show, forget, info, verify, repair, demo, bench (--json on all)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -12,30 +11,42 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 from transformers.utils import logging as transformers_logging
 
+from .checks import printable, printable_line
 from .errors import MegamemError
 from .inputs import read_jsonl, read_text_file
 from .memory import Item, Memory, with_overrides
+from .store import Record, default_store_path
 from .train import RECIPES
 
 transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Long-term memory in a language model's weights.")
-out = Console()
-err = Console(stderr=True)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Long-term memory in a language model's weights.",
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
 
 StoreOpt = Annotated[Path | None, typer.Option("--store", help="Store folder (default: user data dir).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Base model: HF path or name (new stores).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="A damaged memory is an error (default: skipped with a warning).")
+]
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {printable_line(message)}", err=True)
     raise typer.Exit(1)
 
 
 def _open(store: Path | None, model: str | None = None, key_function: str | None = None, **kw) -> Memory:
+    """The store's Memory; read commands pass create=False, so a path without a store is an error."""
     try:
         return Memory(store, model=model, key_function=key_function, **kw)
     except MegamemError as exc:
@@ -43,9 +54,22 @@ def _open(store: Path | None, model: str | None = None, key_function: str | None
         raise  # unreachable
 
 
+def _warn(mem: Memory) -> None:
+    """Print (and drain) the warnings a command collected: damaged memories skipped, entries left alone."""
+    for message in mem.warnings:
+        typer.echo(f"warning: {printable_line(message)}", err=True)
+    mem.warnings.clear()
+
+
+def _json(data) -> str:
+    """JSON for a terminal: non-ASCII text as it is, but C1 control characters escaped like the C0 ones."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    return "".join(f"\\u{ord(c):04x}" if "\x7f" <= c <= "\x9f" else c for c in text)
+
+
 def _emit(as_json: bool, data, human) -> None:
     if as_json:
-        print(json.dumps(data, indent=2, ensure_ascii=False))
+        print(_json(data))
     else:
         human()
 
@@ -81,33 +105,39 @@ def add(
             help="fast: the passage + its first paraphrase, ~1000 tokens | paper: all paraphrases, 10 epochs.",
         ),
     ] = "fast",
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (at least 1).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (above 0).")] = None,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", help="Store the good lines of a JSONL, skipping (and naming) bad ones.")
+    ] = False,
     store: StoreOpt = None,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Learn new memories: TEXT, --file FILE or --jsonl FILE."""
+    """Learn new memories: TEXT, --file FILE or --jsonl FILE (all checked before any training)."""
     given = [x is not None for x in (text, file, jsonl)]
     if sum(given) != 1:
         _fail("give exactly one of TEXT, --file or --jsonl")
+    if recipe_name not in RECIPES:
+        _fail(f"unknown recipe {recipe_name!r}; choose one of {', '.join(RECIPES)}")
+    stored: list[Record] = []
+    mem = None
     try:
+        base = RECIPES[recipe_name]
+        recipe = replace(base, lr=base.lr if lr is None else lr, seed=seed)
+        if epochs is not None:  # exactly this many epochs
+            recipe = replace(recipe, epochs=epochs, min_tokens=0)
         if jsonl is not None:
             if paraphrase or id:
                 _fail("--paraphrase and --id go with TEXT or --file; put them in the JSONL lines")
-            items = read_jsonl(jsonl)
+            items, bad_lines = read_jsonl(jsonl, keep_going=keep_going)
         else:
             body = read_text_file(file) if file is not None else text
-            items = [Item(body or "", list(paraphrase or []), {"source": str(file)} if file else {}, id)]
-        if recipe_name not in RECIPES:
-            _fail(f"unknown recipe {recipe_name!r}; choose one of {', '.join(RECIPES)}")
-        base = RECIPES[recipe_name]
-        recipe = replace(base, lr=lr or base.lr, seed=seed)
-        if epochs is not None:  # exactly this many epochs
-            recipe = replace(recipe, epochs=epochs, min_tokens=0)
+            items, bad_lines = [Item(body or "", list(paraphrase or []), {"source": str(file)} if file else {}, id)], []
         mem = _open(store, model, key_function, recipe=recipe)
-        items = mem.validate(items)
+        mem.warnings += [f"skipped {m}" for m in bad_lines]
+        items = mem.validate(items, keep_going=keep_going)
         with _progress(as_json) as bar:
             task = bar.add_task("learning", total=None, loss=0.0)
 
@@ -119,14 +149,22 @@ def add(
             def on_step(step: int, total: int, loss: float) -> None:
                 bar.update(task, completed=step, total=total, loss=loss)
 
-            records = mem.add_many(items, on_step=on_step, on_memory=on_memory)
-    except MegamemError as exc:
-        _fail(str(exc))
+            mem.add_many(items, on_step=on_step, on_memory=on_memory, on_stored=stored.append, keep_going=keep_going)
+    except (MegamemError, KeyboardInterrupt) as exc:
+        if mem is not None:
+            _warn(mem)
+        if stored:  # memories commit one by one: say which made it before the failure
+            typer.echo(f"stored before the failure: {', '.join(r.id for r in stored)}", err=True)
+        _fail("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+    skipped = [w for w in mem.warnings if w.startswith("skipped ")]
+    _warn(mem)
     _emit(
         as_json,
-        [r.to_dict() for r in records],
-        lambda: [out.print(f"added {r.id}: {_short(r.text)}", highlight=False) for r in records],
+        [r.to_dict() for r in stored],
+        lambda: [out.print(f"added {r.id}: {_short(r.text)}", markup=False) for r in stored],
     )
+    if skipped:
+        _fail(f"{len(skipped)} memor{'y was' if len(skipped) == 1 else 'ies were'} not stored (see the warnings)")
 
 
 @app.command()
@@ -136,48 +174,66 @@ def ask(
     show_gate: Annotated[bool, typer.Option("--show-gate", help="Print the gate weights.")] = False,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Answer with the base model alone.")] = False,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Mix the k best memories (0: dense).")] = None,
-    beta: Annotated[float | None, typer.Option(help="Gate softmax inverse temperature.")] = None,
+    beta: Annotated[float | None, typer.Option(help="Gate softmax inverse temperature (finite, >= 0).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Use no memory scoring below this.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer in tokens (qa 64, recall 256).")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Longest answer in tokens, at least 1 (qa 64, recall 256).")
+    ] = None,
+    strict: StrictOpt = False,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a question with the memories the gate picks."""
-    mem = _open(store)
+    mem = _open(store, create=False, strict=strict)
     try:
+        if top_k is not None and top_k < 0:
+            raise MegamemError(f"--top-k must be 0 (dense) or more, got {top_k}")
         gate = with_overrides(mem.gate, top_k=top_k or None, beta=beta, threshold=threshold)
         if top_k == 0:
             gate = replace(gate, top_k=None)
         ans = mem.ask(question, mode=mode, gate=gate, max_new_tokens=max_new_tokens, use_memory=not no_memory)
+        texts = {mid: mem.show(mid).text for mid, _ in ans.gate[:10]} if show_gate else {}
     except MegamemError as exc:
+        _warn(mem)
         _fail(str(exc))
+    warnings = list(mem.warnings)
+    _warn(mem)
 
     def human() -> None:
         if mode == "irag" and ans.recall:
-            out.print(f"[dim]recall: {ans.recall}[/dim]", highlight=False)
-        out.print(ans.text, highlight=False)
+            out.print(f"recall: {printable(ans.recall)}", style="dim", markup=False)
+        out.print(printable(ans.text), markup=False)
         if show_gate:
             table = Table("memory", "weight", "text")
             for mid, w in ans.gate[:10]:
-                table.add_row(mid, f"{w:.3f}", _short(mem.show(mid).text))
-            out.print(table if ans.gate else "[dim]gate: no memory used[/dim]")
+                table.add_row(Text(mid), f"{w:.3f}", Text(_short(texts[mid])))
+            out.print(table if ans.gate else Text("gate: no memory used", style="dim"))
 
-    _emit(as_json, ans.to_dict(), human)
+    _emit(as_json, {**ans.to_dict(), "warnings": warnings}, human)
 
 
 @app.command("list")
 def list_(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """List the stored memories."""
-    mem = _open(store)
-    recs = mem.list()
+    mem = _open(store, create=False)
+    try:
+        recs = mem.list()
+    except MegamemError as exc:
+        _fail(str(exc))
+    _warn(mem)
 
     def human() -> None:
         table = Table("id", "created", "text")
         for r in recs:
-            table.add_row(r.id, r.created, _short(r.text))
+            table.add_row(Text(r.id), r.created, Text(_short(r.text)))
         out.print(table)
 
     _emit(as_json, [r.to_dict() for r in recs], human)
+
+
+def _print_fields(data: dict) -> None:
+    for k, v in data.items():
+        out.print(f"{k}: {printable(str(v))}", markup=False)
 
 
 @app.command()
@@ -185,12 +241,12 @@ def show(
     memory_id: Annotated[str, typer.Argument(help="Memory id.")], store: StoreOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Show one memory in full."""
-    mem = _open(store)
+    mem = _open(store, create=False)
     try:
         rec = mem.show(memory_id)
     except MegamemError as exc:
         _fail(str(exc))
-    _emit(as_json, rec.to_dict(), lambda: [out.print(f"{k}: {v}", highlight=False) for k, v in rec.to_dict().items()])
+    _emit(as_json, rec.to_dict(), lambda: _print_fields(rec.to_dict()))
 
 
 @app.command()
@@ -198,25 +254,81 @@ def forget(
     memory_id: Annotated[str, typer.Argument(help="Memory id.")], store: StoreOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Remove a memory for good."""
-    mem = _open(store)
+    mem = _open(store, create=False)
     try:
         rec = mem.forget(memory_id)
     except MegamemError as exc:
+        _warn(mem)
         _fail(str(exc))
-    _emit(as_json, {"forgotten": rec.id}, lambda: out.print(f"forgot {rec.id}"))
+    _warn(mem)
+    _emit(as_json, {"forgotten": rec.id}, lambda: out.print(f"forgot {rec.id}", markup=False))
 
 
 @app.command()
 def info(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Show the store's settings and size."""
-    mem = _open(store)
-    data = mem.info()
-    _emit(as_json, data, lambda: [out.print(f"{k}: {v}", highlight=False) for k, v in data.items()])
+    mem = _open(store, create=False)
+    try:
+        data = mem.info()
+    except MegamemError as exc:
+        _fail(str(exc))
+    _warn(mem)
+    _emit(as_json, data, lambda: _print_fields(data))
+
+
+@app.command()
+def verify(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Check every file of the store against its checksum; list every problem (exit 1 if there is one)."""
+    from .health import verify as verify_store
+
+    path = store or default_store_path()
+    try:
+        found = verify_store(path)
+    except MegamemError as exc:
+        _fail(str(exc))
+    serious = [p for p in found if p.serious]
+
+    def human() -> None:
+        for p in found:
+            out.print(f"{p.kind:<11} {printable_line(p.path)}: {printable_line(p.message)}", markup=False)
+        out.print(f"{len(serious)} problem(s) in {path}" if serious else f"ok: {path}", markup=False)
+
+    _emit(as_json, {"store": str(path), "ok": not serious, "problems": [p.to_dict() for p in found]}, human)
+    if serious:
+        raise typer.Exit(1)
+
+
+@app.command()
+def repair(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Mend the store: rebuild a damaged manifest from the memory folders, re-list whole memories, move what
+    fails its checksums to quarantine/ (nothing is deleted). Exit 1 if problems remain."""
+    from .health import repair as repair_store
+    from .health import verify as verify_store
+
+    path = store or default_store_path()
+    try:
+        done = repair_store(path)
+        left = [p for p in verify_store(path) if p.serious]
+    except MegamemError as exc:
+        _fail(str(exc))
+
+    def human() -> None:
+        for line in done:
+            out.print(printable_line(line), markup=False)
+        for p in left:
+            out.print(f"still: {p.kind} {printable_line(p.path)}: {printable_line(p.message)}", markup=False)
+        out.print(f"{len(left)} problem(s) left" if left else f"ok: {path}", markup=False)
+
+    _emit(as_json, {"store": str(path), "done": done, "problems": [p.to_dict() for p in left]}, human)
+    if left:
+        raise typer.Exit(1)
 
 
 @app.command()
 def demo(
-    store: Annotated[Path | None, typer.Option("--store", help="Demo store folder (rebuilt).")] = None,
+    store: Annotated[
+        Path | None, typer.Option("--store", help="Demo store folder: new, empty, or an earlier demo's store.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Inject the bundled demo memories and compare the base model's answers with megamem's."""
@@ -348,13 +460,11 @@ def bench(
 
 
 def _short(text: str, n: int = 70) -> str:
-    text = " ".join(text.split())
+    text = printable_line(" ".join(text.split()))
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    from .entry import main
+
+    main()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .errors import MegamemError
 from .judge import contains_answer
 from .memory import Item, Memory
 
@@ -21,13 +21,27 @@ def demo_items() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _reuse(mem: Memory, demo_ids: set[str]) -> None:
+    """Make an earlier demo's store ready to be filled again by forgetting its demo memories; refuse anything
+    else (a store with other memories is the user's, and a folder that is not a store is never emptied)."""
+    held = {r.id for r in mem.list()}
+    others = sorted(held - demo_ids)
+    if others:
+        raise MegamemError(
+            f"{mem.path} holds memories that are not the demo's ({', '.join(others[:3])}...); "
+            "give the demo a new folder or its own store"
+        )
+    for memory_id in sorted(held):
+        mem.forget(memory_id)
+
+
 def run_demo(store: Path | None = None, progress: bool = True) -> list[dict]:
     """Build a fresh demo store, ask each question with and without memory, print a table; return rows."""
     console = Console(stderr=not progress)
     path = Path(store) if store is not None else Path(tempfile.mkdtemp(prefix="megamem-demo-")) / "store"
-    shutil.rmtree(path, ignore_errors=True)
     items = demo_items()
     mem = Memory(path)
+    _reuse(mem, {d["id"] for d in items})
     console.print(f"[bold]megamem demo[/bold]: learning {len(items)} memories into {path}")
     with console.status("") as status:
 

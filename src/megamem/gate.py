@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import check_count, check_finite
 from .errors import MegamemError
 
 
@@ -30,8 +31,11 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "dot"):
             raise MegamemError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
-        if self.top_k is not None and self.top_k < 1:
-            raise MegamemError(f"top-k must be at least 1, got {self.top_k}")
+        if self.top_k is not None:
+            check_count(self.top_k, "top-k")
+        check_finite(self.beta, "gate beta", minimum=0)
+        if self.threshold is not None:
+            check_finite(self.threshold, "gate threshold")
 
     def to_dict(self) -> dict:
         return asdict(self)

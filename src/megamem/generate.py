@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .checks import check_count
 from .errors import MegamemError
 from .inject import clear, set_mixture
 from .model import chat_ids
@@ -53,6 +54,13 @@ def complete(
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
+def check_mode(mode: str) -> str:
+    """One of MODES, or an error naming them."""
+    if mode not in MODES:
+        raise MegamemError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    return mode
+
+
 def answer(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -68,16 +76,21 @@ def answer(
     the QA prompt with that reconstruction in the conversation; one gate serves both turns.
     max_new_tokens caps each turn (default: 64 for an answer, 256 for a recall).
     """
-    if mode not in MODES:
-        raise MegamemError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_mode(mode)
+    if max_new_tokens is not None:
+        check_count(max_new_tokens, "max new tokens")
     set_mixture(model, adapters, weights)
     try:
         if mode == "qa":
-            return complete(model, tok, [("user", qa_prompt(question))], max_new_tokens or 64), None
-        recall = complete(model, tok, [("user", recall_prompt(question))], max_new_tokens or 256)
+            return complete(
+                model, tok, [("user", qa_prompt(question))], 64 if max_new_tokens is None else max_new_tokens
+            ), None
+        recall = complete(
+            model, tok, [("user", recall_prompt(question))], 256 if max_new_tokens is None else max_new_tokens
+        )
         if mode == "recall":
             return recall, recall
         turns = [("user", recall_prompt(question)), ("assistant", recall), ("user", qa_prompt(question))]
-        return complete(model, tok, turns, max_new_tokens or 64), recall
+        return complete(model, tok, turns, 64 if max_new_tokens is None else max_new_tokens), recall
     finally:
         clear(model)

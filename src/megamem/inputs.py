@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checks import check_id, check_metadata, check_text
 from .errors import MegamemError
-from .memory import Item, clean_text
+from .memory import Item
 
 
 def read_text_file(path: Path) -> str:
@@ -21,35 +22,59 @@ def read_text_file(path: Path) -> str:
         raise MegamemError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from exc
 
 
-def read_jsonl(path: Path) -> list[Item]:
+def _item(obj: object, where: str) -> Item:
+    """One JSONL line's memory, every field checked (types, id, text, metadata); errors start with `where`."""
+    if not isinstance(obj, dict):
+        raise MegamemError(f"{where}: expected a JSON object")
+    text = obj.get("text", obj.get("passage"))
+    if text is None:
+        raise MegamemError(f'{where}: no "text" (or "passage") field')
+    paras = obj.get("paraphrases", [])
+    if not isinstance(paras, list):
+        raise MegamemError(f'{where}: "paraphrases" must be a list of strings')
+    memory_id = obj.get("id")
+    try:
+        return Item(
+            check_text(text, "text"),
+            [check_text(p, "paraphrase") for p in paras],
+            check_metadata(obj.get("metadata", {})),
+            None if memory_id is None else check_id(memory_id, "id"),
+            where,
+        )
+    except MegamemError as exc:
+        raise MegamemError(f"{where}: {exc}") from None
+
+
+def read_jsonl(path: Path, keep_going: bool = False) -> tuple[list[Item], list[str]]:
     """Items from a JSON-lines file: {"text" or "passage": str, "paraphrases"?: [str], "metadata"?: {}, "id"?: str}.
 
-    Any malformed line is an error naming its line number; blank lines are skipped.
+    Every line is checked before anything is returned; blank lines are skipped. A bad line (malformed JSON, a
+    wrong type, a bad or repeated id) is an error naming its line number, or with keep_going one message in
+    the second list while the good lines are returned.
     """
-    items = []
+    items: list[Item] = []
+    bad: list[str] = []
+    first_use: dict[str, str] = {}
     for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path} line {n}"
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MegamemError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise MegamemError(f"{path} line {n}: expected a JSON object")
-        text = obj.get("text", obj.get("passage"))
-        if text is None:
-            raise MegamemError(f'{path} line {n}: no "text" (or "passage") field')
-        paras = obj.get("paraphrases", [])
-        meta = obj.get("metadata", {})
-        if not isinstance(paras, list):
-            raise MegamemError(f'{path} line {n}: "paraphrases" must be a list of strings')
-        if not isinstance(meta, dict):
-            raise MegamemError(f'{path} line {n}: "metadata" must be an object')
-        try:
-            item = Item(clean_text(text, "text"), [clean_text(p, "paraphrase") for p in paras], meta, obj.get("id"))
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MegamemError(f"{where}: not valid JSON ({exc.msg})") from None
+            item = _item(obj, where)
+            if item.id is not None:
+                if item.id in first_use:
+                    raise MegamemError(f"{where}: id {item.id!r} is used twice (also by {first_use[item.id]})")
+                first_use[item.id] = where
         except MegamemError as exc:
-            raise MegamemError(f"{path} line {n}: {exc}") from None
+            if not keep_going:
+                raise
+            bad.append(str(exc))
+            continue
         items.append(item)
     if not items:
-        raise MegamemError(f"{path} holds no memories")
-    return items
+        raise MegamemError(f"{path} holds no memories" if not bad else f"{path} holds no good memory: {bad[0]}")
+    return items, bad

@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 
 from .adapters import Adapter, LoraSpec
+from .checks import check_count, check_id, check_metadata, check_text
 from .errors import MegamemError
 from .gate import GateConfig, gate_weights
-from .generate import answer
+from .generate import answer, check_mode
 from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject_for
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
 from .model import DEFAULT_MODEL, load_model
-from .store import Record, Store, default_store_path
+from .store import TMP_NAME, MemoryDamaged, Record, Store, default_store_path, read_memory_file
 from .train import Recipe, check_fits, train_adapter, train_adapters_batched
 
 # Adapters are stored in bfloat16: half the bytes of float32 with recall and QA unchanged at every rank
@@ -52,33 +53,35 @@ class Answer:
 
 @dataclass
 class Item:
-    """One memory to add: its text, optional paraphrases (extra training texts and keys), metadata, id."""
+    """One memory to add: its text, optional paraphrases (extra training texts and keys), metadata, id.
+
+    origin names where it came from ("notes.jsonl line 3") in error messages."""
 
     text: str
     paraphrases: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     id: str | None = None
+    origin: str | None = None
 
 
 def clean_text(text: object, what: str = "text") -> str:
-    """Strip a text, refusing anything that is not a non-empty string."""
-    if not isinstance(text, str):
-        raise MegamemError(f"{what} must be a string, got {type(text).__name__}")
-    text = text.strip()
-    if not text:
-        raise MegamemError(f"{what} is empty")
-    return text
+    """Strip a text, refusing anything that is not a non-empty string free of control characters."""
+    return check_text(text, what)
 
 
 class Memory:
     """A language model with memories stored in gated LoRA adapters.
 
-    store: folder of the store (default: the user data dir). model / key_function / lora: used when
-    the store is created; for an existing store, any given value must match the stored one.
+    store: folder of the store (default: the user data dir). model / key_function / lora: used when the
+    store is created (by the first add, once the model has loaded); for an existing store, any given value
+    must match the stored one. create=False: a path without a store is an error (read-only use).
+    strict: a damaged memory is an error instead of a warning (by default it is skipped, named in `warnings`,
+    and every other memory keeps working).
     adapter_cache: adapters kept in RAM (LRU; the rest stay on disk). exact_max_keys: key rows up to which
     a top-k gate scores every key; beyond it an approximate index proposes candidates (megamem.index).
     train_group: memories add_many trains together in one batched forward, each with its own adapter (2 was
     the fastest on a 2-core CPU: 5.0-5.1 s a memory vs 6.1-6.9 s one at a time; docs/performance.md, injection).
+    The object stays current: before it routes or lists it picks up other processes' adds and forgets.
     """
 
     def __init__(
@@ -92,40 +95,86 @@ class Memory:
         adapter_cache: int = 16,
         exact_max_keys: int = EXACT_MAX_KEYS,
         train_group: int = 2,
+        strict: bool = False,
+        create: bool = True,
     ) -> None:
         if key_function is not None and key_function not in KEY_FUNCTIONS:
             raise MegamemError(f"unknown key function {key_function!r}; choose one of {', '.join(KEY_FUNCTIONS)}")
-        path = Path(store) if store is not None else default_store_path()
-        new = not (path / "manifest.sqlite").is_file()
-        kf = key_function or DEFAULT_KEY_FUNCTION
-        settings = (
-            {
-                "base_model": model or DEFAULT_MODEL,
-                "key_function": kf,
-                "lora": (lora or LoraSpec()).to_dict(),
-                "gate": (gate or default_gate(kf)).to_dict(),
-                "adapter_dtype": ADAPTER_DTYPE,
-            }
-            if new
-            else {"base_model": model, "key_function": key_function}
-        )
-        self.store = Store(path, settings)
-        s = self.store.settings()
-        self.model_name: str = s["base_model"]
-        self.key_function: str = s["key_function"]
-        self.lora = lora or LoraSpec.from_dict(s["lora"])
-        self.gate = gate or GateConfig(**s["gate"])
+        check_count(train_group, "train_group")
+        check_count(adapter_cache, "adapter_cache", minimum=0)
+        self.path = Path(store) if store is not None else default_store_path()
+        self.strict = strict
         self.recipe = recipe or Recipe()
+        self.train_group = train_group
+        self.warnings: list[str] = []  # damaged memories skipped and entries left alone, newest last
+        self._given = {"base_model": model, "key_function": key_function, "lora": lora.to_dict() if lora else None}
+        self._given_gate = gate
         self._model = None
         self._tok = None
         self._adapters: OrderedDict[str, Adapter] = OrderedDict()
         self._adapter_cache = adapter_cache
         self._keys: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
         self._exact_max_keys = exact_max_keys
-        if train_group < 1:
-            raise MegamemError(f"train_group must be at least 1, got {train_group}")
-        self.train_group = train_group
         self._indexes: dict[str, KeyIndex] = {}  # by similarity; kept in step with _keys
+        self._damaged: dict[str, str] = {}  # memory id -> why, for memories skipped since the last change
+        self._version: int | None = None
+        self.store: Store | None = None
+        if Store.exists(self.path):
+            self._open()
+        elif not create:
+            raise MegamemError(f"no megamem store at {self.path}")
+        else:  # a new store: its settings now, its files only once the first memory's model has loaded
+            kf = key_function or DEFAULT_KEY_FUNCTION
+            self._settings = {
+                "base_model": model or DEFAULT_MODEL,
+                "key_function": kf,
+                "lora": (lora or LoraSpec()).to_dict(),
+                "gate": default_gate(kf).to_dict(),
+                "adapter_dtype": ADAPTER_DTYPE,
+            }
+        s = self._settings
+        self.model_name: str = s["base_model"]
+        self.key_function: str = s["key_function"]
+        self.lora = LoraSpec.from_dict(s["lora"])
+        self.gate = gate or GateConfig(**s["gate"])
+
+    def _open(self) -> None:
+        self.store = Store(self.path, self._given)
+        self._settings = self.store.settings()
+        self._version = self.store.data_version()
+        self._report_unknown()
+
+    def _report_unknown(self) -> None:
+        """Warn about entries in memories/ and tmp/ that megamem did not write (it leaves them alone)."""
+        known = {r.id for r in self.store.records()}
+        for sub in ("memories", "tmp"):
+            folder = self.path / sub
+            for entry in folder.iterdir() if folder.is_dir() else []:
+                if sub == "memories" and entry.name not in known and read_memory_file(entry) is None:
+                    self._warn(f"{sub}/{entry.name} is not megamem's: left alone (`megamem verify` lists such entries)")
+                elif sub == "tmp" and not TMP_NAME.fullmatch(entry.name):
+                    self._warn(f"{sub}/{entry.name} is not megamem's: left alone (`megamem verify` lists such entries)")
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def _sync(self) -> None:
+        """Pick up what other processes committed (a store created, memories added or forgotten) since last look."""
+        if self.store is None:
+            if Store.exists(self.path):
+                self._open()
+            return
+        version = self.store.data_version()
+        if version != self._version:
+            self._version = version
+            self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._keys = None
+        self._indexes = {}
+        self._adapters.clear()
+        self._damaged = {}
 
     # -- model ---------------------------------------------------------------------------------
     def load(self) -> tuple:
@@ -147,34 +196,83 @@ class Memory:
         """Learn one memory (the text plus any paraphrases) into a new adapter and store it."""
         return self.add_many([Item(text, list(paraphrases), metadata or {}, id)], on_step=on_step)[0]
 
-    def validate(self, items: list[Item]) -> list[Item]:
-        """Cleaned copies of `items`, or an error naming the first bad one (nothing is stored)."""
-        cleaned = []
+    def check(self, items: list[Item]) -> tuple[list[Item], list[str]]:
+        """Check every item without loading anything: cleaned copies of the good ones, and one message a bad one
+        (naming it). Ids must be unique in the batch and new to the store."""
+        good, bad = [], []
+        self._sync()
+        seen: dict[str, str] = {}
         for n, item in enumerate(items, 1):
-            where = f"memory {n}" if len(items) > 1 else "memory"
-            text = clean_text(item.text, f"{where} text")
-            paras = [clean_text(p, f"{where} paraphrase") for p in item.paraphrases]
-            if item.id is not None and self.store.get(item.id, missing_ok=True) is not None:
-                raise MegamemError(f"a memory with id {item.id!r} already exists")
-            cleaned.append(Item(text, paras, dict(item.metadata), item.id))
-        if not cleaned:
-            raise MegamemError("no memories to add")
+            where = item.origin or (f"memory {n}" if len(items) > 1 else "memory")
+            try:
+                text = check_text(item.text, f"{where} text")
+                paras = [check_text(p, f"{where} paraphrase") for p in item.paraphrases]
+                meta = check_metadata(item.metadata, f"{where} metadata")
+                if item.id is not None:
+                    check_id(item.id, f"{where} id")
+                    if item.id in seen:
+                        raise MegamemError(f"{where}: id {item.id!r} is used twice (also by {seen[item.id]})")
+                    if self.store is not None and self.store.get(item.id, missing_ok=True) is not None:
+                        raise MegamemError(f"{where}: a memory with id {item.id!r} already exists")
+                    seen[item.id] = where
+            except MegamemError as exc:
+                bad.append(str(exc))
+                continue
+            good.append(Item(text, paras, meta, item.id, item.origin))
+        return good, bad
+
+    def validate(self, items: list[Item], keep_going: bool = False) -> list[Item]:
+        """Cleaned copies of `items`, or an error naming the first bad one (nothing is stored). keep_going: the
+        good ones only (the bad ones' messages go to `warnings`). Loads the model to check each text fits."""
+        good, bad = self.check(items)
+        if bad and not keep_going:
+            raise MegamemError(bad[0] + (f" (and {len(bad) - 1} more bad)" if len(bad) > 1 else ""))
+        for message in bad:
+            self._warn(f"skipped {message}")
+        if not good:
+            raise MegamemError("no memories to add" if not bad else "no memory left to add")
         model, tok = self.load()
-        for item in cleaned:
-            for t in [item.text, *item.paraphrases]:
-                check_fits(tok, model, t)
-        return cleaned
+        fitting = []
+        for n, item in enumerate(good, 1):
+            where = item.origin or (f"memory {n}" if len(good) > 1 else "memory")
+            try:
+                for t in [item.text, *item.paraphrases]:
+                    check_fits(tok, model, t, where)
+            except MegamemError as exc:
+                if not keep_going:
+                    raise
+                self._warn(f"skipped {exc}")
+                continue
+            fitting.append(item)
+        if not fitting:
+            raise MegamemError("no memory left to add")
+        return fitting
+
+    def _ensure_store(self) -> Store:
+        """The store, created now if it does not exist yet (its model has loaded by then), ready for writing."""
+        if self.store is None:
+            self.load()  # a store is only created for a model that loads
+            self.store = Store(self.path, self._settings)
+            self._version = self.store.data_version()
+        self.store.writable()
+        for note in self.store.notices:
+            self._warn(note)
+        return self.store
 
     def add_many(
         self,
         items: list[Item],
         on_step: Callable[[int, int, float], None] | None = None,
         on_memory: Callable[[int, int], None] | None = None,
+        on_stored: Callable[[Record], None] | None = None,
+        keep_going: bool = False,
     ) -> list[Record]:
-        """Validate every item first (nothing is stored if one is bad), then learn them `train_group` at a time and
-        store each as soon as its group is learned."""
-        checked = self.validate(items)
+        """Validate every item first (nothing is stored if one is bad, unless keep_going), then learn them
+        `train_group` at a time and commit each as soon as its group is learned (a crash keeps those already
+        committed; `on_stored` hears of each)."""
+        checked = self.validate(items, keep_going)
         model, tok = self.load()
+        store = self._ensure_store()
         records = []
         for start in range(0, len(checked), self.train_group):
             group = checked[start : start + self.train_group]
@@ -188,53 +286,82 @@ class Memory:
             for item, item_texts, adapter in zip(group, texts, adapters, strict=True):
                 keys = compute_keys(self.key_function, item_texts, model, tok)
                 meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else item.metadata
-                records.append(self.store.add(item.text, adapter, keys, meta, item.id))
+                records.append(store.add(item.text, adapter, keys, meta, item.id))
                 self._append_keys(records[-1].id, keys)
+                if on_stored is not None:
+                    on_stored(records[-1])
+        self._version = store.data_version()
         return records
 
     def forget(self, memory_id: str) -> Record:
         """Remove a memory for good."""
-        rec = self.store.forget(memory_id)
-        self._adapters.pop(memory_id, None)
-        self._keys = None
-        self._indexes = {}
+        self._sync()
+        if self.store is None:
+            raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
+        store = self._ensure_store()
+        rec = store.forget(memory_id)
+        for note in store.notices:
+            self._warn(note)
+        self._invalidate()
+        self._version = store.data_version()
         return rec
 
     # -- reading -------------------------------------------------------------------------------
     def list(self) -> list[Record]:
-        return self.store.records()
+        self._sync()
+        return self.store.records() if self.store is not None else []
 
     def show(self, memory_id: str) -> Record:
+        self._sync()
+        if self.store is None:
+            raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
         return self.store.get(memory_id)
 
     def info(self) -> dict:
-        recs = self.store.records()
+        self._sync()
+        recs = self.store.records() if self.store is not None else []
         return {
-            "store": str(self.store.path),
+            "store": str(self.path),
             "memories": len(recs),
-            "bytes": self.store.size_bytes(),
-            **self.store.settings(),
+            "bytes": self.store.size_bytes() if self.store is not None else 0,
+            **(self.store.settings() if self.store is not None else self._settings),
         }
 
     def adapter(self, memory_id: str) -> Adapter:
-        """A memory's adapter, from a small LRU cache or from disk (checksum-verified)."""
+        """A memory's adapter, from a small LRU cache or from disk (checksum-verified; MemoryDamaged if not)."""
         if memory_id in self._adapters:
             self._adapters.move_to_end(memory_id)
             return self._adapters[memory_id]
         adapter = self.store.adapter(self.store.get(memory_id))
-        self._adapters[memory_id] = adapter
+        if self._adapter_cache:
+            self._adapters[memory_id] = adapter
         while len(self._adapters) > self._adapter_cache:
             self._adapters.popitem(last=False)
         return adapter
 
+    def _skip(self, exc: MemoryDamaged) -> None:
+        """Leave a damaged memory out of every gate from now on, with a warning (or fail, when strict)."""
+        if self.strict:
+            raise MegamemError(f"{exc} (strict mode; `megamem verify` lists every problem)")
+        self._damaged[exc.memory_id] = str(exc)
+        self._warn(f"{exc}; skipped (`megamem verify` and `megamem repair` mend the store)")
+
     def _all_keys(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         if self._keys is None:
-            recs = self.store.records()
-            ids, keys, owners = [r.id for r in recs], [], []
-            for i, r in enumerate(recs):
-                k = self.store.keys(r)
-                keys.append(k)
-                owners.append(torch.full((k.shape[0],), i))
+            recs = self.store.records() if self.store is not None else []
+            ids, keys, owners = [], [], []
+            for r in recs:
+                try:
+                    k = self.store.keys(r)
+                except MemoryDamaged as exc:
+                    self._skip(exc)
+                    continue
+                keys.append(k.float())
+                owners.append(torch.full((k.shape[0],), len(ids)))
+                ids.append(r.id)
+            dims = {int(k.shape[1]) for k in keys}
+            if len(dims) > 1:
+                raise MegamemError(f"the store's key files hold keys of different sizes {sorted(dims)}")
             self._keys = (
                 ids,
                 torch.cat(keys) if keys else torch.zeros(0, 1),
@@ -265,15 +392,22 @@ class Memory:
         return self._indexes[similarity]
 
     def route(self, question: str, gate: GateConfig | None = None) -> list[tuple[str, float]]:
-        """The gate for a question: (memory id, weight) for every memory with weight > 0, heaviest first."""
-        question = clean_text(question, "question")
+        """The gate for a question: (memory id, weight) for every memory with weight > 0, heaviest first.
+        Memories found damaged are left out (their weight goes to the others)."""
+        question = check_text(question, "question")
+        self._sync()
         ids = self._all_keys()[0]
         if not ids:
             return []
         model, tok = self.load() if self.key_function == "activation" else (None, None)
         q = compute_keys(self.key_function, [question], model, tok)[0]
         cfg = gate or self.gate
-        w = gate_weights(self.key_index(cfg.similarity).scores(q, cfg.top_k), cfg)
+        top_k = None if cfg.top_k is None else cfg.top_k + len(self._damaged)
+        scores = self.key_index(cfg.similarity).scores(q, top_k).clone()
+        for i, memory_id in enumerate(ids):
+            if memory_id in self._damaged:
+                scores[i] = float("-inf")
+        w = gate_weights(scores, cfg)
         order = torch.argsort(w, descending=True)
         return [(ids[i], float(w[i])) for i in order.tolist() if w[i] > 0]
 
@@ -285,11 +419,22 @@ class Memory:
         max_new_tokens: int | None = None,
         use_memory: bool = True,
     ) -> Answer:
-        """Answer a question with the gated mixture of memories (use_memory=False: the base model alone)."""
-        question = clean_text(question, "question")
-        routed = self.route(question, gate) if use_memory else []
+        """Answer a question with the gated mixture of memories (use_memory=False: the base model alone).
+
+        A routed memory whose adapter fails its checksum is skipped (a warning; an error when strict) and the
+        gate is taken again without it, so one damaged memory never breaks questions about the others."""
+        question = check_text(question, "question")
+        check_mode(mode)
+        if max_new_tokens is not None:
+            check_count(max_new_tokens, "max new tokens")
+        while True:
+            routed = self.route(question, gate) if use_memory else []
+            try:
+                adapters = [self.adapter(i) for i, _ in routed]
+                break
+            except MemoryDamaged as exc:
+                self._skip(exc)
         model, tok = self.load()
-        adapters = [self.adapter(i) for i, _ in routed]
         text, recall = answer(model, tok, question, mode, adapters, [w for _, w in routed], max_new_tokens)
         return Answer(question, mode, text, routed, recall)
 

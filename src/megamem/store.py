@@ -1,37 +1,59 @@
-"""The memory store: a folder with a SQLite manifest and one sub-folder of files per memory.
+"""The memory store: a folder with a SQLite manifest and one folder a memory, each file checksummed.
 
-    STORE/manifest.sqlite          settings (base model, key function, gate, LoRA spec) + one row a memory
-    STORE/memories/<id>/           adapter_config.json, adapter_model.safetensors (PEFT format), keys.safetensors
-    STORE/tmp/                     memories being written
+    STORE/settings.json               the store's settings (base model, key function, LoRA spec, gate), a copy
+                                      of the manifest's: a lost manifest does not lose the store
+    STORE/manifest.sqlite             (WAL) settings, one row a memory (the commit point), pending operations
+    STORE/memories/<id>/              adapter_config.json, adapter_model.safetensors (PEFT), keys.safetensors,
+                                      memory.json (the record and the other files' sha256: enough to re-list it)
+    STORE/tmp/<name>.<writer>.<nonce> a memory (or a manifest, in repair) being written or thrown away by the
+                                      process <writer> (pid-starttime)
+    STORE/quarantine/                 what `repair` moved aside; megamem never deletes it
 
-Adding is atomic: a memory's files are written under tmp/, fsynced, renamed into memories/, and
-only then is its row committed; the row is the commit point. Opening a store sweeps away files
-without a row (left by a killed add or forget), so a memory is either whole or absent.
+Adding writes a memory's files under tmp/ and fsyncs them, claims the id in the manifest (a pending row,
+under SQLite's write lock), renames the folder into memories/, fsyncs memories/, and commits the memory's
+row while dropping the pending one: that commit is the commit point. Forgetting commits the row's removal
+(with a pending row) and then removes the folder. A crash leaves a pending row naming its writer; once that
+process is proven gone, the next writer rolls it back. Only folders that a pending row proves megamem's
+(its own memory.json, by checksum) and tmp/ entries in megamem's own naming are ever removed; anything else
+is left alone and reported (`verify`). Opening a store for reading changes nothing on disk.
+docs/reliability.md states what this promises and how it is tested.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
-import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 from platformdirs import user_data_dir
 from safetensors.torch import load_file, save_file
 
-from .adapters import Adapter, load_adapter, save_adapter
+from .adapters import Adapter, file_sha256, load_adapter, save_adapter
+from .checks import check_id
 from .errors import MegamemError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MANIFEST = "manifest.sqlite"
+SETTINGS_FILE = "settings.json"
+MEMORY_FILE = "memory.json"
+MEMORY_FILES = ("adapter_config.json", "adapter_model.safetensors", "keys.safetensors", MEMORY_FILE)
+ROOT_ENTRIES = {MANIFEST, f"{MANIFEST}-wal", f"{MANIFEST}-shm", f"{MANIFEST}-journal", SETTINGS_FILE}
+ROOT_FOLDERS = {"memories", "tmp", "quarantine"}
+BUSY_TIMEOUT_S = float(os.environ.get("MEGAMEM_BUSY_TIMEOUT", "15"))
+TMP_NAME = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*)\.(?P<writer>\d+-\d+)\.(?P<nonce>[0-9a-f]{16})")
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS memories (
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE memories (
     id TEXT PRIMARY KEY,
     text TEXT NOT NULL,
     created TEXT NOT NULL,
@@ -39,9 +61,12 @@ CREATE TABLE IF NOT EXISTS memories (
     base_model TEXT NOT NULL,
     adapter_sha256 TEXT NOT NULL,
     n_keys INTEGER NOT NULL,
-    metadata TEXT NOT NULL
+    metadata TEXT NOT NULL,
+    files TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE pending (id TEXT PRIMARY KEY, op TEXT NOT NULL, writer TEXT NOT NULL, proof TEXT NOT NULL);
 """
+_COLUMNS = "id, text, created, key_function, base_model, adapter_sha256, n_keys, metadata"
 
 
 def default_store_path() -> Path:
@@ -49,9 +74,21 @@ def default_store_path() -> Path:
     return Path(os.environ.get("MEGAMEM_STORE") or Path(user_data_dir("megamem")) / "store")
 
 
+class StoreDamaged(MegamemError):
+    """The store's manifest or layout is damaged; `megamem verify` lists the problems, `repair` mends them."""
+
+
+class MemoryDamaged(MegamemError):
+    """One memory's files are missing or fail their checksums; the other memories are unaffected."""
+
+    def __init__(self, memory_id: str, message: str) -> None:
+        super().__init__(f"memory {memory_id!r} is damaged: {message}")
+        self.memory_id = memory_id
+
+
 @dataclass
 class Record:
-    """One memory's manifest row."""
+    """One memory's manifest row. files: sha256 of each file in its folder (empty for stores made before 0.2)."""
 
     id: str
     text: str
@@ -61,78 +98,368 @@ class Record:
     adapter_sha256: str
     n_keys: int
     metadata: dict
+    files: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
+# -- who wrote it: a process proven gone --------------------------------------------------------------------
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (Linux /proc), 0 where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[19])  # field 22; the fields after "(comm)" start at field 3
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def writer_token(pid: int | None = None) -> str:
+    """This process as a writer: 'pid-starttime', so that a recycled pid is not mistaken for the writer."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}-{_start_time(pid)}"
+
+
+def writer_gone(token: str) -> bool:
+    """True when the process named by `token` has certainly exited (no such pid, or another start time)."""
+    try:
+        pid, start = (int(x) for x in token.split("-"))
+    except ValueError:
+        return False  # not a token megamem writes: never treated as a dead writer's
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    now = _start_time(pid)
+    return start != 0 and now != 0 and now != start
+
+
+# -- durable files ------------------------------------------------------------------------------------------
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder (a folder's entry list is what a rename changes)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to `path` through a temporary file, fsync and rename: a reader sees the old file or the new."""
+    tmp = path.with_name(f".{path.name}.{writer_token()}.{uuid.uuid4().hex[:16]}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def read_memory_file(folder: Path) -> dict | None:
+    """A folder's memory.json if it is one megamem wrote (right format marker), else None."""
+    path = folder / MEMORY_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == "megamem-memory" else None
+
+
+def record_from_memory_file(data: dict, memory_file_sha: str) -> Record:
+    files = {**data["files"], MEMORY_FILE: memory_file_sha}
+    return Record(
+        id=data["id"],
+        text=data["text"],
+        created=data["created"],
+        key_function=data["key_function"],
+        base_model=data["base_model"],
+        adapter_sha256=data["files"]["adapter_model.safetensors"],
+        n_keys=int(data["n_keys"]),
+        metadata=data.get("metadata", {}),
+        files=files,
+    )
+
+
+def check_files(folder: Path, files: dict) -> str | None:
+    """Why `folder` does not hold `files` (name -> sha256), or None when every file is there and matches.
+    Messages name the path from the store's root (memories/<id>/<file>)."""
+    where = f"{folder.parent.name}/{folder.name}"
+    if folder.is_symlink() or not folder.is_dir():
+        return f"{where}/ is missing" if not folder.exists() else f"{where} is not a folder"
+    for name, sha in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{where}/{name} is missing"
+        try:
+            if file_sha256(path) != sha:
+                return f"{where}/{name} is corrupted (checksum mismatch)"
+        except OSError as exc:
+            return f"{where}/{name} is unreadable ({exc.strerror or exc})"
+    return None
+
+
+def init_manifest(file: Path, settings: dict) -> None:
+    """Create a manifest at `file` holding `settings` and no memory, in one transaction, fsynced."""
+    db = sqlite3.connect(file, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        for stmt in _SCHEMA.strip().split(";\n"):
+            db.execute(stmt)
+        db.executemany("INSERT INTO settings VALUES (?, ?)", [(k, json.dumps(v)) for k, v in settings.items()])
+        db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file: it can be renamed alone
+    finally:
+        db.close()
+    fsync_path(file)
+
+
 class Store:
-    """A memory store folder; settings are fixed when it is created and checked on every open."""
+    """A memory store folder. Reading it never changes it; writers sweep their own dead leftovers first.
 
-    def __init__(self, path: Path | str, settings: dict | None = None) -> None:
-        """Open the store at `path`, creating it with `settings` if it does not exist yet.
+    Store(path) opens an existing store (an error if there is none); Store(path, settings) also creates one
+    at a new or empty path. For an existing store every given setting must equal the stored one.
+    """
 
-        `settings` must hold base_model and key_function; for an existing store, any value given
-        that differs from the stored one is an error (a store's adapters and keys only make sense
-        with the model and key function they were built with).
-        """
+    def __init__(self, path: Path | str, settings: dict | None = None, busy_timeout: float | None = None) -> None:
         self.path = Path(path)
+        self.busy_timeout = BUSY_TIMEOUT_S if busy_timeout is None else busy_timeout
+        self.notices: list[str] = []  # what the last sweep left alone, for the caller to report
+        self._writable = False
         if self.path.exists() and not self.path.is_dir():
             raise MegamemError(f"store path {self.path} is not a folder")
-        existed = (self.path / "manifest.sqlite").is_file()
-        if not existed and settings is None:
-            raise MegamemError(f"no megamem store at {self.path}")
-        (self.path / "memories").mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path / "manifest.sqlite", timeout=30)
-        self.db.executescript(_SCHEMA)
-        stored = self.settings()
-        if not stored:
-            if settings is None:
-                raise MegamemError(f"store {self.path} has no settings")
-            with self.db:
-                self.db.executemany(
-                    "INSERT INTO settings VALUES (?, ?)",
-                    [(k, json.dumps(v)) for k, v in {**settings, "schema_version": SCHEMA_VERSION}.items()],
+        manifest = self.path / MANIFEST
+        if not manifest.exists():
+            if (self.path / SETTINGS_FILE).is_file():
+                raise StoreDamaged(
+                    f"store {self.path} has lost its manifest ({MANIFEST}); "
+                    f"`megamem repair --store {self.path}` rebuilds it from the memory folders"
                 )
+            if settings is None:
+                raise MegamemError(f"no megamem store at {self.path}")
+            self._create(settings)
         else:
-            for key in ("base_model", "key_function"):
-                if settings and settings.get(key) is not None and settings[key] != stored.get(key):
-                    raise MegamemError(
-                        f"store {self.path} was built with {key} {stored.get(key)!r}, not {settings[key]!r}"
-                    )
-        self._sweep()
+            self.db = self._connect(manifest)
+            self._check_manifest()
+            self._check_settings(settings or {})
+        for name in ("memories", "tmp"):
+            p = self.path / name
+            if p.exists() and (p.is_symlink() or not p.is_dir()):
+                raise StoreDamaged(f"{p} is not a folder; the store is damaged (`megamem verify --store {self.path}`)")
+
+    @staticmethod
+    def exists(path: Path | str) -> bool:
+        """Whether `path` holds a store (its manifest, or the settings.json that outlives a lost manifest)."""
+        path = Path(path)
+        return path.is_dir() and ((path / MANIFEST).exists() or (path / SETTINGS_FILE).is_file())
+
+    # -- opening ----------------------------------------------------------------------------------------------
+    def _connect(self, manifest: Path) -> sqlite3.Connection:
+        if not manifest.is_file():
+            raise StoreDamaged(f"{manifest} is not a file; `megamem repair --store {self.path}` rebuilds it")
+        try:
+            db = sqlite3.connect(
+                f"file:{quote(str(manifest.resolve()))}?mode=rw",
+                uri=True,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE takes the write lock
+                check_same_thread=False,
+            )
+            db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut, not just a crash
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from None
+        return db
+
+    def _check_manifest(self) -> None:
+        """Refuse a manifest that is not a whole megamem manifest (SQLite's quick_check, then its tables)."""
+        try:
+            check = self.db.execute("PRAGMA quick_check").fetchall()
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from None
+        if check != [("ok",)]:
+            raise self._damaged(f"SQLite integrity check failed ({check[0][0]})")
+        if not {"settings", "memories"} <= tables:
+            raise self._damaged("it holds no megamem tables")
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(memories)")}
+        self._has_files = "files" in cols
+        self._has_pending = "pending" in tables
+        version = self.settings().get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise MegamemError(f"store {self.path} was made by a newer megamem (schema {version}); upgrade megamem")
+
+    def _damaged(self, why: str) -> StoreDamaged:
+        return StoreDamaged(
+            f"the manifest {self.path / MANIFEST} is damaged: {why}; no memory was touched. "
+            f"`megamem repair --store {self.path}` rebuilds it from the memory folders"
+        )
+
+    def _sql_error(self, exc: sqlite3.Error) -> MegamemError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return MegamemError(
+                f"the store {self.path} is locked by another process (waited {self.busy_timeout:g} s); try again"
+            )
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            return self._damaged(text)
+        if "readonly" in text or "unable to open" in text:
+            return MegamemError(f"cannot open the manifest of {self.path} for writing: {text}")
+        if "malformed" in text or "not a database" in text:
+            return self._damaged(text)
+        return MegamemError(f"the manifest of {self.path} failed: {text}")
+
+    def _create(self, settings: dict) -> None:
+        for key in ("base_model", "key_function"):
+            if not settings.get(key):
+                raise MegamemError(f"a new store needs the setting {key!r}")
+        if self.path.exists() and any(self.path.iterdir()):
+            raise MegamemError(f"{self.path} is not empty and holds no megamem store; choose a new or empty folder")
+        full = {**settings, "schema_version": SCHEMA_VERSION}
+        try:
+            (self.path / "memories").mkdir(parents=True, exist_ok=True)
+            (self.path / "tmp").mkdir(exist_ok=True)
+            manifest = self.path / MANIFEST
+            init_manifest(manifest, full)
+            write_json_atomic(self.path / SETTINGS_FILE, {"format": "megamem-store", "settings": full})
+        except OSError as exc:
+            raise MegamemError(f"cannot create a store at {self.path}: {exc.strerror or exc}") from None
+        except sqlite3.Error as exc:
+            raise MegamemError(f"cannot create a store at {self.path}: {exc}") from None
+        self.db = self._connect(manifest)
+        self._has_files = self._has_pending = True
+
+    def _check_settings(self, given: dict) -> None:
+        stored = self.settings()
+        for key, value in given.items():
+            if key == "gate" or value is None:  # the gate is a per-question setting, overridable on open
+                continue
+            if json.loads(json.dumps(value)) != stored.get(key):
+                raise MegamemError(
+                    f"store {self.path} was built with {key} {stored.get(key)!r}, not {value!r}; "
+                    "a stored memory only makes sense with the settings it was learned with"
+                )
+
+    # -- SQL -----------------------------------------------------------------------------------------------
+    def _q(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under SQLite's write lock (waits up to busy_timeout for other writers)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from None
+        try:
+            yield self.db
+        except BaseException:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from None
 
     def settings(self) -> dict:
-        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM settings")}
+        return {k: json.loads(v) for k, v in self._q("SELECT key, value FROM settings")}
 
-    def _sweep(self) -> None:
-        """Remove files no committed row owns: the leftovers of a killed add or forget.
+    def data_version(self) -> int:
+        """Changes whenever another connection commits to the manifest (SQLite's PRAGMA data_version)."""
+        return int(self._q("PRAGMA data_version")[0][0])
 
-        A tmp folder is swept once the process that wrote it is gone; a memory folder without a row
-        once it is a minute old (a concurrent add commits its row right after the rename).
-        """
-        for d in (self.path / "tmp").glob("*.*"):
-            if not _pid_alive(int(d.suffix[1:] or 0)):
-                shutil.rmtree(d, ignore_errors=True)
-        ids = {r[0] for r in self.db.execute("SELECT id FROM memories")}
-        now = time.time()
-        for d in (self.path / "memories").iterdir():
-            if d.name not in ids and now - d.stat().st_mtime > 60:
-                shutil.rmtree(d, ignore_errors=True)
+    def records(self) -> list[Record]:
+        """Every memory, oldest first."""
+        return [self._record(r) for r in self._q(f"SELECT {self._cols()} FROM memories ORDER BY created, rowid")]
+
+    def get(self, memory_id: str, missing_ok: bool = False) -> Record | None:
+        rows = self._q(f"SELECT {self._cols()} FROM memories WHERE id = ?", (memory_id,))
+        if not rows:
+            if missing_ok:
+                return None
+            raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
+        return self._record(rows[0])
+
+    def _cols(self) -> str:
+        return _COLUMNS + (", files" if self._has_files else "")
+
+    @staticmethod
+    def _record(row: tuple) -> Record:
+        files = json.loads(row[8]) if len(row) > 8 else {}
+        return Record(*row[:7], metadata=json.loads(row[7]), files=files or {"adapter_model.safetensors": row[5]})
 
     def folder(self, memory_id: str) -> Path:
         return self.path / "memories" / memory_id
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def writable(self) -> None:
+        """Make this store ready for writing, once: bring an old schema up to date, restore a lost settings.json,
+        and sweep the leftovers of writers proven gone. Read-only use never calls it."""
+        if self._writable:
+            return
+        with self._write() as db:
+            if not self._has_files:
+                db.execute("ALTER TABLE memories ADD COLUMN files TEXT NOT NULL DEFAULT '{}'")
+            if not self._has_pending:
+                db.execute(_SCHEMA.strip().split(";\n")[2])
+            db.execute("INSERT OR REPLACE INTO settings VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),))
+        if not self._has_files or not self._has_pending:
+            self.db.execute("PRAGMA journal_mode=WAL")
+        self._has_files = self._has_pending = True
+        try:
+            for name in ("memories", "tmp"):
+                (self.path / name).mkdir(exist_ok=True)
+            if not (self.path / SETTINGS_FILE).is_file():
+                write_json_atomic(self.path / SETTINGS_FILE, {"format": "megamem-store", "settings": self.settings()})
+        except OSError as exc:
+            raise MegamemError(f"cannot write to the store {self.path}: {exc.strerror or exc}") from None
+        self.notices = self.sweep()
+        self._writable = True
+
+    def sweep(self) -> list[str]:
+        """Roll back the operations of writers proven gone and remove their temp entries; return notes on what
+        was left alone (anything megamem did not write)."""
+        for memory_id, writer, proof in self._q("SELECT id, writer, proof FROM pending"):
+            if not writer_gone(writer):
+                continue
+            folder = self.folder(memory_id)
+            if self.get(memory_id, missing_ok=True) is None and folder.is_dir() and self._proves(folder, proof):
+                self._discard(folder, memory_id)
+            with self._write() as db:
+                db.execute("DELETE FROM pending WHERE id = ? AND writer = ?", (memory_id, writer))
+        notes = []
+        tmp = self.path / "tmp"
+        for entry in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+            m = TMP_NAME.fullmatch(entry.name)
+            if m and not entry.is_symlink() and writer_gone(m["writer"]):
+                _remove(entry)
+            elif not m:
+                notes.append(f"tmp/{entry.name} is not megamem's: left alone")
+        return notes
+
+    @staticmethod
+    def _proves(folder: Path, proof: str) -> bool:
+        """Whether `folder` holds the files a pending row names (so megamem wrote it): {name: sha256}."""
+        try:
+            files = json.loads(proof)
+        except ValueError:
+            return False
+        return bool(files) and check_files(folder, files) is None
+
+    def _discard(self, folder: Path, name: str) -> None:
+        """Move one of megamem's own folders into tmp/ under this writer's name, then remove it there."""
+        trash = self.path / "tmp" / f"{name}.{writer_token()}.{uuid.uuid4().hex[:16]}"
+        os.rename(folder, trash)
+        fsync_path(folder.parent)
+        _remove(trash)
 
     def add(
         self,
@@ -143,107 +470,163 @@ class Store:
         memory_id: str | None = None,
     ) -> Record:
         """Store one memory whole (files, then the row that commits it); returns its record."""
-        settings = self.settings()
-        memory_id = memory_id or uuid.uuid4().hex[:12]
-        if not memory_id.replace("-", "").replace("_", "").isalnum():
-            raise MegamemError(f"memory id {memory_id!r} may hold only letters, digits, '-' and '_'")
+        memory_id = check_id(memory_id or uuid.uuid4().hex[:12])
+        self.writable()
         if self.get(memory_id, missing_ok=True) is not None:
             raise MegamemError(f"a memory with id {memory_id!r} already exists")
-        tmp = self.path / "tmp" / f"{memory_id}.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.rmtree(self.folder(memory_id), ignore_errors=True)  # a row-less leftover of a killed add
+        settings = self.settings()
+        writer, nonce = writer_token(), uuid.uuid4().hex[:16]
+        tmp = self.path / "tmp" / f"{memory_id}.{writer}.{nonce}"
+        folder = self.folder(memory_id)
+        claimed = False
         try:
-            sha = save_adapter(adapter, tmp, settings["base_model"], _dtype(settings.get("adapter_dtype", "float32")))
+            tmp.mkdir()
+            save_adapter(adapter, tmp, settings["base_model"], _dtype(settings.get("adapter_dtype", "float32")))
             save_file({"keys": keys.float().contiguous()}, str(tmp / "keys.safetensors"))
-            _fsync_tree(tmp)
-            os.rename(tmp, self.folder(memory_id))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        rec = Record(
-            id=memory_id,
-            text=text,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            key_function=settings["key_function"],
-            base_model=settings["base_model"],
-            adapter_sha256=sha,
-            n_keys=int(keys.shape[0]),
-            metadata=metadata or {},
-        )
-        try:
-            with self.db:
-                self.db.execute(
-                    "INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        rec.id,
-                        rec.text,
-                        rec.created,
-                        rec.key_function,
-                        rec.base_model,
-                        rec.adapter_sha256,
-                        rec.n_keys,
-                        json.dumps(rec.metadata),
-                    ),
+            files = {name: file_sha256(tmp / name) for name in MEMORY_FILES[:3]}
+            rec = Record(
+                id=memory_id,
+                text=text,
+                created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                key_function=settings["key_function"],
+                base_model=settings["base_model"],
+                adapter_sha256=files["adapter_model.safetensors"],
+                n_keys=int(keys.shape[0]),
+                metadata=metadata or {},
+            )
+            body = {"format": "megamem-memory", "version": 1, "nonce": nonce, **rec.to_dict(), "files": files}
+            (tmp / MEMORY_FILE).write_text(json.dumps(body, indent=2, ensure_ascii=False), encoding="utf-8")
+            rec.files = {**files, MEMORY_FILE: file_sha256(tmp / MEMORY_FILE)}
+            for name in MEMORY_FILES:
+                fsync_path(tmp / name)
+            fsync_path(tmp)
+            proof = json.dumps({MEMORY_FILE: rec.files[MEMORY_FILE]})
+            with self._write() as db:  # claim the id under the write lock: two adds of one id cannot both pass
+                if db.execute("SELECT 1 FROM memories WHERE id = ?", (memory_id,)).fetchone():
+                    raise MegamemError(f"a memory with id {memory_id!r} already exists")
+                if db.execute("SELECT 1 FROM pending WHERE id = ?", (memory_id,)).fetchone():
+                    raise MegamemError(f"another process is adding or forgetting a memory with id {memory_id!r}")
+                db.execute("INSERT INTO pending VALUES (?, 'add', ?, ?)", (memory_id, writer, proof))
+            claimed = True
+            if folder.exists() or folder.is_symlink():
+                raise MegamemError(
+                    f"{folder} already exists but is in no manifest row (not megamem's, or damaged); "
+                    f"`megamem verify --store {self.path}` tells which"
                 )
+            os.rename(tmp, folder)
+            fsync_path(folder.parent)
+            with self._write() as db:  # the commit point
+                _insert(db, rec)
+                db.execute("DELETE FROM pending WHERE id = ?", (memory_id,))
+            claimed = False
+        except OSError as exc:
+            self._undo_add(tmp, folder, memory_id, claimed, proof if claimed else None)
+            raise MegamemError(f"cannot write memory {memory_id!r} into {self.path}: {exc.strerror or exc}") from None
         except BaseException:
-            shutil.rmtree(self.folder(memory_id), ignore_errors=True)
+            self._undo_add(tmp, folder, memory_id, claimed, proof if claimed else None)
             raise
         return rec
 
-    def records(self) -> list[Record]:
-        """Every memory, oldest first."""
-        rows = self.db.execute("SELECT * FROM memories ORDER BY created, rowid").fetchall()
-        return [_record(r) for r in rows]
-
-    def get(self, memory_id: str, missing_ok: bool = False) -> Record | None:
-        row = self.db.execute("SELECT * FROM memories WHERE id = ?", (memory_id,)).fetchone()
-        if row is None:
-            if missing_ok:
-                return None
-            raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
-        return _record(row)
+    def _undo_add(self, tmp: Path, folder: Path, memory_id: str, claimed: bool, proof: str | None) -> None:
+        """Roll back an add that failed before its commit: its temp folder, its renamed folder, its pending row."""
+        try:
+            if tmp.is_dir():
+                _remove(tmp)
+            if claimed and proof and folder.is_dir() and self._proves(folder, proof):
+                self._discard(folder, memory_id)
+            if claimed:
+                with self._write() as db:
+                    db.execute("DELETE FROM pending WHERE id = ?", (memory_id,))
+        except (OSError, MegamemError):
+            pass  # left for the next writer's sweep: the pending row names this process, which will be gone
 
     def forget(self, memory_id: str) -> Record:
         """Remove a memory for good: its row (the commit point), then its files."""
-        rec = self.get(memory_id)
-        with self.db:
-            self.db.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
-        shutil.rmtree(self.folder(memory_id), ignore_errors=True)
+        self.writable()
+        writer = writer_token()
+        with self._write() as db:
+            rows = db.execute(f"SELECT {self._cols()} FROM memories WHERE id = ?", (memory_id,)).fetchall()
+            if not rows:
+                raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
+            rec = self._record(rows[0])
+            proof = json.dumps(rec.files)
+            db.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
+            db.execute("INSERT OR REPLACE INTO pending VALUES (?, 'forget', ?, ?)", (memory_id, writer, proof))
+        folder = self.folder(memory_id)
+        if folder.is_dir() and not folder.is_symlink():
+            if self._proves(folder, proof):
+                self._discard(folder, memory_id)
+            else:
+                self.notices.append(f"memories/{memory_id} no longer matches its checksums: left alone")
+        with self._write() as db:
+            db.execute("DELETE FROM pending WHERE id = ?", (memory_id,))
         return rec
 
+    def relist(self, rec: Record) -> None:
+        """Commit the row of a memory whose folder is already in place (repair, from the folder's memory.json)."""
+        self.writable()
+        with self._write() as db:
+            _insert(db, rec)
+
+    # -- reading files ---------------------------------------------------------------------------------------
     def adapter(self, rec: Record) -> Adapter:
-        """Load a memory's adapter, checking its file against the manifest's checksum."""
-        return load_adapter(self.folder(rec.id), checksum=rec.adapter_sha256)
+        """A memory's adapter, its files checked against the manifest's checksums (MemoryDamaged if they fail)."""
+        folder = self.folder(rec.id)
+        wanted = {k: v for k, v in rec.files.items() if k in ("adapter_config.json", "adapter_model.safetensors")}
+        why = check_files(folder, wanted)
+        if why is not None:
+            raise MemoryDamaged(rec.id, why)
+        try:
+            return load_adapter(folder)
+        except (MegamemError, OSError, ValueError, KeyError) as exc:
+            raise MemoryDamaged(rec.id, str(exc)) from None
 
     def keys(self, rec: Record) -> torch.Tensor:
-        path = self.folder(rec.id) / "keys.safetensors"
+        """A memory's keys, checked against the manifest's checksum and its key count."""
+        folder = self.folder(rec.id)
+        path = folder / "keys.safetensors"
+        why = check_files(folder, {k: v for k, v in rec.files.items() if k == "keys.safetensors"})
+        if why is not None:
+            raise MemoryDamaged(rec.id, why)
         try:
-            return load_file(str(path))["keys"]
-        except Exception as exc:
-            raise MegamemError(f"key file {path} is unreadable: {exc}") from exc
+            keys = load_file(str(path))["keys"]
+        except Exception as exc:  # safetensors raises its own error types on a damaged header
+            raise MemoryDamaged(rec.id, f"key file {path} is unreadable: {exc}") from None
+        if keys.ndim != 2 or keys.shape[0] != rec.n_keys or not bool(torch.isfinite(keys).all()):
+            raise MemoryDamaged(rec.id, f"key file {path} does not hold {rec.n_keys} finite key rows")
+        return keys
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and not p.is_symlink())
 
     def close(self) -> None:
         self.db.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _insert(db: sqlite3.Connection, rec: Record) -> None:
+    """The row that commits a memory (inside the caller's write transaction)."""
+    db.execute(
+        f"INSERT INTO memories ({_COLUMNS}, files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            rec.id,
+            rec.text,
+            rec.created,
+            rec.key_function,
+            rec.base_model,
+            rec.adapter_sha256,
+            rec.n_keys,
+            json.dumps(rec.metadata, ensure_ascii=False),
+            json.dumps(rec.files),
+        ),
+    )
 
 
-def _record(row: tuple) -> Record:
-    return Record(*row[:7], metadata=json.loads(row[7]))
+def _remove(entry: Path) -> None:
+    """Remove one of megamem's own temp entries (a folder or a file; never following a link)."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def _dtype(name: str) -> torch.dtype:

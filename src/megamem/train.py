@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import Adapter, LoraSpec, new_adapter
+from .checks import check_count, check_finite, check_positive
 from .errors import MegamemError
 from .inject import clear, gated_layers, matches
 from .model import chat_ids, context_length, num_layers
@@ -38,6 +39,18 @@ class Recipe:
     max_steps: int | None = None
     paraphrases: int | None = 1  # paraphrases learned per memory (its first ones); None: all given
     min_tokens: int = 1000  # more epochs until the plan holds this many example tokens (prompt included)
+
+    def __post_init__(self) -> None:
+        check_positive(self.lr, "learning rate")
+        check_count(self.epochs, "epochs")
+        check_count(self.batch_size, "batch size")
+        check_finite(self.weight_decay, "weight decay", minimum=0)
+        check_count(self.seed, "seed", minimum=0)
+        check_count(self.min_tokens, "min_tokens", minimum=0)
+        if self.max_steps is not None:
+            check_count(self.max_steps, "max_steps")
+        if self.paraphrases is not None:
+            check_count(self.paraphrases, "paraphrases", minimum=0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,12 +81,12 @@ def make_example(tok: PreTrainedTokenizerBase, text: str, prompt: str = TRAIN_PR
     return full, labels
 
 
-def check_fits(tok: PreTrainedTokenizerBase, model: PreTrainedModel, text: str) -> None:
+def check_fits(tok: PreTrainedTokenizerBase, model: PreTrainedModel, text: str, where: str = "text") -> None:
     """Raise if `text` as a training example is longer than the model's context."""
     n = len(make_example(tok, text)[0])
     limit = context_length(model)
     if n > limit:
-        raise MegamemError(f"text is {n} tokens as a training example; the model's context is {limit}")
+        raise MegamemError(f"{where}: text is {n} tokens as a training example; the model's context is {limit}")
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,262 @@
+"""A store's health: `verify` lists every problem, `repair` mends what it can and quarantines the rest.
+
+Neither deletes anything megamem did not write: a damaged memory's folder and its record go to
+quarantine/<stamp>/<id>/, a damaged manifest to quarantine/<stamp>/, and entries megamem does not
+recognise are only reported. Each step of `repair` is a rename or one SQLite transaction, so a repair
+killed at any point leaves a store that a second `repair` finishes.
+
+    >>> [p.kind for p in verify("my-store")]       # doctest: +SKIP
+    ['corrupt', 'unknown']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .adapters import file_sha256
+from .errors import MegamemError
+from .store import (
+    MANIFEST,
+    MEMORY_FILE,
+    ROOT_ENTRIES,
+    ROOT_FOLDERS,
+    SETTINGS_FILE,
+    TMP_NAME,
+    Record,
+    Store,
+    StoreDamaged,
+    check_files,
+    fsync_path,
+    init_manifest,
+    read_memory_file,
+    record_from_memory_file,
+    write_json_atomic,
+    writer_gone,
+    writer_token,
+)
+
+PROBLEMS = ("manifest", "settings", "missing", "corrupt", "orphan", "unknown")  # each makes verify fail
+NOTES = ("leftover", "in-progress")  # harmless: the next writer clears a leftover
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of `verify`: its kind, the path inside the store it concerns, and what is wrong."""
+
+    kind: str
+    path: str
+    message: str
+
+    @property
+    def serious(self) -> bool:
+        return self.kind in PROBLEMS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_store(path: Path) -> bool:
+    return path.is_dir() and ((path / MANIFEST).exists() or (path / SETTINGS_FILE).is_file())
+
+
+def read_settings_file(path: Path) -> dict | None:
+    """The settings kept in settings.json, or None if it is missing or not megamem's."""
+    try:
+        doc = json.loads((path / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != "megamem-store" or not isinstance(doc.get("settings"), dict):
+        return None
+    return doc["settings"]
+
+
+def verify(path: Path | str) -> list[Problem]:
+    """Every problem of the store at `path` (reads every file and checks every checksum; changes nothing)."""
+    path = Path(path)
+    if not _is_store(path):
+        raise MegamemError(f"no megamem store at {path}")
+    found: list[Problem] = []
+    settings = read_settings_file(path)
+    try:
+        store: Store | None = Store(path)
+    except StoreDamaged as exc:
+        found.append(Problem("manifest", MANIFEST, str(exc)))
+        store = None
+    if settings is None:
+        found.append(Problem("settings", SETTINGS_FILE, "missing or unreadable; `repair` writes it from the manifest"))
+    elif store is not None and settings != store.settings():
+        found.append(Problem("settings", SETTINGS_FILE, "differs from the manifest's settings; `repair` rewrites it"))
+    for entry in sorted(path.iterdir()):
+        if entry.name in ROOT_ENTRIES:
+            continue
+        if entry.name in ROOT_FOLDERS:
+            if entry.is_symlink() or not entry.is_dir():
+                found.append(Problem("corrupt", entry.name, "is not a folder"))
+            continue
+        found.append(Problem("unknown", entry.name, "not megamem's: left alone"))
+    rows = {r.id: r for r in store.records()} if store is not None else {}
+    pending = {}
+    if store is not None and store._has_pending:
+        pending = {i: (op, w) for i, op, w in store._q("SELECT id, op, writer FROM pending")}
+    for rec in rows.values():
+        why = check_files(store.folder(rec.id), rec.files)
+        if why is not None:
+            kind = "missing" if "missing" in why else "corrupt"
+            found.append(Problem(kind, f"memories/{rec.id}", f"{why}; `repair` quarantines its record"))
+    memories = path / "memories"
+    for entry in sorted(memories.iterdir()) if memories.is_dir() and not memories.is_symlink() else []:
+        if entry.name in rows:
+            continue
+        if entry.name in pending and not writer_gone(pending[entry.name][1]):
+            found.append(Problem("in-progress", f"memories/{entry.name}", "being written by a running process"))
+            continue
+        data = read_memory_file(entry) if entry.is_dir() and not entry.is_symlink() else None
+        if data is None or data.get("id") != entry.name:
+            found.append(Problem("unknown", f"memories/{entry.name}", "not megamem's: left alone"))
+            continue
+        why = _memory_file_problem(entry, data)
+        what = "a whole memory with no manifest row" if why is None else f"a memory with no manifest row, {why}"
+        found.append(Problem("orphan", f"memories/{entry.name}", f"{what}; `repair` {_fate(why)}"))
+    tmp = path / "tmp"
+    for entry in sorted(tmp.iterdir()) if tmp.is_dir() and not tmp.is_symlink() else []:
+        m = TMP_NAME.fullmatch(entry.name)
+        if m is None:
+            found.append(Problem("unknown", f"tmp/{entry.name}", "not megamem's: left alone"))
+        elif writer_gone(m["writer"]):
+            found.append(
+                Problem("leftover", f"tmp/{entry.name}", "left by a process that is gone; the next write removes it")
+            )
+        else:
+            found.append(Problem("in-progress", f"tmp/{entry.name}", "being written by a running process"))
+    for memory_id, (op, writer) in pending.items():
+        if writer_gone(writer):
+            found.append(
+                Problem("leftover", MANIFEST, f"an unfinished {op} of {memory_id!r}; the next write rolls it back")
+            )
+    return found
+
+
+def _memory_file_problem(folder: Path, data: dict) -> str | None:
+    files = data.get("files")
+    if not isinstance(files, dict) or not files:
+        return "memory.json lists no files"
+    return check_files(folder, files)
+
+
+def _fate(why: str | None) -> str:
+    return "re-lists it" if why is None else "quarantines it"
+
+
+def repair(path: Path | str) -> list[str]:
+    """Mend the store at `path`; return what was done, one line an action.
+
+    A damaged or missing manifest is rebuilt from settings.json and the memory folders; a memory whose files
+    fail their checksums, or whose folder is gone, leaves the manifest and goes to quarantine/ with its record;
+    whole memories with no row are listed again; what megamem does not recognise is left where it is.
+    """
+    path = Path(path)
+    if not _is_store(path):
+        raise MegamemError(f"no megamem store at {path}")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    quarantine = path / "quarantine" / stamp
+    done: list[str] = []
+    try:
+        store = Store(path)
+    except StoreDamaged as exc:
+        store = _rebuild_manifest(path, quarantine, str(exc), done)
+    had_settings = read_settings_file(path)
+    store.writable()  # sweeps the dead writers' leftovers, writes a missing settings.json
+    done += [f"left alone: {n}" for n in store.notices]
+    if had_settings is not None and had_settings != store.settings():
+        write_json_atomic(path / SETTINGS_FILE, {"format": "megamem-store", "settings": store.settings()})
+        done.append("rewrote settings.json from the manifest")
+    elif had_settings is None:
+        done.append("wrote settings.json from the manifest")
+    settings = store.settings()
+    for rec in store.records():
+        folder = store.folder(rec.id)
+        why = check_files(folder, rec.files)
+        if why is None:
+            if MEMORY_FILE not in rec.files:
+                _upgrade(store, rec)
+                done.append(f"memory {rec.id}: wrote memory.json (a store made before megamem 0.2)")
+            continue
+        target = quarantine / rec.id
+        target.mkdir(parents=True, exist_ok=True)
+        if folder.exists() or folder.is_symlink():
+            os.rename(folder, target / "files")
+            fsync_path(folder.parent)
+        write_json_atomic(target / "record.json", rec.to_dict())
+        with store._write() as db:
+            db.execute("DELETE FROM memories WHERE id = ?", (rec.id,))
+        done.append(f"memory {rec.id}: {why}; its record and files are in quarantine/{stamp}/{rec.id}/")
+    rows = {r.id for r in store.records()}
+    pending = {i: w for i, w in store._q("SELECT id, writer FROM pending")}
+    memories = path / "memories"
+    for entry in sorted(memories.iterdir()):
+        if entry.name in rows or (entry.name in pending and not writer_gone(pending[entry.name])):
+            continue
+        data = read_memory_file(entry) if entry.is_dir() and not entry.is_symlink() else None
+        if data is None or data.get("id") != entry.name:
+            done.append(f"left alone: memories/{entry.name} is not megamem's")
+            continue
+        why = _memory_file_problem(entry, data)
+        if why is None:
+            for key in ("key_function", "base_model"):
+                if data.get(key) != settings.get(key):
+                    why = f"it was made with {key} {data.get(key)!r}, the store uses {settings.get(key)!r}"
+        if why is None:
+            try:
+                rec = record_from_memory_file(data, file_sha256(entry / MEMORY_FILE))
+            except (KeyError, TypeError, ValueError) as exc:
+                why = f"memory.json is incomplete ({exc})"
+        if why is None:
+            store.relist(rec)
+            done.append(f"memory {entry.name}: listed again from its folder")
+            continue
+        quarantine.mkdir(parents=True, exist_ok=True)
+        os.rename(entry, quarantine / entry.name)
+        fsync_path(memories)
+        done.append(f"memory {entry.name}: {why}; moved to quarantine/{stamp}/{entry.name}/")
+    return done
+
+
+def _upgrade(store: Store, rec: Record) -> None:
+    """Give a memory from an older store its memory.json and the checksums of all its files."""
+    folder = store.folder(rec.id)
+    files = {
+        name: file_sha256(folder / name)
+        for name in ("adapter_config.json", "adapter_model.safetensors", "keys.safetensors")
+    }
+    body = {"format": "megamem-memory", "version": 1, "nonce": uuid.uuid4().hex[:16], **rec.to_dict(), "files": files}
+    write_json_atomic(folder / MEMORY_FILE, body)
+    with store._write() as db:
+        all_files = {**files, MEMORY_FILE: file_sha256(folder / MEMORY_FILE)}
+        db.execute("UPDATE memories SET files = ? WHERE id = ?", (json.dumps(all_files), rec.id))
+
+
+def _rebuild_manifest(path: Path, quarantine: Path, why: str, done: list[str]) -> Store:
+    """Put a new, empty manifest in place of a damaged or missing one (the damaged one to quarantine)."""
+    settings = read_settings_file(path)
+    if settings is None:
+        raise MegamemError(f"{why}; and settings.json is missing too, so there is nothing to rebuild the store from")
+    (path / "tmp").mkdir(exist_ok=True)
+    new = path / "tmp" / f"manifest.{writer_token()}.{uuid.uuid4().hex[:16]}"
+    init_manifest(new, settings)
+    moved = []
+    for name in (MANIFEST, f"{MANIFEST}-wal", f"{MANIFEST}-shm", f"{MANIFEST}-journal"):
+        old = path / name
+        if old.exists() or old.is_symlink():
+            quarantine.mkdir(parents=True, exist_ok=True)
+            os.rename(old, quarantine / name)
+            moved.append(name)
+    os.rename(new, path / MANIFEST)
+    fsync_path(path)
+    where = f"; the damaged one is in quarantine/{quarantine.name}/" if moved else ""
+    done.append(f"rebuilt the manifest from settings.json and the memory folders{where}")
+    return Store(path)
