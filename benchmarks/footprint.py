@@ -35,6 +35,7 @@ def build_store(path: Path, n: int, distinct: int) -> None:
     from megamem.model import load_model, num_layers
 
     mem = Memory(path)
+    mem.prepare_store()  # creates the store (its model loads first)
     model, _ = load_model()
     spec = LoraSpec().resolved(num_layers(model))
     layers = inject_for(model, spec)
@@ -72,7 +73,11 @@ def build_store(path: Path, n: int, distinct: int) -> None:
         )
     db = sqlite3.connect(path / "manifest.sqlite")
     with db:
-        db.executemany("INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        db.executemany(  # rows without per-file checksums: only the adapter's is checked, as in stores before 0.2
+            "INSERT INTO memories (id, text, created, key_function, base_model, adapter_sha256, n_keys, metadata)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
     db.close()
 
 

@@ -138,6 +138,7 @@ def add(
         mem = _open(store, model, key_function, recipe=recipe)
         mem.warnings += [f"skipped {m}" for m in bad_lines]
         items = mem.validate(items, keep_going=keep_going)
+        mem.prepare_store()  # a new store is created here: its model has loaded
         with _progress(as_json) as bar:
             task = bar.add_task("learning", total=None, loss=0.0)
 

@@ -124,6 +124,12 @@ class Memory:
         elif not create:
             raise MegamemError(f"no megamem store at {self.path}")
         else:  # a new store: its settings now, its files only once the first memory's model has loaded
+            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+                raise MegamemError(
+                    f"{self.path} is not empty and holds no megamem store; choose a new or empty folder"
+                    if self.path.is_dir()
+                    else f"store path {self.path} is not a folder"
+                )
             kf = key_function or DEFAULT_KEY_FUNCTION
             self._settings = {
                 "base_model": model or DEFAULT_MODEL,
@@ -248,7 +254,7 @@ class Memory:
             raise MegamemError("no memory left to add")
         return fitting
 
-    def _ensure_store(self) -> Store:
+    def prepare_store(self) -> Store:
         """The store, created now if it does not exist yet (its model has loaded by then), ready for writing."""
         if self.store is None:
             self.load()  # a store is only created for a model that loads
@@ -272,7 +278,7 @@ class Memory:
         committed; `on_stored` hears of each)."""
         checked = self.validate(items, keep_going)
         model, tok = self.load()
-        store = self._ensure_store()
+        store = self.prepare_store()
         records = []
         for start in range(0, len(checked), self.train_group):
             group = checked[start : start + self.train_group]
@@ -298,7 +304,7 @@ class Memory:
         self._sync()
         if self.store is None:
             raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
-        store = self._ensure_store()
+        store = self.prepare_store()
         rec = store.forget(memory_id)
         for note in store.notices:
             self._warn(note)
