@@ -394,3 +394,19 @@ def test_partitions_added_to_a_folder_later(tmp_path, tiny_dir):
     # Both partitions again: each is finished, nothing is tested twice.
     assert bench(data, out, tiny_dir, "--partitions", "0,1", methods=["base"]).exit_code == 0
     assert rows_of(out) == rows
+
+
+def test_bench_help_names_the_protocols_rank_not_the_products():
+    """The bench's default rank is the pinned protocol's (PROTOCOL_LORA), whatever the product's default is."""
+    import typer
+
+    from megamem.adapters import LoraSpec
+    from megamem.bench.methods import PROTOCOL_LORA
+    from megamem.bench.run import BenchConfig
+    from megamem.cli import app
+
+    bench = typer.main.get_command(app).commands["bench"]
+    text = next(p.help for p in bench.params if p.name == "rank")
+    assert f"protocol's, {PROTOCOL_LORA.rank}" in text and "product" not in text
+    assert BenchConfig(data="d").rank is None  # None resolves to the protocol's spec, not LoraSpec()
+    assert PROTOCOL_LORA.upper == 1.0 != LoraSpec().upper

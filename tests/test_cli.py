@@ -51,7 +51,7 @@ def test_commands_json(store, tiny_dir):
     ans = json.loads(
         run("ask", "Where does Zorblatt live?", "--store", store, "--json", "--max-new-tokens", "4").stdout
     )
-    assert ans["gate"][0]["id"] == "heron" and ans["gate"][0]["weight"] == pytest.approx(1.0)
+    assert [g["id"] for g in ans["gate"]] == ["heron"]
     ans = json.loads(
         run(
             "ask",
@@ -131,4 +131,9 @@ def test_top_k_and_dense_gate(store):
         return [g["id"] for g in json.loads(out.stdout)["gate"]]
 
     assert gate("--top-k", "1") == ["heron"]
+    # the gate weighs the memory the question is about above the other (a softmax over one memory could not fail)
+    out = run("ask", "Where does Zorblatt the heron live?", "--store", store, "--json", "--max-new-tokens", "2")
+    weights = {g["id"]: g["weight"] for g in json.loads(out.stdout)["gate"]}
+    assert set(weights) == {"heron", "pim"} and weights["heron"] > 0.9 > weights["pim"]
+    assert sum(weights.values()) == pytest.approx(1.0)
     assert sorted(gate("--top-k", "0")) == ["heron", "pim"]  # 0: the dense gate mixes every memory

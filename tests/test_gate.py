@@ -4,17 +4,31 @@ import pytest
 import torch
 
 from megamem.errors import MegamemError
-from megamem.gate import GateConfig, gate_weights, memory_scores
+from megamem.gate import GateConfig, gate_weights
+from megamem.index import KeyIndex
 
 
 def test_memory_scores_take_max_over_keys():
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
     owners = torch.tensor([0, 0, 1, 2])
     q = torch.tensor([0.0, 2.0])
-    dot = memory_scores(q, keys, owners, 3, "dot")
+    dot = KeyIndex(keys, owners, 3, "dot").exact_scores(q)
     assert dot.tolist() == pytest.approx([2.0, 1.6, 0.0])
-    cos = memory_scores(q, keys, owners, 3, "cosine")
+    cos = KeyIndex(keys, owners, 3, "cosine").exact_scores(q)
     assert cos.tolist() == pytest.approx([1.0, 0.8, 0.0])
+
+
+def test_bench_scores_with_the_products_scorer(monkeypatch):
+    """One scorer: the bench's gate goes through KeyIndex, as Memory.route does, so it measures the product."""
+    from megamem.bench.run import gate_matrix
+
+    keys = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    q = torch.tensor([[1.0, 0.0]])
+    weights, scores = gate_matrix(q, keys, GateConfig(top_k=None))
+    assert scores[0].tolist() == pytest.approx([1.0, 0.0]) and weights[0, 0] > 0.99
+    monkeypatch.setattr(KeyIndex, "exact_scores", lambda self, query: torch.tensor([0.0, 1.0]))
+    weights, scores = gate_matrix(q, keys, GateConfig(top_k=None))
+    assert scores[0].tolist() == [0.0, 1.0] and weights[0, 1] > 0.99
 
 
 def test_dense_gate_is_softmax_of_beta_scores():

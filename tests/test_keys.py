@@ -40,3 +40,24 @@ def test_embedder_routes_question_to_its_passage():
 def test_unknown_key_function():
     with pytest.raises(MegamemError, match="unknown key function"):
         compute_keys("bm25", ["x"])
+
+
+def test_embedder_loads_offline_whatever_was_imported_first(monkeypatch):
+    """HF_HUB_OFFLINE set after the hub is imported does nothing; the embedder must ask for local files itself."""
+    import sentence_transformers
+
+    from megamem import keys
+
+    seen = {}
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", Spy)
+    keys._sentence_model.cache_clear()
+    try:
+        keys._sentence_model()
+    finally:
+        keys._sentence_model.cache_clear()
+    assert seen.get("local_files_only") is True

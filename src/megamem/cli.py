@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from transformers.utils import logging as transformers_logging
 
+from .bench.methods import PROTOCOL_LORA
 from .checks import printable, printable_line
 from .errors import MegamemError
 from .inputs import read_jsonl, read_text_file
@@ -365,7 +366,10 @@ def bench(
     ] = None,
     eval_every: Annotated[int, typer.Option(help="Test all seen memories every N memories.")] = 1,
     rank: Annotated[
-        int | None, typer.Option(help="LoRA rank (mega, irag, lora, lora-l2; default: the product's).")
+        int | None,
+        typer.Option(
+            help=f"LoRA rank (mega, irag, lora, lora-l2; default: the pinned protocol's, {PROTOCOL_LORA.rank})."
+        ),
     ] = None,
     targets: Annotated[str, typer.Option(help="mlp | attn | all | early | mid | late (MLP thirds).")] = "mlp",
     key_function: Annotated[str, typer.Option("--key-function", help="embedder | activation.")] = "embedder",

@@ -1,6 +1,7 @@
-"""The gate: score every memory against a query and turn the scores into mixture weights.
+"""The gate: turn memory scores into mixture weights.
 
-A memory's score is the max over its keys of dot(q, k) or cos(q, k); g = softmax(beta * score),
+A memory's score is the max over its keys of dot(q, k) or cos(q, k), computed by megamem.index.KeyIndex
+(the one scorer, for the product and the bench alike); g = softmax(beta * score),
 optionally over the top-k scores only (renormalised), and optionally only over memories whose score
 reaches a threshold (none reaching it: every weight is 0 and the base model answers alone).
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .checks import check_count, check_finite
 from .errors import MegamemError
@@ -39,18 +39,6 @@ class GateConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def memory_scores(
-    query: torch.Tensor, keys: torch.Tensor, owners: torch.Tensor, n: int, similarity: str
-) -> torch.Tensor:
-    """(n,) score of each memory: the max over its keys (rows of `keys` whose owner is that memory)."""
-    if similarity == "cosine":
-        s = F.normalize(keys.float(), dim=-1) @ F.normalize(query.float(), dim=-1)
-    else:
-        s = keys.float() @ query.float()
-    out = torch.full((n,), float("-inf"))
-    return out.scatter_reduce(0, owners.long(), s, reduce="amax", include_self=True)
 
 
 def gate_weights(scores: torch.Tensor, cfg: GateConfig) -> torch.Tensor:

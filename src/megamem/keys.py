@@ -8,7 +8,6 @@ layer's first adapted MLP projection (the post-attention norm output), with no a
 from __future__ import annotations
 
 import importlib.util
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -73,10 +72,11 @@ def embedder_path() -> Path:
 
 @lru_cache(maxsize=1)
 def _sentence_model():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # local_files_only, not HF_HUB_OFFLINE: the hub reads that variable once, when it is first imported, and
+    # transformers (imported above) has imported it already; the model is a local folder, never fetched.
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(embedder_path()), device="cpu")
+    return SentenceTransformer(str(embedder_path()), device="cpu", local_files_only=True)
 
 
 @torch.no_grad()

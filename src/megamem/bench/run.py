@@ -21,8 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..adapters import LoraSpec
 from ..errors import MegamemError
-from ..gate import GateConfig, gate_weights, memory_scores
+from ..gate import GateConfig, gate_weights
 from ..generate import qa_prompt, recall_prompt
+from ..index import KeyIndex
 from ..inject import inject_for
 from ..keys import compute_keys, embedder_keys
 from ..memory import default_gate
@@ -66,7 +67,7 @@ class BenchConfig:
     epochs: int = 10
     max_steps: int | None = None
     lrs: dict[str, float] = field(default_factory=dict)
-    rank: int | None = None  # None: the product default (LoraSpec)
+    rank: int | None = None  # None: the pinned protocol's rank (methods.PROTOCOL_LORA), not the product's
     targets: str = "mlp"
     key_function: str = "embedder"
     beta: float | None = None
@@ -177,7 +178,8 @@ def gate_matrix(queries: torch.Tensor, keys: list[torch.Tensor], gate: GateConfi
     k = len(keys)
     all_keys = torch.cat(keys)
     owners = torch.cat([torch.full((len(x),), i) for i, x in enumerate(keys)])
-    scores = torch.stack([memory_scores(q, all_keys, owners, k, gate.similarity) for q in queries])
+    index = KeyIndex(all_keys, owners, k, gate.similarity)  # the product's scorer (Memory.route uses it too)
+    scores = torch.stack([index.exact_scores(q) for q in queries])
     weights = torch.stack([gate_weights(s, gate) for s in scores])
     return weights, scores
 
