@@ -13,7 +13,8 @@ import time
 import torch
 
 from megamem.bench.data import load_partition
-from megamem.gate import GateConfig, gate_weights, memory_scores
+from megamem.gate import GateConfig, gate_weights
+from megamem.index import KeyIndex
 from megamem.keys import compute_keys
 from megamem.model import load_model
 
@@ -47,7 +48,7 @@ def main() -> None:
                 ("passage+paraphrases", keys_all, owners_all),
             ):
                 for sim in ("dot", "cosine"):
-                    scores = torch.stack([memory_scores(q, keys, owners, len(recs), sim) for q in qk])
+                    scores = torch.stack([KeyIndex(keys, owners, len(recs), sim).exact_scores(q) for q in qk])
                     top1 = float((scores.argmax(1) == gold).float().mean())
                     row = {
                         "partition": part,

@@ -114,7 +114,11 @@ def test_bench_mega_answers_exactly_as_memory_ask(tmp_path, tiny_dir):
     questions = ["What colour is the Vexmoor bridge?", "Where does the heron live?"]
     # the bench keeps the paper's protocol (all layers, every paraphrase); a store made with it is the same
     recipe = replace(PROTOCOL_RECIPE, epochs=1, max_steps=2)
-    mem = Memory(tmp_path / "store", model=str(tiny_dir), lora=PROTOCOL_LORA, recipe=recipe)
+    # and its gate is the store default's without the null memory (the protocol is pinned to the paper's gate)
+    from megamem.gate import GateConfig
+
+    no_null = GateConfig(null_rate=None)
+    mem = Memory(tmp_path / "store", model=str(tiny_dir), lora=PROTOCOL_LORA, recipe=recipe, gate=no_null)
     for t in texts:
         mem.add(t[0], paraphrases=t[1:])
     want = [mem.ask(q, mode="qa", max_new_tokens=10).text for q in questions]

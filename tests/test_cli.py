@@ -127,12 +127,26 @@ def test_top_k_and_dense_gate(store):
     assert run("add", "Pim the axolotl is the mascot.", "--id", "pim", "--epochs", "1", "--store", store).exit_code == 0
 
     def gate(*flags):
-        out = run("ask", "Which heron?", "--beta", "1", *flags, "--store", store, "--json", "--max-new-tokens", "2")
+        out = run(
+            "ask",
+            "Which heron?",
+            "--beta",
+            "1",
+            "--no-null",
+            *flags,
+            "--store",
+            store,
+            "--json",
+            "--max-new-tokens",
+            "2",
+        )
         return [g["id"] for g in json.loads(out.stdout)["gate"]]
 
     assert gate("--top-k", "1") == ["heron"]
     # the gate weighs the memory the question is about above the other (a softmax over one memory could not fail)
-    out = run("ask", "Where does Zorblatt the heron live?", "--store", store, "--json", "--max-new-tokens", "2")
+    out = run(
+        "ask", "Where does Zorblatt the heron live?", "--no-null", "--store", store, "--json", "--max-new-tokens", "2"
+    )
     weights = {g["id"]: g["weight"] for g in json.loads(out.stdout)["gate"]}
     assert set(weights) == {"heron", "pim"} and weights["heron"] > 0.9 > weights["pim"]
     assert sum(weights.values()) == pytest.approx(1.0)

@@ -178,6 +178,13 @@ def ask(
     top_k: Annotated[int | None, typer.Option("--top-k", help="Mix the k best memories (0: dense).")] = None,
     beta: Annotated[float | None, typer.Option(help="Gate softmax inverse temperature (finite, >= 0).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Use no memory scoring below this.")] = None,
+    null_rate: Annotated[
+        float | None,
+        typer.Option("--null-rate", help="The null memory's calibrated rate (default 0.01; docs/tuning.md)."),
+    ] = None,
+    no_null: Annotated[
+        bool, typer.Option("--no-null", help="No null memory: every question goes to some memory (the paper's gate).")
+    ] = False,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Longest answer in tokens, at least 1 (qa 64, recall 256).")
     ] = None,
@@ -190,9 +197,11 @@ def ask(
     try:
         if top_k is not None and top_k < 0:
             raise MegamemError(f"--top-k must be 0 (dense) or more, got {top_k}")
-        gate = with_overrides(mem.gate, top_k=top_k or None, beta=beta, threshold=threshold)
+        gate = with_overrides(mem.gate, top_k=top_k or None, beta=beta, threshold=threshold, null_rate=null_rate)
         if top_k == 0:
             gate = replace(gate, top_k=None)
+        if no_null:
+            gate = replace(gate, null_rate=None)
         ans = mem.ask(question, mode=mode, gate=gate, max_new_tokens=max_new_tokens, use_memory=not no_memory)
         texts = {mid: mem.show(mid).text for mid, _ in ans.gate[:10]} if show_gate else {}
     except MegamemError as exc:
@@ -209,6 +218,9 @@ def ask(
             table = Table("memory", "weight", "text")
             for mid, w in ans.gate[:10]:
                 table.add_row(Text(mid), f"{w:.3f}", Text(_short(texts[mid])))
+            base_share = 1.0 - sum(w for _, w in ans.gate)
+            if ans.gate and base_share > 5e-4:
+                table.add_row(Text("(no memory)"), f"{base_share:.3f}", Text("the base model's share (null memory)"))
             out.print(table if ans.gate else Text("gate: no memory used", style="dim"))
 
     _emit(as_json, {**ans.to_dict(), "warnings": warnings}, human)

@@ -53,6 +53,11 @@ class KeyIndex:
         keys = keys.float()
         return F.normalize(keys, dim=-1) if self.similarity == "cosine" else keys.contiguous()
 
+    def prepare_query(self, query: torch.Tensor) -> torch.Tensor:
+        """A query (dim,) or queries (n, dim) as the stored keys are kept: normalised for cosine."""
+        q = query.float()
+        return F.normalize(q, dim=-1) if self.similarity == "cosine" else q
+
     @property
     def rows(self) -> int:
         return int(self.keys.shape[0])

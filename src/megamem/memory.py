@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from .adapters import Adapter, LoraSpec
+from .calibration import calibration_keys
+from .calibration import null_score as calibrated_null_score
 from .checks import check_count, check_id, check_metadata, check_text
 from .errors import MegamemError
 from .gate import GateConfig, gate_weights
@@ -116,6 +118,7 @@ class Memory:
         self._keys: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
         self._exact_max_keys = exact_max_keys
         self._indexes: dict[str, KeyIndex] = {}  # by similarity; kept in step with _keys
+        self._null_best: dict[str, torch.Tensor] = {}  # by similarity: each calibration query's best score
         self._damaged: dict[str, str] = {}  # memory id -> why, for memories skipped since the last change
         self._version: int | None = None
         self.store: Store | None = None
@@ -179,6 +182,7 @@ class Memory:
     def _invalidate(self) -> None:
         self._keys = None
         self._indexes = {}
+        self._null_best = {}
         self._adapters.clear()
         self._damaged = {}
 
@@ -389,6 +393,7 @@ class Memory:
         )
         for index in self._indexes.values():
             index.add(k, n)
+        self._null_best = {}  # derived from every key: taken again when next needed
 
     def key_index(self, similarity: str) -> KeyIndex:
         """The gate's scorer for a similarity over every stored key (cached; extended as memories are added)."""
@@ -397,8 +402,26 @@ class Memory:
             self._indexes[similarity] = KeyIndex(keys, owners, len(ids), similarity, self._exact_max_keys)
         return self._indexes[similarity]
 
+    def null_score(self, gate: GateConfig | None = None) -> float | None:
+        """The null memory's score for this store and gate (megamem.calibration), None when the gate has no null
+        memory or the store holds no memory."""
+        cfg = gate or self.gate
+        if cfg.null_rate is None or not self._all_keys()[0]:
+            return None
+        if cfg.similarity not in self._null_best:
+            model, tok = self.load() if self.key_function == "activation" else (None, None)
+            cal = calibration_keys(self.key_function, self.model_name, model, tok)
+            index = self.key_index(cfg.similarity)
+            queries = index.prepare_query(cal)  # (C, dim), normalised for cosine like the keys
+            best = torch.full((queries.shape[0],), float("-inf"))
+            for start in range(0, index.rows, 65536):  # (C, rows) in slices: bounded memory at any store size
+                best = torch.maximum(best, (queries @ index.keys[start : start + 65536].T).max(dim=1).values)
+            self._null_best[cfg.similarity] = best
+        return calibrated_null_score(self._null_best[cfg.similarity], cfg.null_rate)
+
     def route(self, question: str, gate: GateConfig | None = None) -> list[tuple[str, float]]:
-        """The gate for a question: (memory id, weight) for every memory with weight > 0, heaviest first.
+        """The gate for a question: (memory id, weight) for every memory with weight > 0, heaviest first; the
+        weights sum to 1 less the null memory's share (the base model's). [] is the base model alone.
         Memories found damaged are left out (their weight goes to the others)."""
         question = check_text(question, "question")
         self._sync()
@@ -413,7 +436,7 @@ class Memory:
         for i, memory_id in enumerate(ids):
             if memory_id in self._damaged:
                 scores[i] = float("-inf")
-        w = gate_weights(scores, cfg)
+        w = gate_weights(scores, cfg, self.null_score(cfg))
         order = torch.argsort(w, descending=True)
         return [(ids[i], float(w[i])) for i in order.tolist() if w[i] > 0]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def _run(cfg: BenchConfig, out: Path, console: Console, progress: bool, question
     rows = read_rows(out / "metrics.jsonl")  # a question's rows and their summary are appended in one write
     shared, gate = setup(cfg)
     if cfg.beta is None:
-        gate = type(gate)(similarity=gate.similarity, beta=BETA, top_k=gate.top_k, threshold=gate.threshold)
+        gate = replace(gate, beta=BETA)
     model, tok = shared.model, shared.tok
     keys = [compute_keys(cfg.key_function, [r.passage, *r.paraphrases], model, tok) for r in records]
     qkeys = compute_keys(cfg.key_function, [q["question"] for q in questions], model, tok)

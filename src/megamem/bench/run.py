@@ -607,9 +607,10 @@ def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig]:
         max_steps=cfg.max_steps,
     )
     shared = Shared(model, tok, spec, recipe, keep_base(model))
-    gate = default_gate(cfg.key_function)
+    # the pinned protocol's gate: the store default's similarity, beta and top-k, without the null memory
+    gate = replace(default_gate(cfg.key_function), null_rate=None)
     if cfg.beta is not None:
-        gate = GateConfig(similarity=gate.similarity, beta=cfg.beta, top_k=gate.top_k, threshold=gate.threshold)
+        gate = replace(gate, beta=cfg.beta)
     return shared, gate
 
 
