@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checks import check_count, check_finite
 from .errors import MegamemError
 
 _PREFIX = "base_model.model."
@@ -34,12 +35,21 @@ class LoraSpec:
     upper: float = 0.5  # share of the decoder layers, from the last one down, that carry adapters (1 = all)
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise MegamemError(f"LoRA rank must be at least 1, got {self.rank}")
+        check_count(self.rank, "LoRA rank", maximum=65536)
+        check_finite(self.alpha, "LoRA alpha")
+        check_finite(self.dropout, "LoRA dropout", minimum=0, maximum=0.99)
+        if not isinstance(self.targets, (tuple, list)) or not all(isinstance(t, str) and t for t in self.targets):
+            raise MegamemError(f"LoRA targets must be module names, got {self.targets!r}")
         if not self.targets:
             raise MegamemError("LoRA needs at least one target module")
+        check_finite(self.upper, "LoRA upper share of layers")
         if not 0 < self.upper <= 1:
             raise MegamemError(f"LoRA upper share of layers must be in (0, 1], got {self.upper}")
+        if self.layers is not None and (
+            not isinstance(self.layers, (tuple, list))
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+        ):
+            raise MegamemError(f"LoRA layers must be layer numbers, got {self.layers!r}")
 
     def resolved(self, n_layers: int) -> LoraSpec:
         """This spec with `layers` made explicit for a model of `n_layers` decoder layers."""

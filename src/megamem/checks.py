@@ -23,7 +23,7 @@ MAX_METADATA_BYTES = 64 * 1024
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # C0 controls but tab, newline and carriage return; DEL; C1 controls (0x9b is a one-byte CSI on some terminals).
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def check_id(memory_id: object, what: str = "memory id") -> str:
@@ -59,6 +59,8 @@ def check_text(text: object, what: str = "text") -> str:
         )
     if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
         raise MegamemError(f"{what} holds a lone surrogate (not valid Unicode text)")
+    if "\ufffd" in text:  # so that a stored U+FFFD always means a damaged manifest row (megamem verify)
+        raise MegamemError(f"{what} holds U+FFFD, the replacement character: it was mis-decoded before it got here")
     text = text.strip()
     if not text:
         raise MegamemError(f"{what} is empty")
@@ -69,42 +71,68 @@ def check_metadata(metadata: object, what: str = "metadata") -> dict:
     """A JSON object with string keys, only finite numbers, at most 64 KiB as JSON; returned as a plain copy."""
     if not isinstance(metadata, dict):
         raise MegamemError(f"{what} must be an object (a dict), got {type(metadata).__name__}")
-    try:
-        encoded = json.dumps(metadata, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise MegamemError(f"{what} must be plain JSON (strings, finite numbers, lists, objects): {exc}") from None
     if any(not isinstance(k, str) for k in metadata):
         raise MegamemError(f"{what} keys must be strings")
-    if len(encoded.encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
-        raise MegamemError(f"{what} is larger than {MAX_METADATA_BYTES // 1024} KiB as JSON")
     try:
-        encoded.encode("utf-8")
+        encoded = json.dumps(metadata, allow_nan=False, ensure_ascii=False)
+    except RecursionError:
+        raise MegamemError(f"{what} is nested too deeply") from None
+    except (TypeError, ValueError) as exc:
+        raise MegamemError(f"{what} must be plain JSON (strings, finite numbers, lists, objects): {exc}") from None
+    try:
+        size = len(encoded.encode("utf-8"))
     except UnicodeEncodeError:
         raise MegamemError(f"{what} holds a lone surrogate (not valid Unicode text)") from None
+    if size > MAX_METADATA_BYTES:
+        raise MegamemError(f"{what} is larger than {MAX_METADATA_BYTES // 1024} KiB as JSON")
     return json.loads(encoded)
 
 
-def check_positive(value: float, what: str) -> float:
-    """A finite number > 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MegamemError(f"{what} must be a number, got {type(value).__name__} {_short_repr(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise MegamemError(f"{what} is too large, got {_short_repr(value)}") from None
+
+
+def check_positive(value: float, what: str, maximum: float | None = None) -> float:
+    """A finite number > 0 (and <= maximum, if given)."""
+    x = _number(value, what)
+    if not math.isfinite(x) or x <= 0:
         raise MegamemError(f"{what} must be a finite number above 0, got {value!r}")
+    if maximum is not None and x > maximum:
+        raise MegamemError(f"{what} must be at most {maximum:g}, got {value!r}")
     return value
 
 
-def check_finite(value: float, what: str, minimum: float | None = None) -> float:
-    """A finite number, at least `minimum` if given."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+def check_finite(value: float, what: str, minimum: float | None = None, maximum: float | None = None) -> float:
+    """A finite number, within [minimum, maximum] where given."""
+    x = _number(value, what)
+    if not math.isfinite(x):
         raise MegamemError(f"{what} must be a finite number, got {value!r}")
-    if minimum is not None and value < minimum:
+    if minimum is not None and x < minimum:
         raise MegamemError(f"{what} must be at least {minimum:g}, got {value!r}")
+    if maximum is not None and x > maximum:
+        raise MegamemError(f"{what} must be at most {maximum:g}, got {value!r}")
     return value
 
 
-def check_count(value: int, what: str, minimum: int = 1) -> int:
-    """An integer >= `minimum`."""
+def check_count(value: int, what: str, minimum: int = 1, maximum: int | None = 2**63 - 1) -> int:
+    """An integer in [minimum, maximum] (the default maximum: what a 64-bit seed or size holds; None: no bound)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise MegamemError(f"{what} must be an integer of at least {minimum}, got {value!r}")
+        raise MegamemError(f"{what} must be an integer of at least {minimum}, got {_short_repr(value)}")
+    if maximum is not None and value > maximum:
+        raise MegamemError(f"{what} must be at most {maximum}, got {_short_repr(value)}")
     return value
+
+
+def check_texts(texts: object, what: str = "paraphrases") -> list[str]:
+    """A list (or tuple) of texts, each checked by `check_text`."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise MegamemError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    return [check_text(t, what.rstrip("s")) for t in texts]
 
 
 def printable(text: str) -> str:

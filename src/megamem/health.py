@@ -83,7 +83,7 @@ def verify(path: Path | str) -> list[Problem]:
     found: list[Problem] = []
     settings = read_settings_file(path)
     try:
-        store: Store | None = Store(path)
+        store: Store | None = Store(path, check_layout=False)
     except StoreDamaged as exc:
         found.append(Problem("manifest", MANIFEST, str(exc)))
         store = None
@@ -93,6 +93,11 @@ def verify(path: Path | str) -> list[Problem]:
         found.append(Problem("settings", SETTINGS_FILE, "differs from the manifest's settings; `repair` rewrites it"))
     for entry in sorted(path.iterdir()):
         if entry.name in ROOT_ENTRIES:
+            continue
+        m = TMP_NAME.fullmatch(entry.name)
+        if m and entry.name.startswith(f".{SETTINGS_FILE}."):
+            kind = "leftover" if writer_gone(m["writer"]) else "in-progress"
+            found.append(Problem(kind, entry.name, "settings.json being replaced; the next write removes it"))
             continue
         if entry.name in ROOT_FOLDERS:
             if entry.is_symlink() or not entry.is_dir():
@@ -108,12 +113,24 @@ def verify(path: Path | str) -> list[Problem]:
         if why is not None:
             kind = "missing" if "missing" in why else "corrupt"
             found.append(Problem(kind, f"memories/{rec.id}", f"{why}; `repair` quarantines its record"))
+        elif _row_differs(store, rec):
+            found.append(
+                Problem(
+                    "corrupt", f"memories/{rec.id}", "its manifest row differs from memory.json; `repair` restores it"
+                )
+            )
     memories = path / "memories"
     for entry in sorted(memories.iterdir()) if memories.is_dir() and not memories.is_symlink() else []:
         if entry.name in rows:
             continue
-        if entry.name in pending and not writer_gone(pending[entry.name][1]):
-            found.append(Problem("in-progress", f"memories/{entry.name}", "being written by a running process"))
+        if entry.name in pending:
+            op, writer = pending[entry.name]
+            if not writer_gone(writer):
+                found.append(Problem("in-progress", f"memories/{entry.name}", f"a running process's {op}"))
+            else:
+                found.append(
+                    Problem("leftover", f"memories/{entry.name}", f"an unfinished {op}; the next write rolls it back")
+                )
             continue
         data = read_memory_file(entry) if entry.is_dir() and not entry.is_symlink() else None
         if data is None or data.get("id") != entry.name:
@@ -134,11 +151,23 @@ def verify(path: Path | str) -> list[Problem]:
         else:
             found.append(Problem("in-progress", f"tmp/{entry.name}", "being written by a running process"))
     for memory_id, (op, writer) in pending.items():
-        if writer_gone(writer):
+        if writer_gone(writer) and not (memories / memory_id).exists():
             found.append(
                 Problem("leftover", MANIFEST, f"an unfinished {op} of {memory_id!r}; the next write rolls it back")
             )
     return found
+
+
+def _row_differs(store: Store, rec: Record) -> bool:
+    """Whether a row whose files all verify says something else than its memory.json (a damaged manifest row)."""
+    if MEMORY_FILE not in rec.files:
+        return False  # a store made before memory.json existed: nothing to compare with
+    data = read_memory_file(store.folder(rec.id))
+    try:
+        kept = record_from_memory_file(data, rec.files[MEMORY_FILE]) if data else None
+    except (KeyError, TypeError, ValueError):
+        return True
+    return kept is None or kept.to_dict() != rec.to_dict()
 
 
 def _memory_file_problem(folder: Path, data: dict) -> str | None:
@@ -165,18 +194,17 @@ def repair(path: Path | str) -> list[str]:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     quarantine = path / "quarantine" / stamp
     done: list[str] = []
+    had_settings = read_settings_file(path)  # before the layout is mended: a settings.json folder goes aside
+    _mend_layout(path, quarantine, stamp, done)
     try:
-        store = Store(path)
+        store = Store(path, check_layout=False)
     except StoreDamaged as exc:
         store = _rebuild_manifest(path, quarantine, str(exc), done)
-    had_settings = read_settings_file(path)
-    store.writable()  # sweeps the dead writers' leftovers, writes a missing settings.json
+    store.writable()  # sweeps the dead writers' leftovers
     done += [f"left alone: {n}" for n in store.notices]
-    if had_settings is not None and had_settings != store.settings():
+    if had_settings != store.settings():
         write_json_atomic(path / SETTINGS_FILE, {"format": "megamem-store", "settings": store.settings()})
-        done.append("rewrote settings.json from the manifest")
-    elif had_settings is None:
-        done.append("wrote settings.json from the manifest")
+        done.append("wrote settings.json from the manifest" + (" (it was damaged or differed)" if had_settings else ""))
     settings = store.settings()
     for rec in store.records():
         folder = store.folder(rec.id)
@@ -185,7 +213,16 @@ def repair(path: Path | str) -> list[str]:
             if MEMORY_FILE not in rec.files:
                 _upgrade(store, rec)
                 done.append(f"memory {rec.id}: wrote memory.json (a store made before megamem 0.2)")
-            continue
+            elif _row_differs(store, rec):
+                data = read_memory_file(folder)
+                try:
+                    store.relist(record_from_memory_file(data, rec.files[MEMORY_FILE]), replace=True)
+                    done.append(f"memory {rec.id}: its damaged manifest row was restored from memory.json")
+                    continue
+                except (KeyError, TypeError, ValueError):
+                    why = "its manifest row and its memory.json disagree and memory.json is incomplete"
+            else:
+                continue
         target = quarantine / rec.id
         target.mkdir(parents=True, exist_ok=True)
         if folder.exists() or folder.is_symlink():
@@ -226,6 +263,23 @@ def repair(path: Path | str) -> list[str]:
     return done
 
 
+def _mend_layout(path: Path, quarantine: Path, stamp: str, done: list[str]) -> None:
+    """Put aside (to quarantine) whatever stands where the store's folders and settings.json belong, and make
+    the folders again: a file named memories/, a folder named settings.json."""
+    for name, folder in (("memories", True), ("tmp", True), (SETTINGS_FILE, False)):
+        entry = path / name
+        wrong = entry.is_symlink() or (entry.exists() and entry.is_dir() != folder)
+        if wrong:
+            quarantine.mkdir(parents=True, exist_ok=True)
+            os.rename(entry, quarantine / name)
+            fsync_path(path)
+            done.append(f"{name} was not a {'folder' if folder else 'file'}: moved to quarantine/{stamp}/{name}")
+        if folder and not entry.exists():
+            entry.mkdir()
+            if wrong:
+                done.append(f"made a new, empty {name}/")
+
+
 def _upgrade(store: Store, rec: Record) -> None:
     """Give a memory from an older store its memory.json and the checksums of all its files."""
     folder = store.folder(rec.id)
@@ -245,7 +299,6 @@ def _rebuild_manifest(path: Path, quarantine: Path, why: str, done: list[str]) -
     settings = read_settings_file(path)
     if settings is None:
         raise MegamemError(f"{why}; and settings.json is missing too, so there is nothing to rebuild the store from")
-    (path / "tmp").mkdir(exist_ok=True)
     new = path / "tmp" / f"manifest.{writer_token()}.{uuid.uuid4().hex[:16]}"
     init_manifest(new, settings)
     moved = []

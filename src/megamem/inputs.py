@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checks import check_id, check_metadata, check_text
+from .checks import check_id, check_metadata, check_text, check_texts
 from .errors import MegamemError
 from .memory import Item
 
@@ -36,7 +36,7 @@ def _item(obj: object, where: str) -> Item:
     try:
         return Item(
             check_text(text, "text"),
-            [check_text(p, "paraphrase") for p in paras],
+            check_texts(paras, "paraphrases"),
             check_metadata(obj.get("metadata", {})),
             None if memory_id is None else check_id(memory_id, "id"),
             where,
@@ -55,15 +55,26 @@ def read_jsonl(path: Path, keep_going: bool = False) -> tuple[list[Item], list[s
     items: list[Item] = []
     bad: list[str] = []
     first_use: dict[str, str] = {}
-    for n, line in enumerate(read_text_file(path).splitlines(), 1):
-        if not line.strip():
-            continue
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise MegamemError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    # JSON lines are separated by "\n" alone: U+2028 or U+0085 inside a line are text, not line ends
+    for n, line_bytes in enumerate(raw.split(b"\n"), 1):
         where = f"{path} line {n}"
         try:
+            try:
+                line = line_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MegamemError(f"{where}: not UTF-8 text (bad byte at column {exc.start + 1})") from None
+            if not line.strip():
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise MegamemError(f"{where}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise MegamemError(f"{where}: JSON nested too deeply") from None
             item = _item(obj, where)
             if item.id is not None:
                 if item.id in first_use:

@@ -16,7 +16,7 @@ import torch
 from .adapters import Adapter, LoraSpec
 from .calibration import calibration_keys
 from .calibration import null_score as calibrated_null_score
-from .checks import check_count, check_id, check_metadata, check_text
+from .checks import check_count, check_id, check_metadata, check_text, check_texts
 from .errors import MegamemError
 from .gate import GateConfig, gate_weights
 from .generate import answer, check_mode
@@ -204,7 +204,10 @@ class Memory:
         on_step: Callable[[int, int, float], None] | None = None,
     ) -> Record:
         """Learn one memory (the text plus any paraphrases) into a new adapter and store it."""
-        return self.add_many([Item(text, list(paraphrases), metadata or {}, id)], on_step=on_step)[0]
+        paras = [] if paraphrases is None else paraphrases
+        paras = list(paras) if isinstance(paras, (list, tuple)) else paras  # anything else: refused by check
+        meta = {} if metadata is None else metadata
+        return self.add_many([Item(text, paras, meta, id)], on_step=on_step)[0]
 
     def check(self, items: list[Item]) -> tuple[list[Item], list[str]]:
         """Check every item without loading anything: cleaned copies of the good ones, and one message a bad one
@@ -216,7 +219,7 @@ class Memory:
             where = item.origin or (f"memory {n}" if len(items) > 1 else "memory")
             try:
                 text = check_text(item.text, f"{where} text")
-                paras = [check_text(p, f"{where} paraphrase") for p in item.paraphrases]
+                paras = check_texts(item.paraphrases, f"{where} paraphrases")
                 meta = check_metadata(item.metadata, f"{where} metadata")
                 if item.id is not None:
                     check_id(item.id, f"{where} id")
@@ -280,6 +283,8 @@ class Memory:
         """Validate every item first (nothing is stored if one is bad, unless keep_going), then learn them
         `train_group` at a time and commit each as soon as its group is learned (a crash keeps those already
         committed; `on_stored` hears of each)."""
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, Item) for i in items):
+            raise MegamemError("add_many takes a list of Item")
         checked = self.validate(items, keep_going)
         model, tok = self.load()
         store = self.prepare_store()
@@ -305,6 +310,7 @@ class Memory:
 
     def forget(self, memory_id: str) -> Record:
         """Remove a memory for good."""
+        check_id(memory_id)
         self._sync()
         if self.store is None:
             raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
@@ -319,9 +325,17 @@ class Memory:
     # -- reading -------------------------------------------------------------------------------
     def list(self) -> list[Record]:
         self._sync()
-        return self.store.records() if self.store is not None else []
+        records = self.store.records() if self.store is not None else []
+        for r in records:
+            if "\ufffd" in r.text:  # refused on input, so only a damaged manifest row shows it
+                self._warn(
+                    f"memory {r.id!r}: its text in the manifest holds bytes that are not UTF-8 (a damaged row); "
+                    "`megamem repair` restores it from its memory.json"
+                )
+        return records
 
     def show(self, memory_id: str) -> Record:
+        check_id(memory_id)
         self._sync()
         if self.store is None:
             raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
@@ -464,7 +478,8 @@ class Memory:
             except MemoryDamaged as exc:
                 self._skip(exc)
         model, tok = self.load()
-        text, recall = answer(model, tok, question, mode, adapters, [w for _, w in routed], max_new_tokens)
+        passages = [self.store.get(i).text for i, _ in routed] if mode in ("rag", "mega+rag") else None
+        text, recall = answer(model, tok, question, mode, adapters, [w for _, w in routed], max_new_tokens, passages)
         return Answer(question, mode, text, routed, recall)
 
 

@@ -50,7 +50,12 @@ MEMORY_FILES = ("adapter_config.json", "adapter_model.safetensors", "keys.safete
 ROOT_ENTRIES = {MANIFEST, f"{MANIFEST}-wal", f"{MANIFEST}-shm", f"{MANIFEST}-journal", SETTINGS_FILE}
 ROOT_FOLDERS = {"memories", "tmp", "quarantine"}
 BUSY_TIMEOUT_S = float(os.environ.get("MEGAMEM_BUSY_TIMEOUT", "15"))
-TMP_NAME = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*)\.(?P<writer>\d+-\d+)\.(?P<nonce>[0-9a-f]{16})")
+# megamem's own temporary names: NAME.WRITER.NONCE (tmp/ entries; SQLite's -wal/-shm/-journal beside a manifest
+# being built there) and .NAME.WRITER.NONCE (a file being replaced atomically, beside it).
+TMP_NAME = re.compile(
+    r"\.?(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*?)\.(?P<writer>\d+-\d+)\.(?P<nonce>[0-9a-f]{16})(?:-wal|-shm|-journal)?"
+)
+_LOOKUP = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what a stored id can be; anything else is simply not there
 _SCHEMA = """
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE memories (
@@ -151,9 +156,13 @@ def fsync_path(path: Path) -> None:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON to `path` through a temporary file, fsync and rename: a reader sees the old file or the new."""
     tmp = path.with_name(f".{path.name}.{writer_token()}.{uuid.uuid4().hex[:16]}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 
@@ -224,7 +233,13 @@ class Store:
     at a new or empty path. For an existing store every given setting must equal the stored one.
     """
 
-    def __init__(self, path: Path | str, settings: dict | None = None, busy_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        settings: dict | None = None,
+        busy_timeout: float | None = None,
+        check_layout: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.busy_timeout = BUSY_TIMEOUT_S if busy_timeout is None else busy_timeout
         self.notices: list[str] = []  # what the last sweep left alone, for the caller to report
@@ -245,10 +260,13 @@ class Store:
             self.db = self._connect(manifest)
             self._check_manifest()
             self._check_settings(settings or {})
-        for name in ("memories", "tmp"):
+        for name in ("memories", "tmp") if check_layout else ():  # verify and repair look at the layout themselves
             p = self.path / name
             if p.exists() and (p.is_symlink() or not p.is_dir()):
-                raise StoreDamaged(f"{p} is not a folder; the store is damaged (`megamem verify --store {self.path}`)")
+                raise StoreDamaged(
+                    f"{p} is not a folder; the store is damaged (`megamem verify --store {self.path}` lists the "
+                    "problems, `megamem repair` mends them)"
+                )
 
     @staticmethod
     def exists(path: Path | str) -> bool:
@@ -269,6 +287,9 @@ class Store:
                 check_same_thread=False,
             )
             db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut, not just a crash
+            # a damaged row's bytes decode with U+FFFD instead of failing every query (verify compares each row
+            # with its memory.json and names it)
+            db.text_factory = lambda b: b.decode("utf-8", "replace")
         except sqlite3.Error as exc:
             raise self._sql_error(exc) from None
         return db
@@ -381,6 +402,10 @@ class Store:
         return [self._record(r) for r in self._q(f"SELECT {self._cols()} FROM memories ORDER BY created, rowid")]
 
     def get(self, memory_id: str, missing_ok: bool = False) -> Record | None:
+        if not isinstance(memory_id, str) or not _LOOKUP.fullmatch(memory_id):
+            if missing_ok:
+                return None
+            raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
         rows = self._q(f"SELECT {self._cols()} FROM memories WHERE id = ?", (memory_id,))
         if not rows:
             if missing_ok:
@@ -417,7 +442,7 @@ class Store:
         try:
             for name in ("memories", "tmp"):
                 (self.path / name).mkdir(exist_ok=True)
-            if not (self.path / SETTINGS_FILE).is_file():
+            if not (self.path / SETTINGS_FILE).exists() and not (self.path / SETTINGS_FILE).is_symlink():
                 write_json_atomic(self.path / SETTINGS_FILE, {"format": "megamem-store", "settings": self.settings()})
         except OSError as exc:
             raise MegamemError(f"cannot write to the store {self.path}: {exc.strerror or exc}") from None
@@ -437,12 +462,16 @@ class Store:
                 db.execute("DELETE FROM pending WHERE id = ? AND writer = ?", (memory_id, writer))
         notes = []
         tmp = self.path / "tmp"
-        for entry in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+        for entry in sorted(tmp.iterdir()) if tmp.is_dir() and not tmp.is_symlink() else []:
             m = TMP_NAME.fullmatch(entry.name)
             if m and not entry.is_symlink() and writer_gone(m["writer"]):
                 _remove(entry)
             elif not m:
                 notes.append(f"tmp/{entry.name} is not megamem's: left alone")
+        for entry in self.path.glob(".*"):  # a settings.json being replaced when its writer died
+            m = TMP_NAME.fullmatch(entry.name)
+            if m and entry.name.startswith(f".{SETTINGS_FILE}.") and entry.is_file() and writer_gone(m["writer"]):
+                entry.unlink(missing_ok=True)
         return notes
 
     @staticmethod
@@ -542,6 +571,8 @@ class Store:
 
     def forget(self, memory_id: str) -> Record:
         """Remove a memory for good: its row (the commit point), then its files."""
+        if not isinstance(memory_id, str) or not _LOOKUP.fullmatch(memory_id):
+            raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
         self.writable()
         writer = writer_token()
         with self._write() as db:
@@ -562,10 +593,13 @@ class Store:
             db.execute("DELETE FROM pending WHERE id = ?", (memory_id,))
         return rec
 
-    def relist(self, rec: Record) -> None:
-        """Commit the row of a memory whose folder is already in place (repair, from the folder's memory.json)."""
+    def relist(self, rec: Record, replace: bool = False) -> None:
+        """Commit the row of a memory whose folder is already in place (repair, from the folder's memory.json);
+        replace: over a damaged row of the same id."""
         self.writable()
         with self._write() as db:
+            if replace:
+                db.execute("DELETE FROM memories WHERE id = ?", (rec.id,))
             _insert(db, rec)
 
     # -- reading files ---------------------------------------------------------------------------------------
