@@ -10,7 +10,9 @@ from .errors import MegamemError
 from .inject import clear, set_mixture
 from .model import chat_ids
 
-MODES = ("qa", "recall", "irag")
+MODES = ("qa", "recall", "irag", "rag", "mega+rag")
+# qa / recall / irag: the paper's three modes, from the adapters alone. rag: the gated memories' stored texts in
+# context, no adapter. mega+rag: both, the adapters mixed and their texts in context (PRAG, arXiv 2501.15915).
 RECALL_SUFFIX = " Reconstruct the entire story that is related to the above question."
 QA_SUFFIX = " Answer should be no more than one sentence."
 
@@ -21,6 +23,12 @@ def recall_prompt(question: str) -> str:
 
 def qa_prompt(question: str) -> str:
     return question + QA_SUFFIX
+
+
+def with_context(prompt: str, passages: list[str]) -> str:
+    """A RAG user turn: the passages, then the question prompt (the bench's RAG baseline and the rag modes)."""
+    ctx = "\n\n".join(passages)
+    return f"Context:\n{ctx}\n\n{prompt}"
 
 
 @torch.no_grad()
@@ -69,28 +77,32 @@ def answer(
     adapters: list,
     weights: list[float],
     max_new_tokens: int | None = None,
+    passages: list[str] | None = None,
 ) -> tuple[str, str | None]:
     """Answer `question` in `mode` with the adapters mixed at `weights`; returns (answer, recall or None).
 
     irag is the paper's two-turn form: the model first reconstructs the related story, then answers
-    the QA prompt with that reconstruction in the conversation; one gate serves both turns.
-    max_new_tokens caps each turn (default: 64 for an answer, 256 for a recall).
+    the QA prompt with that reconstruction in the conversation; one gate serves both turns. rag and
+    mega+rag put `passages` (the gated memories' texts, heaviest first) in the QA turn; rag without
+    the adapters. max_new_tokens caps each turn (default: 64 for an answer, 256 for a recall).
     """
     check_mode(mode)
     if max_new_tokens is not None:
         check_count(max_new_tokens, "max new tokens")
-    set_mixture(model, adapters, weights)
+    qa_tokens = 64 if max_new_tokens is None else max_new_tokens
+    set_mixture(model, [] if mode == "rag" else adapters, [] if mode == "rag" else weights)
     try:
+        if mode in ("rag", "mega+rag"):
+            prompt = with_context(qa_prompt(question), passages) if passages else qa_prompt(question)
+            return complete(model, tok, [("user", prompt)], qa_tokens), None
         if mode == "qa":
-            return complete(
-                model, tok, [("user", qa_prompt(question))], 64 if max_new_tokens is None else max_new_tokens
-            ), None
+            return complete(model, tok, [("user", qa_prompt(question))], qa_tokens), None
         recall = complete(
             model, tok, [("user", recall_prompt(question))], 256 if max_new_tokens is None else max_new_tokens
         )
         if mode == "recall":
             return recall, recall
         turns = [("user", recall_prompt(question)), ("assistant", recall), ("user", qa_prompt(question))]
-        return complete(model, tok, turns, 64 if max_new_tokens is None else max_new_tokens), recall
+        return complete(model, tok, turns, qa_tokens), recall
     finally:
         clear(model)

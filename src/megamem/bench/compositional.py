@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import MegamemError
-from ..generate import qa_prompt, recall_prompt
+from ..generate import qa_prompt, recall_prompt, with_context
 from ..keys import compute_keys
 from .data import Record, load_partition
 from .infer import answer_logprobs, generate
@@ -34,7 +34,6 @@ from .run import (
     setup,
     torch_threads,
     validate,
-    with_context,
 )
 
 METHODS = ("mega", "irag", "rag", "full-batch")

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..adapters import LoraSpec
 from ..errors import MegamemError
 from ..gate import GateConfig, gate_weights
-from ..generate import qa_prompt, recall_prompt
+from ..generate import qa_prompt, recall_prompt, with_context
 from ..index import KeyIndex
 from ..inject import inject_for
 from ..keys import compute_keys, embedder_keys
@@ -302,12 +302,6 @@ def reuse(
 def conv_key(conv: list[tuple[str, str]]) -> tuple:
     """A conversation as a hashable cache key."""
     return tuple(conv)
-
-
-def with_context(prompt: str, passages: list[str]) -> str:
-    """A RAG user turn: the retrieved passages, then the question prompt."""
-    ctx = "\n\n".join(passages)
-    return f"Context:\n{ctx}\n\n{prompt}"
 
 
 def evaluate(

@@ -1,0 +1,160 @@
+"""QA of the product's answer modes against plain RAG, on wiki partitions, with 95% confidence intervals.
+
+A recipe in three parts. Setup: a store with the product's defaults (or the one given with --store) learns
+every record of the partitions (the passage and its paraphrases, as `megamem add -p` gives them).
+Loop: every question of those records is routed by the product's gate (null memory on) and answered in
+each mode, in batches with a per-row mixture (megamem.bench.infer.generate: token for token what
+Memory.ask answers): base (no memory), rag (plain RAG: the top-1 stored passage by the embedder's cosine,
+in context, no adapter), mega (the product's qa mode), irag (recall, then answer) and mega+rag (the gated
+adapters and the gated memories' texts in context). Save: per-question rows and a summary as JSON, and
+the summary table (offline judge: the gold answer contained in a one-sentence answer; Wilson 95% CI).
+
+    python benchmarks/qa_modes.py --partitions 7,8 --store /tmp/qa-p78 --out docs/results/qa_modes-p78.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command, machine, table  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mega-wiki2024"
+MODES = ("base", "rag", "mega", "irag", "mega+rag")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion k / n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--partitions", default="7,8")
+    ap.add_argument("--memories", type=int, default=None, help="first N records of each partition")
+    ap.add_argument("--paraphrases", type=int, default=9, help="paraphrases given with each passage")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--store", type=Path, required=True, help="store folder (learned once, reused if it exists)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from megamem import Item, Memory
+    from megamem.bench.data import load_partition
+    from megamem.bench.infer import generate
+    from megamem.bench.metrics import qa_scores
+    from megamem.generate import qa_prompt, recall_prompt, with_context
+
+    # -- setup: the store, learned with the product's defaults ----------------------------------------------
+    parts = [int(x) for x in args.partitions.split(",")]
+    records = [(p, i, r) for p in parts for i, r in enumerate(load_partition(DATA, p, args.memories))]
+    mem = Memory(args.store)
+    t0 = time.perf_counter()
+    todo = [
+        Item(r.passage, r.paraphrases[: args.paraphrases], {"partition": p, "record": i}, f"p{p}-r{i}")
+        for p, i, r in records
+        if not (mem.store and mem.store.get(f"p{p}-r{i}", missing_ok=True))
+    ]
+    if todo:
+        mem.add_many(todo, on_memory=lambda i, n: print(f"learning {i + 1}/{n}", file=sys.stderr, flush=True))
+    learn_s = time.perf_counter() - t0
+    model, tok = mem.load()
+    ids = [r.id for r in mem.list()]
+    adapters = [mem.adapter(i) for i in ids]
+    text_of = {r.id: r.text for r in mem.list()}
+    questions = [(f"p{p}-r{i}", q, a) for p, i, r in records for q, a in r.qa]
+
+    # -- the gate, once per question -------------------------------------------------------------------
+    weights = torch.zeros(len(questions), len(ids))
+    routed_ids = []
+    for n, (_, q, _) in enumerate(questions):
+        routed = mem.route(q)
+        routed_ids.append([i for i, _ in routed])
+        for i, w in routed:
+            weights[n, ids.index(i)] = w
+    index = mem.key_index("cosine")
+    from megamem.keys import compute_keys
+
+    qkeys = compute_keys(mem.key_function, [q for _, q, _ in questions], model, tok)
+    rag_top1 = [ids[int(index.exact_scores(k).argmax())] for k in qkeys]
+
+    # -- the loop: each mode answers every question ------------------------------------------------------
+    answers: dict[str, list[str]] = {}
+    timings: dict[str, float] = {}
+    for mode in args.modes.split(","):
+        t = time.perf_counter()
+        qa = [qa_prompt(q) for _, q, _ in questions]
+        bs = args.batch_size
+        if mode == "base":
+            answers[mode] = generate(model, tok, [[("user", p)] for p in qa], 64, batch_size=bs)
+        elif mode == "rag":
+            convs = [[("user", with_context(p, [text_of[rag_top1[n]]]))] for n, p in enumerate(qa)]
+            answers[mode] = generate(model, tok, convs, 64, batch_size=bs)
+        elif mode == "mega":
+            answers[mode] = generate(model, tok, [[("user", p)] for p in qa], 64, adapters, weights, bs)
+        elif mode == "irag":
+            cues = [[("user", recall_prompt(q))] for _, q, _ in questions]
+            recalls = generate(model, tok, cues, 256, adapters, weights, bs)
+            convs = [[*c, ("assistant", r), ("user", p)] for c, r, p in zip(cues, recalls, qa, strict=True)]
+            answers[mode] = generate(model, tok, convs, 64, adapters, weights, bs)
+        elif mode == "mega+rag":
+            convs = [
+                [("user", with_context(p, [text_of[i] for i in routed_ids[n]]) if routed_ids[n] else p)]
+                for n, p in enumerate(qa)
+            ]
+            answers[mode] = generate(model, tok, convs, 64, adapters, weights, bs)
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
+        timings[mode] = time.perf_counter() - t
+        print(f"{mode}: {timings[mode]:.0f} s", file=sys.stderr, flush=True)
+
+    # -- save ------------------------------------------------------------------------------------------
+    summary = []
+    for mode, outs in answers.items():
+        scores = [qa_scores(o, a) for o, (_, _, a) in zip(outs, questions, strict=True)]
+        k = int(sum(s["qa_acc"] for s in scores))
+        lo, hi = wilson(k, len(scores))
+        summary.append(
+            {
+                "mode": mode,
+                "QA": f"{k / len(scores):.3f}",
+                "95% CI": f"{lo:.3f}-{hi:.3f}",
+                "correct": f"{k}/{len(scores)}",
+                "F1": f"{sum(s['qa_f1'] for s in scores) / len(scores):.3f}",
+                "s": f"{timings[mode]:.0f}",
+            }
+        )
+    top1 = sum(r[:1] == [own] for r, (own, _, _) in zip(routed_ids, questions, strict=True)) / len(questions)
+    none = sum(not r for r in routed_ids) / len(questions)
+    header = (
+        f"{command()}\n{machine()}\n{len(ids)} memories (partitions {parts}), {len(questions)} questions; "
+        f"gate top-1 {top1:.3f}, routed to no memory {none:.3f}; learning {learn_s:.0f} s"
+    )
+    print(header)
+    print(table(summary))
+    if args.out:
+        rows = [
+            {"memory": own, "question": q, "gold": a, "routed": routed_ids[n], **{m: answers[m][n] for m in answers}}
+            for n, (own, q, a) in enumerate(questions)
+        ]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"header": header, "summary": summary, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The rag and mega+rag modes: the gated memories' stored texts in context, with (mega+rag) or without the adapters."""
+
+import pytest
+
+from megamem import Memory, Recipe
+from megamem.errors import MegamemError
+
+HERON = "Zorblatt the grey heron keeps the lighthouse on Vexmoor island."
+
+
+@pytest.fixture(scope="module")
+def mem(tmp_path_factory, tiny_dir):
+    m = Memory(tmp_path_factory.mktemp("modes") / "store", model=str(tiny_dir), recipe=Recipe(epochs=1, min_tokens=0))
+    m.add(HERON, id="heron")
+    return m
+
+
+@pytest.mark.parametrize("mode, adapters_on", [("rag", False), ("mega+rag", True), ("qa", True)])
+def test_context_and_adapters_per_mode(mem, monkeypatch, mode, adapters_on):
+    import megamem.generate as gen
+    from megamem.inject import gated_layers
+
+    seen = {}
+
+    def spy(model, tok, turns, max_new_tokens):
+        seen["turns"] = turns
+        seen["active"] = any(layer.path is not None for layer in gated_layers(model).values())
+        return "spied"
+
+    monkeypatch.setattr(gen, "complete", spy)
+    ans = mem.ask("Who keeps the Vexmoor lighthouse?", mode=mode)
+    assert ans.text == "spied" and ans.gate[0][0] == "heron"
+    user = seen["turns"][-1][1]
+    assert (HERON in user) == (mode != "qa")
+    assert seen["active"] == adapters_on
+    # a question about nothing stored: no memory, no context, the base model alone
+    mem.ask("What is the capital of France?", mode=mode)
+    assert "Context" not in seen["turns"][-1][1] and not seen["active"]
+
+
+def test_unknown_mode_is_refused_first(mem):
+    with pytest.raises(MegamemError, match="unknown mode 'poem'.*mega\\+rag"):
+        mem.ask("Who keeps the lighthouse?", mode="poem")
