@@ -38,8 +38,8 @@ class GateConfig:
         if self.similarity not in ("cosine", "dot"):
             raise MegamemError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
         if self.top_k is not None:
-            check_count(self.top_k, "top-k")
-        check_finite(self.beta, "gate beta", minimum=0)
+            check_count(self.top_k, "top-k", maximum=None)  # more than the store holds: all of them
+        check_finite(self.beta, "gate beta", minimum=0, maximum=1e6)  # beta * score must stay finite
         if self.threshold is not None:
             check_finite(self.threshold, "gate threshold")
         if self.null_rate is not None:
