@@ -96,6 +96,10 @@ def add(
         list[str] | None, typer.Option("--paraphrase", "-p", help="A paraphrase (repeatable).")
     ] = None,
     id: Annotated[str | None, typer.Option("--id", help="Memory id (default: random).")] = None,
+    replaces: Annotated[
+        list[str] | None,
+        typer.Option("--replaces", help="An older memory this one corrects: the gate then prefers this (repeatable)."),
+    ] = None,
     key_function: Annotated[
         str | None, typer.Option("--key-function", help="embedder | activation (new stores).")
     ] = None,
@@ -130,12 +134,13 @@ def add(
         if epochs is not None:  # exactly this many epochs
             recipe = replace(recipe, epochs=epochs, min_tokens=0)
         if jsonl is not None:
-            if paraphrase or id:
-                _fail("--paraphrase and --id go with TEXT or --file; put them in the JSONL lines")
+            if paraphrase or id or replaces:
+                _fail("--paraphrase, --id and --replaces go with TEXT or --file; put them in the JSONL lines")
             items, bad_lines = read_jsonl(jsonl, keep_going=keep_going)
         else:
             body = read_text_file(file) if file is not None else text
-            items, bad_lines = [Item(body or "", list(paraphrase or []), {"source": str(file)} if file else {}, id)], []
+            meta = {"source": str(file)} if file else {}
+            items, bad_lines = [Item(body or "", list(paraphrase or []), meta, id, replaces=list(replaces or []))], []
         mem = _open(store, model, key_function, recipe=recipe)
         mem.warnings += [f"skipped {m}" for m in bad_lines]
         items = mem.validate(items, keep_going=keep_going)

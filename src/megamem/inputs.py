@@ -33,6 +33,10 @@ def _item(obj: object, where: str) -> Item:
     if not isinstance(paras, list):
         raise MegamemError(f'{where}: "paraphrases" must be a list of strings')
     memory_id = obj.get("id")
+    replaces = obj.get("replaces", [])
+    replaces = [replaces] if isinstance(replaces, str) else replaces
+    if not isinstance(replaces, list):
+        raise MegamemError(f'{where}: "replaces" must be a memory id or a list of them')
     try:
         return Item(
             check_text(text, "text"),
@@ -40,13 +44,15 @@ def _item(obj: object, where: str) -> Item:
             check_metadata(obj.get("metadata", {})),
             None if memory_id is None else check_id(memory_id, "id"),
             where,
+            [check_id(r, "replaces id") for r in replaces],
         )
     except MegamemError as exc:
         raise MegamemError(f"{where}: {exc}") from None
 
 
 def read_jsonl(path: Path, keep_going: bool = False) -> tuple[list[Item], list[str]]:
-    """Items from a JSON-lines file: {"text" or "passage": str, "paraphrases"?: [str], "metadata"?: {}, "id"?: str}.
+    """Items from a JSON-lines file: {"text" or "passage": str, "paraphrases"?: [str], "metadata"?: {}, "id"?: str,
+    "replaces"?: id or [ids]}.
 
     Every line is checked before anything is returned; blank lines are skipped. A bad line (malformed JSON, a
     wrong type, a bad or repeated id) is an error naming its line number, or with keep_going one message in

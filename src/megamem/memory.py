@@ -26,6 +26,7 @@ from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
 from .model import DEFAULT_MODEL, load_model
 from .store import TMP_NAME, MemoryDamaged, Record, Store, default_store_path, read_memory_file
 from .train import Recipe, check_fits, train_adapter, train_adapters_batched
+from .updates import likely_update
 
 # Adapters are stored in bfloat16: half the bytes of float32 with recall and QA unchanged at every rank
 # measured (docs/performance.md, storage); they are computed in float32 once loaded.
@@ -57,13 +58,15 @@ class Answer:
 class Item:
     """One memory to add: its text, optional paraphrases (extra training texts and keys), metadata, id.
 
-    origin names where it came from ("notes.jsonl line 3") in error messages."""
+    origin names where it came from ("notes.jsonl line 3") in error messages. replaces: older memories this
+    one corrects or updates; while it is stored the gate leaves them out (forget it and they come back)."""
 
     text: str
     paraphrases: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     id: str | None = None
     origin: str | None = None
+    replaces: list[str] = field(default_factory=list)  # ids of older memories this one supersedes
 
 
 def clean_text(text: object, what: str = "text") -> str:
@@ -120,6 +123,7 @@ class Memory:
         self._indexes: dict[str, KeyIndex] = {}  # by similarity; kept in step with _keys
         self._null_best: dict[str, torch.Tensor] = {}  # by similarity: each calibration query's best score
         self._damaged: dict[str, str] = {}  # memory id -> why, for memories skipped since the last change
+        self._superseded: set[str] = set()  # memories a stored newer one replaces (derived with the keys)
         self._version: int | None = None
         self.store: Store | None = None
         if Store.exists(self.path):
@@ -202,12 +206,15 @@ class Memory:
         metadata: dict | None = None,
         id: str | None = None,
         on_step: Callable[[int, int, float], None] | None = None,
+        replaces: str | list[str] | None = None,
     ) -> Record:
-        """Learn one memory (the text plus any paraphrases) into a new adapter and store it."""
+        """Learn one memory (the text plus any paraphrases) into a new adapter and store it. replaces: the id(s)
+        of older memories it corrects; the gate then prefers it (see Item)."""
         paras = [] if paraphrases is None else paraphrases
         paras = list(paras) if isinstance(paras, (list, tuple)) else paras  # anything else: refused by check
         meta = {} if metadata is None else metadata
-        return self.add_many([Item(text, paras, meta, id)], on_step=on_step)[0]
+        olds = [] if replaces is None else [replaces] if isinstance(replaces, str) else replaces
+        return self.add_many([Item(text, paras, meta, id, replaces=olds)], on_step=on_step)[0]
 
     def check(self, items: list[Item]) -> tuple[list[Item], list[str]]:
         """Check every item without loading anything: cleaned copies of the good ones, and one message a bad one
@@ -221,6 +228,9 @@ class Memory:
                 text = check_text(item.text, f"{where} text")
                 paras = check_texts(item.paraphrases, f"{where} paraphrases")
                 meta = check_metadata(item.metadata, f"{where} metadata")
+                if any(k.startswith("megamem.") for k in meta):
+                    raise MegamemError(f"{where} metadata: keys starting with 'megamem.' are megamem's own")
+                olds = self._check_replaces(item.replaces, where, seen)
                 if item.id is not None:
                     check_id(item.id, f"{where} id")
                     if item.id in seen:
@@ -231,8 +241,20 @@ class Memory:
             except MegamemError as exc:
                 bad.append(str(exc))
                 continue
-            good.append(Item(text, paras, meta, item.id, item.origin))
+            good.append(Item(text, paras, meta, item.id, item.origin, olds))
         return good, bad
+
+    def _check_replaces(self, replaces: object, where: str, earlier: dict[str, str]) -> list[str]:
+        """The ids a new memory replaces: stored memories, or memories earlier in the same batch."""
+        if isinstance(replaces, str) or not isinstance(replaces, (list, tuple)):
+            raise MegamemError(f"{where}: replaces must be a list of memory ids")
+        out = []
+        for old in replaces:
+            check_id(old, f"{where} replaces id")
+            if old not in earlier and (self.store is None or self.store.get(old, missing_ok=True) is None):
+                raise MegamemError(f"{where} replaces {old!r}, which is not a stored memory")
+            out.append(old)
+        return out
 
     def validate(self, items: list[Item], keep_going: bool = False) -> list[Item]:
         """Cleaned copies of `items`, or an error naming the first bad one (nothing is stored). keep_going: the
@@ -300,13 +322,44 @@ class Memory:
                 adapters = train_adapters_batched(model, tok, texts, self.lora, self.recipe, on_step)
             for item, item_texts, adapter in zip(group, texts, adapters, strict=True):
                 keys = compute_keys(self.key_function, item_texts, model, tok)
-                meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else item.metadata
+                meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else dict(item.metadata)
+                if item.replaces:
+                    meta[REPLACES] = list(item.replaces)
+                if not item.replaces:
+                    self._note_likely_updates(item, keys)
                 records.append(store.add(item.text, adapter, keys, meta, item.id))
                 self._append_keys(records[-1].id, keys)
+                self._superseded |= set(item.replaces)
                 if on_stored is not None:
                     on_stored(records[-1])
         self._version = store.data_version()
         return records
+
+    def likely_updates(self, text: str, keys: torch.Tensor | None = None) -> list[tuple[str, float]]:
+        """Stored memories that `text` probably updates (close keys and the same names: megamem.updates), with
+        their best key cosine, closest first. keys: the text's keys, if already computed."""
+        text = check_text(text)
+        ids, all_keys, owners = self._all_keys()
+        if not ids:
+            return []
+        if keys is None:
+            model, tok = self.load() if self.key_function == "activation" else (None, None)
+            keys = compute_keys(self.key_function, [text], model, tok)
+        index = self.key_index("cosine")
+        best = torch.stack([index.exact_scores(k) for k in keys]).max(dim=0).values  # (n,) over the text's keys
+        order = torch.argsort(best, descending=True)[:8].tolist()
+        out = []
+        for i in order:
+            if likely_update(float(best[i]), text, self.store.get(ids[i]).text):
+                out.append((ids[i], float(best[i])))
+        return out
+
+    def _note_likely_updates(self, item: Item, keys: torch.Tensor) -> None:
+        for old, cos in self.likely_updates(item.text, keys):
+            self._warn(
+                f"{item.id or 'the new memory'} may update memory {old!r} (key cosine {cos:.2f}, the same names); "
+                f"add it with replaces={old!r} (--replaces {old}) for the newer one to win"
+            )
 
     def forget(self, memory_id: str) -> Record:
         """Remove a memory for good."""
@@ -383,6 +436,7 @@ class Memory:
                 keys.append(k.float())
                 owners.append(torch.full((k.shape[0],), len(ids)))
                 ids.append(r.id)
+            self._superseded = superseded(recs)
             dims = {int(k.shape[1]) for k in keys}
             if len(dims) > 1:
                 raise MegamemError(f"the store's key files hold keys of different sizes {sorted(dims)}")
@@ -445,10 +499,12 @@ class Memory:
         model, tok = self.load() if self.key_function == "activation" else (None, None)
         q = compute_keys(self.key_function, [question], model, tok)[0]
         cfg = gate or self.gate
-        top_k = None if cfg.top_k is None else cfg.top_k + len(self._damaged)
+        # the recency rule: a memory that a stored newer one replaces takes no part (nor does a damaged one)
+        out = self._superseded | set(self._damaged)
+        top_k = None if cfg.top_k is None else cfg.top_k + len(out)
         scores = self.key_index(cfg.similarity).scores(q, top_k).clone()
         for i, memory_id in enumerate(ids):
-            if memory_id in self._damaged:
+            if memory_id in out:
                 scores[i] = float("-inf")
         w = gate_weights(scores, cfg, self.null_score(cfg))
         order = torch.argsort(w, descending=True)
@@ -481,6 +537,18 @@ class Memory:
         passages = [self.store.get(i).text for i, _ in routed] if mode in ("rag", "mega+rag") else None
         text, recall = answer(model, tok, question, mode, adapters, [w for _, w in routed], max_new_tokens, passages)
         return Answer(question, mode, text, routed, recall)
+
+
+REPLACES = "megamem.replaces"  # the metadata key of the ids a memory replaces (keys 'megamem.*' are reserved)
+
+
+def superseded(records: list[Record]) -> set[str]:
+    """The memories that a stored memory replaces (Item.replaces): the gate leaves them out, so the newer fact
+    wins; forgetting the newer one brings them back, since only stored memories' replacements count."""
+    out: set[str] = set()
+    for r in records:
+        out.update(r.metadata.get(REPLACES, []))
+    return out
 
 
 def default_gate(key_function: str) -> GateConfig:
