@@ -49,6 +49,11 @@ def main() -> None:
     ap.add_argument("--store", type=Path, required=True, help="store folder (learned once, reused if it exists)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--rephrasings",
+        action="store_true",
+        help="ask data/rephrasings.jsonl's questions (worded unlike any training text) beside their originals",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -78,6 +83,24 @@ def main() -> None:
     adapters = [mem.adapter(i) for i in ids]
     text_of = {r.id: r.text for r in mem.list()}
     questions = [(f"p{p}-r{i}", q, a) for p, i, r in records for q, a in r.qa]
+    tags = ["original"] * len(questions)
+    if args.rephrasings:  # each rephrasing beside its original: the same memory and gold answer
+        from importlib import resources
+
+        lines = resources.files("megamem").joinpath("data/rephrasings.jsonl").read_text(encoding="utf-8")
+        by_record = {(p, i): r for p, i, r in records}
+        questions, tags = [], []
+        for d in (json.loads(line) for line in lines.splitlines() if line.strip()):
+            r = by_record.get((d["partition"], d["record"]))
+            if r is None:
+                continue
+            q, a = r.qa[d["qa"]]
+            assert q == d["original"], d
+            questions += [
+                (f"p{d['partition']}-r{d['record']}", q, a),
+                (f"p{d['partition']}-r{d['record']}", d["question"], a),
+            ]
+            tags += ["original", f"rephrased: {d['style']}"]
 
     # -- the gate, once per question -------------------------------------------------------------------
     weights = torch.zeros(len(questions), len(ids))
@@ -125,20 +148,27 @@ def main() -> None:
 
     # -- save ------------------------------------------------------------------------------------------
     summary = []
-    for mode, outs in answers.items():
-        scores = [qa_scores(o, a) for o, (_, _, a) in zip(outs, questions, strict=True)]
-        k = int(sum(s["qa_acc"] for s in scores))
-        lo, hi = wilson(k, len(scores))
-        summary.append(
-            {
-                "mode": mode,
-                "QA": f"{k / len(scores):.3f}",
-                "95% CI": f"{lo:.3f}-{hi:.3f}",
-                "correct": f"{k}/{len(scores)}",
-                "F1": f"{sum(s['qa_f1'] for s in scores) / len(scores):.3f}",
-                "s": f"{timings[mode]:.0f}",
-            }
-        )
+    groups = sorted(set(tags), key=lambda t: (t != "original", t))
+    if args.rephrasings:
+        groups.insert(1, "rephrased: all")
+    for group in groups:
+        rows = [n for n, t in enumerate(tags) if t == group or (group == "rephrased: all" and t != "original")]
+        top1 = sum(routed_ids[n][:1] == [questions[n][0]] for n in rows) / len(rows)
+        for mode, outs in answers.items():
+            scores = [qa_scores(outs[n], questions[n][2]) for n in rows]
+            k = int(sum(s["qa_acc"] for s in scores))
+            lo, hi = wilson(k, len(scores))
+            summary.append(
+                {
+                    **({"questions": group, "gate top-1": f"{top1:.3f}"} if args.rephrasings else {}),
+                    "mode": mode,
+                    "QA": f"{k / len(scores):.3f}",
+                    "95% CI": f"{lo:.3f}-{hi:.3f}",
+                    "correct": f"{k}/{len(scores)}",
+                    "F1": f"{sum(s['qa_f1'] for s in scores) / len(scores):.3f}",
+                    "s": f"{timings[mode]:.0f}",
+                }
+            )
     top1 = sum(r[:1] == [own] for r, (own, _, _) in zip(routed_ids, questions, strict=True)) / len(questions)
     none = sum(not r for r in routed_ids) / len(questions)
     header = (
@@ -149,7 +179,8 @@ def main() -> None:
     print(table(summary))
     if args.out:
         rows = [
-            {"memory": own, "question": q, "gold": a, "routed": routed_ids[n], **{m: answers[m][n] for m in answers}}
+            {"memory": own, "question": q, "gold": a, "tag": tags[n], "routed": routed_ids[n]}
+            | {m: answers[m][n] for m in answers}
             for n, (own, q, a) in enumerate(questions)
         ]
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,3 +93,47 @@ def test_killed_add_leaves_nothing(tmp_path, where):
     s.add("doomed again", _adapter(2), torch.randn(1, 4), memory_id="doomed")  # the id is free
     assert s.get("doomed").text == "doomed again"
     assert not any((tmp_path / "s" / "tmp").glob("*"))  # the first write swept the dead writer's files
+
+
+def test_a_store_from_megamem_0_1_is_read_upgraded_and_repaired(tmp_path):
+    """Schema 1 (no per-file checksums, no memory.json, no pending table): read as it is, migrated by the first
+    write, and given memory.json and every file's checksum by repair."""
+    import json
+    import sqlite3
+
+    from safetensors.torch import save_file
+
+    from megamem.adapters import save_adapter
+    from megamem.health import repair, verify
+
+    path = tmp_path / "old"
+    (path / "memories" / "m1").mkdir(parents=True)
+    sha = save_adapter(_adapter(), path / "memories" / "m1", "m1")
+    save_file({"keys": torch.randn(2, 4)}, str(path / "memories" / "m1" / "keys.safetensors"))
+    db = sqlite3.connect(path / "manifest.sqlite")
+    db.executescript(
+        "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE memories (id TEXT PRIMARY KEY, text TEXT NOT NULL, created TEXT NOT NULL, key_function TEXT "
+        "NOT NULL, base_model TEXT NOT NULL, adapter_sha256 TEXT NOT NULL, n_keys INTEGER NOT NULL, "
+        "metadata TEXT NOT NULL);"
+    )
+    with db:
+        db.executemany(
+            "INSERT INTO settings VALUES (?, ?)",
+            [(k, json.dumps(v)) for k, v in {**SETTINGS, "schema_version": 1}.items()],
+        )
+        db.execute(
+            "INSERT INTO memories VALUES "
+            "('m1', 'an old fact', '2026-11-01T00:00:00+00:00', 'embedder', 'm1', ?, 2, '{}')",
+            (sha,),
+        )
+    db.close()
+    s = Store(path)
+    assert [r.id for r in s.records()] == ["m1"] and s.keys(s.get("m1")).shape == (2, 4)
+    assert not (path / "settings.json").exists()  # a read changes nothing
+    s.add("a new fact", _adapter(1), torch.randn(1, 4), memory_id="m2")  # the first write migrates
+    assert Store(path).get("m2").files.keys() >= {"memory.json", "keys.safetensors"}
+    assert (path / "settings.json").exists()
+    done = repair(path)
+    assert "memory.json" in Store(path).get("m1").files, done
+    assert [p for p in verify(path) if p.serious] == []

@@ -105,9 +105,7 @@ def verify(path: Path | str) -> list[Problem]:
             continue
         found.append(Problem("unknown", entry.name, "not megamem's: left alone"))
     rows = {r.id: r for r in store.records()} if store is not None else {}
-    pending = {}
-    if store is not None and store._has_pending:
-        pending = {i: (op, w) for i, op, w in store._q("SELECT id, op, writer FROM pending")}
+    pending = store.pending() if store is not None else {}
     for rec in rows.values():
         why = check_files(store.folder(rec.id), rec.files)
         if why is not None:
@@ -213,7 +211,8 @@ def repair(path: Path | str) -> list[str]:
             if MEMORY_FILE not in rec.files:
                 _upgrade(store, rec)
                 done.append(f"memory {rec.id}: wrote memory.json (a store made before megamem 0.2)")
-            elif _row_differs(store, rec):
+                continue
+            if _row_differs(store, rec):
                 data = read_memory_file(folder)
                 try:
                     store.relist(record_from_memory_file(data, rec.files[MEMORY_FILE]), replace=True)
@@ -229,11 +228,10 @@ def repair(path: Path | str) -> list[str]:
             os.rename(folder, target / "files")
             fsync_path(folder.parent)
         write_json_atomic(target / "record.json", rec.to_dict())
-        with store._write() as db:
-            db.execute("DELETE FROM memories WHERE id = ?", (rec.id,))
+        store.drop_row(rec.id)
         done.append(f"memory {rec.id}: {why}; its record and files are in quarantine/{stamp}/{rec.id}/")
     rows = {r.id for r in store.records()}
-    pending = {i: w for i, w in store._q("SELECT id, writer FROM pending")}
+    pending = {i: w for i, (_, w) in store.pending().items()}
     memories = path / "memories"
     for entry in sorted(memories.iterdir()):
         if entry.name in rows or (entry.name in pending and not writer_gone(pending[entry.name])):
@@ -289,9 +287,7 @@ def _upgrade(store: Store, rec: Record) -> None:
     }
     body = {"format": "megamem-memory", "version": 1, "nonce": uuid.uuid4().hex[:16], **rec.to_dict(), "files": files}
     write_json_atomic(folder / MEMORY_FILE, body)
-    with store._write() as db:
-        all_files = {**files, MEMORY_FILE: file_sha256(folder / MEMORY_FILE)}
-        db.execute("UPDATE memories SET files = ? WHERE id = ?", (json.dumps(all_files), rec.id))
+    store.set_files(rec.id, {**files, MEMORY_FILE: file_sha256(folder / MEMORY_FILE)})
 
 
 def _rebuild_manifest(path: Path, quarantine: Path, why: str, done: list[str]) -> Store:

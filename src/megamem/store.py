@@ -602,6 +602,22 @@ class Store:
                 db.execute("DELETE FROM memories WHERE id = ?", (rec.id,))
             _insert(db, rec)
 
+    def drop_row(self, memory_id: str) -> None:
+        """Remove a memory's row only (repair: its folder has gone to quarantine, its record with it)."""
+        with self._write() as db:
+            db.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
+
+    def set_files(self, memory_id: str, files: dict) -> None:
+        """Record the checksums of a memory's files (repair, for a memory from a store made before 0.2)."""
+        with self._write() as db:
+            db.execute("UPDATE memories SET files = ? WHERE id = ?", (json.dumps(files), memory_id))
+
+    def pending(self) -> dict[str, tuple[str, str]]:
+        """The operations in flight or left by a dead writer: id -> (op, writer)."""
+        if not self._has_pending:
+            return {}
+        return {i: (op, w) for i, op, w in self._q("SELECT id, op, writer FROM pending")}
+
     # -- reading files ---------------------------------------------------------------------------------------
     def adapter(self, rec: Record) -> Adapter:
         """A memory's adapter, its files checked against the manifest's checksums (MemoryDamaged if they fail)."""
