@@ -61,3 +61,10 @@ def test_question_about_a_memory_is_routed_to_it(mem, memory_id, question):
 
 def test_null_score_rises_with_a_stricter_rate(mem):
     assert mem.null_score(GateConfig(null_rate=0.0)) >= mem.null_score(GateConfig(null_rate=0.05))
+
+
+def test_activation_stores_have_no_null_memory_by_default():
+    """Measured: the paper's keys do not separate on-topic from other questions here (docs/tuning.md)."""
+    from megamem.memory import default_gate
+
+    assert default_gate("activation").null_rate is None and default_gate("embedder").null_rate == 0.01

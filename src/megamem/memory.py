@@ -553,9 +553,11 @@ def superseded(records: list[Record]) -> set[str]:
 
 def default_gate(key_function: str) -> GateConfig:
     """The store's default gate for its key function (docs/tuning.md): the paper's beta=1 dot product
-    for activation keys, a sharper softmax over cosines for the sentence embedder."""
+    for activation keys, a sharper softmax over cosines and the null memory for the sentence embedder."""
     if key_function == "activation":
-        return GateConfig(similarity="dot", beta=1.0, top_k=None)
+        # no null memory: on the default model these keys do not separate questions about a memory from others,
+        # and at null_rate 0.01 95% of the wiki questions lost their memory (docs/tuning.md, "No memory")
+        return GateConfig(similarity="dot", beta=1.0, top_k=None, null_rate=None)
     return GateConfig()
 
 
