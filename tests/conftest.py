@@ -29,28 +29,11 @@ def tok(smol_dir):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tok) -> Path:
-    """A 2-layer random Llama with the default model's tokenizer and a 96-token context, saved to disk."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A 2-layer random Llama with the default model's tokenizer and a 96-token context, saved to disk (built by
+    faultlib.make_tiny_model, which the long fault run uses outside pytest too)."""
+    from faultlib import make_tiny_model
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=96,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    model = LlamaForCausalLM(cfg)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture()
