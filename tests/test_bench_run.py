@@ -1,6 +1,7 @@
 """The bench end to end on the tiny model: the run folder's files, a metric, resume after a kill, bad input,
 outputs reused across steps."""
 
+import dataclasses
 import json
 
 import pytest
@@ -330,7 +331,14 @@ def bench_setup(tmp_path, tiny_dir):
     (folder / "partition-00.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
     # batch size 1: every prompt runs alone, so reused and recomputed outputs are comparable token for token
     cfg = bench_run.BenchConfig(
-        data=str(folder), model=str(tiny_dir), epochs=1, max_steps=1, mcq_limit=6, text_paragraphs=2, batch_size=1
+        data=str(folder),
+        model=str(tiny_dir),
+        epochs=1,
+        max_steps=1,
+        mcq_limit=6,
+        text_paragraphs=2,
+        batch_size=1,
+        general_qa=4,
     )
     shared, _ = bench_run.setup(cfg)
     part = bench_run.prepare(cfg, 0, shared.model, shared.tok)
@@ -340,6 +348,7 @@ def bench_setup(tmp_path, tiny_dir):
 
 def test_reused_outputs_equal_recomputed_ones_and_skip_the_known_prompts(bench_setup, monkeypatch):
     cfg, shared, lrs, part, probes = bench_setup
+    probes = dataclasses.replace(probes, qa_convs=[])  # the recall and QA prompts only (general ones: below)
     gate = GateConfig(similarity="cosine", beta=50.0, top_k=1)  # one memory a query: old prompts keep their gate
     mega = make_method("mega", shared, lrs)
     assert mega.cache is not None and make_method("irag", shared, lrs).cache is mega.cache  # shared adapters
@@ -410,3 +419,22 @@ def test_bench_help_names_the_protocols_rank_not_the_products():
     assert f"protocol's, {PROTOCOL_LORA.rank}" in text and "product" not in text
     assert BenchConfig(data="d").rank is None  # None resolves to the protocol's spec, not LoraSpec()
     assert PROTOCOL_LORA.upper == 1.0 != LoraSpec().upper
+
+
+def test_general_questions_go_through_the_products_gate(bench_setup):
+    """The general probes of a gated method use the null memory: a general question routed to no memory gets the
+    base model's answer, so the agreement with the base model is measured with the product's gate."""
+    cfg, shared, lrs, part, probes = bench_setup
+    mega = make_method("mega", shared, lrs)
+    for k in range(len(part.records)):
+        mega.learn(k, part.texts(k))
+    keys = part.keys[: len(part.records)]
+    gate = GateConfig(similarity="cosine", beta=50.0, top_k=4, null_rate=None)
+    with_null = bench_run.general_ability(shared, probes, mega.adapters(len(keys)), keys, gate, 1, None, 0.01)
+    without = bench_run.general_ability(shared, probes, mega.adapters(len(keys)), keys, gate, 1, None, None)
+    base = bench_run.general_ability(shared, probes, [], keys, gate, 1, None, 0.01)
+    assert base["general_qa_same"] == 1.0 and with_null["general_qa_same"] >= without["general_qa_same"]
+    null = bench_run.store_null_score(probes.calibration, torch.cat(keys), "cosine", 0.01)
+    w_null = bench_run.gate_matrix(probes.qa_keys, keys, gate, null)[0]
+    w_plain = bench_run.gate_matrix(probes.qa_keys, keys, gate)[0]
+    assert float(w_plain.sum(dim=1).min()) == pytest.approx(1.0) and float(w_null.sum()) < float(w_plain.sum())

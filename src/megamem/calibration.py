@@ -74,3 +74,22 @@ def calibration_keys(key_function: str, model_name: str, model=None, tok=None) -
 def null_score(best: torch.Tensor, null_rate: float) -> float:
     """The score that the calibration queries' best scores (`best`, one per query) exceed `null_rate` of the time."""
     return float(torch.quantile(best.float(), 1.0 - null_rate))
+
+
+def best_scores(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """(n_queries,) each calibration query's best score over the key rows; both already prepared for the
+    similarity (normalised for cosine). Sliced, so memory stays bounded at any store size."""
+    best = torch.full((queries.shape[0],), float("-inf"))
+    for start in range(0, keys.shape[0], chunk):
+        best = torch.maximum(best, (queries @ keys[start : start + chunk].T).max(dim=1).values)
+    return best
+
+
+def store_null_score(calibration: torch.Tensor, keys: torch.Tensor, similarity: str, null_rate: float) -> float:
+    """The null score of a store whose key rows are `keys` (n, dim), from raw calibration keys: what
+    Memory.null_score computes, for callers that hold keys without a store (the bench)."""
+    import torch.nn.functional as F
+
+    if similarity == "cosine":
+        calibration, keys = F.normalize(calibration.float(), dim=-1), F.normalize(keys.float(), dim=-1)
+    return null_score(best_scores(calibration.float(), keys.float()), null_rate)

@@ -401,6 +401,9 @@ def bench(
     judge_model: Annotated[str | None, typer.Option(help="The LLM judge's model name.")] = None,
     mcq_limit: Annotated[int | None, typer.Option(help="Use only the first N shipped MCQ questions.")] = None,
     text_paragraphs: Annotated[int, typer.Option(help="General-text paragraphs for the KL probe.")] = 16,
+    general_qa: Annotated[
+        int, typer.Option(help="General questions whose answers are compared with the base model's (0: off).")
+    ] = 60,
     batch_size: Annotated[int, typer.Option(help="Prompts per batched generation.")] = 16,
     threads: Annotated[
         int | None, typer.Option(help="Torch CPU threads (1 is far faster on a machine shared with other jobs).")
@@ -466,6 +469,7 @@ def bench(
             batch_size=batch_size,
             mcq_limit=mcq_limit,
             text_paragraphs=text_paragraphs,
+            general_qa=general_qa,
             threads=threads,
         )
         if compositional:

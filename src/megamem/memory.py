@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .adapters import Adapter, LoraSpec
-from .calibration import calibration_keys
+from .calibration import best_scores, calibration_keys
 from .calibration import null_score as calibrated_null_score
 from .checks import check_count, check_id, check_metadata, check_text, check_texts
 from .errors import MegamemError
@@ -481,10 +481,7 @@ class Memory:
             cal = calibration_keys(self.key_function, self.model_name, model, tok)
             index = self.key_index(cfg.similarity)
             queries = index.prepare_query(cal)  # (C, dim), normalised for cosine like the keys
-            best = torch.full((queries.shape[0],), float("-inf"))
-            for start in range(0, index.rows, 65536):  # (C, rows) in slices: bounded memory at any store size
-                best = torch.maximum(best, (queries @ index.keys[start : start + 65536].T).max(dim=1).values)
-            self._null_best[cfg.similarity] = best
+            self._null_best[cfg.similarity] = best_scores(queries, index.keys)
         return calibrated_null_score(self._null_best[cfg.similarity], cfg.null_rate)
 
     def route(self, question: str, gate: GateConfig | None = None) -> list[tuple[str, float]]:

@@ -43,6 +43,12 @@ def _mcq(d: dict) -> MCQ:
     return MCQ(d["question"], list(d["choices"]), int(d["answer"]), d.get("subject", ""))
 
 
+def shipped_general_qa() -> list[dict]:
+    """The shipped general questions with short answers (data/general_qa.jsonl; 'near' marks near-topic ones)."""
+    text = resources.files("megamem").joinpath("data/general_qa.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def shipped_text(max_paragraphs: int | None = None) -> list[str]:
     """The shipped general-text sample, one paragraph per item."""
     text = resources.files("megamem").joinpath("data/general_text.txt").read_text(encoding="utf-8")

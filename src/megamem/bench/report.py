@@ -26,6 +26,7 @@ COLUMNS = [  # (step-row field, header, digits)
     ("mcq_acc", "general MCQ acc", 3),
     ("mmlu_acc", "MMLU acc", 3),
     ("kl", "KL to base", 4),
+    ("general_qa_same", "general QA = base", 3),
 ]
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..adapters import LoraSpec
+from ..calibration import calibration_keys, store_null_score
 from ..errors import MegamemError
 from ..gate import GateConfig, gate_weights
 from ..generate import qa_prompt, recall_prompt, with_context
@@ -27,7 +28,7 @@ from ..index import KeyIndex
 from ..inject import inject_for
 from ..keys import compute_keys, embedder_keys
 from ..memory import default_gate
-from ..model import load_model
+from ..model import DEFAULT_MODEL, load_model
 from ..train import Recipe
 from . import general
 from .data import Record, load_partition, partition_files
@@ -46,6 +47,8 @@ from .methods import (
     variant,
 )
 from .metrics import cosine_matrix, llm_judge, qa_scores, random_pair_floor
+
+GENERAL_QA_TOKENS = 32  # a short answer; more only lengthens what must match token for token
 
 TARGETS = {
     "mlp": ("up_proj", "down_proj"),
@@ -76,6 +79,8 @@ class BenchConfig:
     recall_extra_tokens: int = 20
     mcq_limit: int | None = None
     text_paragraphs: int | None = 16
+    general_qa: int = 60  # shipped general questions whose answers are compared with the base model's (0: off)
+    general_null_rate: float | None = 0.01  # the product gate's null memory, for gated methods' general probes
     mmlu: str | None = None
     mmlu_subjects: list[str] | None = None
     mmlu_limit: int | None = 20
@@ -173,14 +178,17 @@ def prepare(cfg: BenchConfig, index: int, model, tok, records: list[Record] | No
     )
 
 
-def gate_matrix(queries: torch.Tensor, keys: list[torch.Tensor], gate: GateConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n_queries, k) gate weights over the k memories' keys, and the (n_queries, k) memory scores."""
+def gate_matrix(
+    queries: torch.Tensor, keys: list[torch.Tensor], gate: GateConfig, null_score: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_queries, k) gate weights over the k memories' keys (with the null memory at `null_score`, if given),
+    and the (n_queries, k) memory scores."""
     k = len(keys)
     all_keys = torch.cat(keys)
     owners = torch.cat([torch.full((len(x),), i) for i, x in enumerate(keys)])
     index = KeyIndex(all_keys, owners, k, gate.similarity)  # the product's scorer (Memory.route uses it too)
     scores = torch.stack([index.exact_scores(q) for q in queries])
-    weights = torch.stack([gate_weights(s, gate) for s in scores])
+    weights = torch.stack([gate_weights(s, gate, null_score) for s in scores])
     return weights, scores
 
 
@@ -201,6 +209,10 @@ class Probes:
     mmlu_keys: torch.Tensor
     text_keys: torch.Tensor
     reference: general.Reference | None = None
+    qa_convs: list = field(default_factory=list)  # the general questions, as QA conversations
+    qa_keys: torch.Tensor | None = None
+    qa_base: list[str] = field(default_factory=list)  # the base model's answers to them
+    calibration: torch.Tensor | None = None  # the calibration queries' keys (the null memory's score)
 
 
 def make_probes(cfg: BenchConfig, model, tok) -> Probes:
@@ -224,18 +236,36 @@ def make_probes(cfg: BenchConfig, model, tok) -> Probes:
         compute_keys(kf, paragraphs, model, tok),
     )
     probes.reference = general.make_reference(token_logprobs(model, text_seqs, tok.pad_token_id))
+    questions = general.shipped_general_qa()[: cfg.general_qa] if cfg.general_qa else []
+    probes.qa_convs = [[("user", qa_prompt(q["question"]))] for q in questions]
+    probes.qa_keys = compute_keys(kf, [q["question"] for q in questions], model, tok) if questions else None
+    probes.qa_base = generate(model, tok, probes.qa_convs, GENERAL_QA_TOKENS, batch_size=cfg.batch_size)
+    if cfg.general_null_rate is not None:
+        probes.calibration = calibration_keys(kf, cfg.model or DEFAULT_MODEL, model, tok)
     return probes
 
 
 def general_ability(
-    shared: Shared, probes: Probes, adapters: list, keys: list[torch.Tensor], gate: GateConfig, bs: int, cache
+    shared: Shared,
+    probes: Probes,
+    adapters: list,
+    keys: list[torch.Tensor],
+    gate: GateConfig,
+    bs: int,
+    cache,
+    null_rate: float | None = None,
 ) -> dict[str, float]:
-    """MCQ accuracy, MMLU accuracy (if given) and KL to the base model; gated methods go through the gate.
-    Each probe's result is reused from `cache` (see `reuse`) where its gate is one already computed."""
+    """MCQ accuracy, MMLU accuracy (if given), KL to the base model, and the share of general questions answered
+    exactly as the base model does. Gated methods go through the product's gate: the bench's, with the null
+    memory at the store's calibrated score (null_rate; None: the paper's gate). Each probe's result is reused
+    from `cache` (see `reuse`) where its gate is one already computed."""
     model, tok = shared.model, shared.tok
+    null = None
+    if adapters and null_rate is not None and probes.calibration is not None:
+        null = store_null_score(probes.calibration, torch.cat(keys), gate.similarity, null_rate)
 
     def w(q: torch.Tensor) -> torch.Tensor | None:
-        return gate_matrix(q, keys, gate)[0] if adapters else None
+        return gate_matrix(q, keys, gate, null)[0] if adapters else None
 
     def letter_logits(kind: str, seqs: list[list[int]], weights: torch.Tensor | None) -> torch.Tensor:
         def run(idx: list[int]) -> list[torch.Tensor]:
@@ -258,6 +288,15 @@ def general_ability(
         return [general.kl_sum(probes.reference, i, lp) for i, lp in zip(idx, logp, strict=True)]
 
     out["kl"] = general.mean_kl(reuse(cache, "kl", list(range(len(probes.text_seqs))), text_w, kl_sums))
+    if probes.qa_convs:
+        qa_w = w(probes.qa_keys)
+
+        def answers(idx: list[int]) -> list[str]:
+            convs = [probes.qa_convs[i] for i in idx]
+            return generate(model, tok, convs, GENERAL_QA_TOKENS, adapters, rows_of(qa_w, idx), bs)
+
+        got = reuse(cache, "general_qa", list(range(len(probes.qa_convs))), qa_w, answers)
+        out["general_qa_same"] = sum(a == b for a, b in zip(got, probes.qa_base, strict=True)) / len(got)
     return out
 
 
@@ -390,7 +429,7 @@ def evaluate(
                 row["llm_judge"] = sum(judged) / len(judged)
         rows.append(row)
 
-    general_row = general_ability(shared, probes, adapters, keys, gate, bs, cache)
+    general_row = general_ability(shared, probes, adapters, keys, gate, bs, cache, cfg.general_null_rate)
     step_row = {"kind": "step", "partition": part.index, "method": method.name, "step": k, **general_row}
     step_row["memories"] = len(part.records)  # the partition's last step: the report tells finished methods apart
     for metric in ("recall_cos", "qa_acc", "qa_f1", "logprob", "gate_top1", "llm_judge"):
