@@ -145,16 +145,24 @@ class Memory:
                 "gate": default_gate(kf).to_dict(),
                 "adapter_dtype": ADAPTER_DTYPE,
             }
+        self._apply_settings()
+
+    def _apply_settings(self) -> None:
+        """The model, key function, LoRA spec and gate this object uses: the store's (or a new store's)."""
         s = self._settings
+        if self._model is not None and (s["base_model"] != self.model_name or s["lora"] != self.lora.to_dict()):
+            self._model = self._tok = None  # another process made the store with another model or adapter shape
         self.model_name: str = s["base_model"]
         self.key_function: str = s["key_function"]
         self.lora = LoraSpec.from_dict(s["lora"])
-        self.gate = gate or GateConfig(**s["gate"])
+        self.gate = self._given_gate or GateConfig(**s["gate"])
 
     def _open(self) -> None:
         self.store = Store(self.path, self._given)
         self._settings = self.store.settings()
         self._version = self.store.data_version()
+        if hasattr(self, "model_name"):  # opened after construction: a store another process created
+            self._apply_settings()
         self._report_unknown()
 
     def _report_unknown(self) -> None:
