@@ -150,7 +150,9 @@ class Memory:
     def _apply_settings(self) -> None:
         """The model, key function, LoRA spec and gate this object uses: the store's (or a new store's)."""
         s = self._settings
-        if self._model is not None and (s["base_model"] != self.model_name or s["lora"] != self.lora.to_dict()):
+        if self._model is not None and (
+            s["base_model"] != self.model_name or LoraSpec.from_dict(s["lora"]) != self.lora
+        ):
             self._model = self._tok = None  # another process made the store with another model or adapter shape
         self.model_name: str = s["base_model"]
         self.key_function: str = s["key_function"]
