@@ -6,7 +6,7 @@ Loop: every question of those records is routed by the product's gate (null memo
 each mode, in batches with a per-row mixture (megamem.bench.infer.generate: token for token what
 Memory.ask answers): base (no memory), rag (plain RAG: the top-1 stored passage by the embedder's cosine,
 in context, no adapter), mega (the product's qa mode), irag (recall, then answer) and mega+rag (the gated
-adapters and the gated memories' texts in context). Save: per-question rows and a summary as JSON, and
+adapters and the heaviest gated memory's text in context, as the product's mode; --context N for more). Save: per-question rows and a summary as JSON, and
 the summary table (offline judge: the gold answer contained in a one-sentence answer; Wilson 95% CI).
 
     python benchmarks/qa_modes.py --partitions 7,8 --store /tmp/qa-p78 --out docs/results/qa_modes-p78.json
@@ -53,6 +53,9 @@ def main() -> None:
         "--rephrasings",
         action="store_true",
         help="ask data/rephrasings.jsonl's questions (worded unlike any training text) beside their originals",
+    )
+    ap.add_argument(
+        "--context", type=int, default=1, help="mega+rag: this many gated texts in context (the product's: 1)"
     )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -137,7 +140,7 @@ def main() -> None:
             answers[mode] = generate(model, tok, convs, 64, adapters, weights, bs)
         elif mode == "mega+rag":
             convs = [
-                [("user", with_context(p, [text_of[i] for i in routed_ids[n]]) if routed_ids[n] else p)]
+                [("user", with_context(p, [text_of[i] for i in routed_ids[n][: args.context]]) if routed_ids[n] else p)]
                 for n, p in enumerate(qa)
             ]
             answers[mode] = generate(model, tok, convs, 64, adapters, weights, bs)

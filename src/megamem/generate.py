@@ -11,8 +11,8 @@ from .inject import clear, set_mixture
 from .model import chat_ids
 
 MODES = ("qa", "recall", "irag", "rag", "mega+rag")
-# qa / recall / irag: the paper's three modes, from the adapters alone. rag: the gated memories' stored texts in
-# context, no adapter. mega+rag: both, the adapters mixed and their texts in context (PRAG, arXiv 2501.15915).
+# qa / recall / irag: the paper's three modes, from the adapters alone. rag: the heaviest gated memory's stored text
+# in context, no adapter. mega+rag: both, the adapters mixed and that text in context (PRAG, arXiv 2501.15915).
 RECALL_SUFFIX = " Reconstruct the entire story that is related to the above question."
 QA_SUFFIX = " Answer should be no more than one sentence."
 
