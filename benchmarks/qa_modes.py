@@ -6,10 +6,11 @@ Loop: every question of those records is routed by the product's gate (null memo
 each mode, in batches with a per-row mixture (megamem.bench.infer.generate: token for token what
 Memory.ask answers): base (no memory), rag (plain RAG: the top-1 stored passage by the embedder's cosine,
 in context, no adapter), mega (the product's qa mode), irag (recall, then answer) and mega+rag (the gated
-adapters and the heaviest gated memory's text in context, as the product's mode; --context N for more). Save: per-question rows and a summary as JSON, and
-the summary table (offline judge: the gold answer contained in a one-sentence answer; Wilson 95% CI).
+adapters and the heaviest gated memory's text in context, as the product's mode; --context N for more).
+Save: per-question rows and a summary as JSON, and the summary table (offline judge: the gold answer
+contained in a one-sentence answer; Wilson 95% CI).
 
-    python benchmarks/qa_modes.py --partitions 7,8 --store /tmp/qa-p78 --out docs/results/qa_modes-p78.json
+    python benchmarks/qa_modes.py --partitions 7,8 --store /tmp/qa-p78 --out bench-runs/qa_modes-p78.json
 """
 
 from __future__ import annotations
