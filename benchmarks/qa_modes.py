@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--paraphrases", type=int, default=9, help="paraphrases given with each passage")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--store", type=Path, required=True, help="store folder (learned once, reused if it exists)")
+    ap.add_argument("--upper", type=float, default=None, help="a new store's LoRA share of layers (a lever)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
@@ -72,7 +73,9 @@ def main() -> None:
     # -- setup: the store, learned with the product's defaults ----------------------------------------------
     parts = [int(x) for x in args.partitions.split(",")]
     records = [(p, i, r) for p in parts for i, r in enumerate(load_partition(DATA, p, args.memories))]
-    mem = Memory(args.store)
+    from megamem import LoraSpec
+
+    mem = Memory(args.store, lora=LoraSpec(upper=args.upper) if args.upper else None)
     t0 = time.perf_counter()
     todo = [
         Item(r.passage, r.paraphrases[: args.paraphrases], {"partition": p, "record": i}, f"p{p}-r{i}")
