@@ -255,3 +255,33 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert proc.returncode in (1, 130)
+
+
+def test_memory_added_elsewhere_during_training_is_seen(tmp_path, tiny_dir):
+    """A commit by another writer while this object trains must not be masked by this object's own add."""
+    path = tmp_path / "s"
+    recipe = Recipe(epochs=1, min_tokens=0)
+    mine = Memory(path, model=str(tiny_dir), recipe=recipe)
+    mine.add(HERON, id="heron")
+    other = Memory(path, model=str(tiny_dir), recipe=recipe)
+    done = []
+
+    def meanwhile(*_):
+        if not done:
+            done.append(other.add("Pim the axolotl is the mascot of the Quillon Institute.", id="pim"))
+
+    mine.add("The Skarvik ferry crosses Lake Tessin every winter.", id="ferry", on_step=meanwhile)
+    assert done and mine.route("Which animal is the Quillon mascot?", GateConfig(top_k=1))[0][0] == "pim"
+
+
+def test_junk_in_tmp_is_named_once(capsys, store):
+    junk = store / "tmp" / "junk"
+    junk.write_text("not megamem's")
+    try:
+        rc, _out, err = cli(
+            capsys, "add", "Ida paints the Vexmoor bridge.", "--id", "ida", "--epochs", "1", "--store", store
+        )
+        assert rc == 0 and err.count("tmp/junk") == 1, err  # the open and the write's sweep once, not twice
+    finally:
+        junk.unlink()
+        Memory(store).forget("ida")

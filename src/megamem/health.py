@@ -199,7 +199,7 @@ def repair(path: Path | str) -> list[str]:
     except StoreDamaged as exc:
         store = _rebuild_manifest(path, quarantine, str(exc), done)
     store.writable()  # sweeps the dead writers' leftovers
-    done += [f"left alone: {n}" for n in store.notices]
+    done += [f"left alone: {e} is not megamem's" for e in store.foreign_entries() if e.startswith("tmp/")]
     if had_settings != store.settings():
         write_json_atomic(path / SETTINGS_FILE, {"format": "megamem-store", "settings": store.settings()})
         done.append("wrote settings.json from the manifest" + (" (it was damaged or differed)" if had_settings else ""))

@@ -24,7 +24,7 @@ from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject_for
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
 from .model import DEFAULT_MODEL, load_model
-from .store import TMP_NAME, MemoryDamaged, Record, Store, default_store_path, read_memory_file
+from .store import MemoryDamaged, Record, Store, default_store_path
 from .train import Recipe, check_fits, train_adapter, train_adapters_batched
 from .updates import likely_update
 
@@ -67,11 +67,6 @@ class Item:
     id: str | None = None
     origin: str | None = None
     replaces: list[str] = field(default_factory=list)  # ids of older memories this one supersedes
-
-
-def clean_text(text: object, what: str = "text") -> str:
-    """Strip a text, refusing anything that is not a non-empty string free of control characters."""
-    return check_text(text, what)
 
 
 class Memory:
@@ -131,12 +126,7 @@ class Memory:
         elif not create:
             raise MegamemError(f"no megamem store at {self.path}")
         else:  # a new store: its settings now, its files only once the first memory's model has loaded
-            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-                raise MegamemError(
-                    f"{self.path} is not empty and holds no megamem store; choose a new or empty folder"
-                    if self.path.is_dir()
-                    else f"store path {self.path} is not a folder"
-                )
+            Store.check_new_path(self.path)  # now, before the model loads for the first add
             kf = key_function or DEFAULT_KEY_FUNCTION
             self._settings = {
                 "base_model": model or DEFAULT_MODEL,
@@ -169,14 +159,8 @@ class Memory:
 
     def _report_unknown(self) -> None:
         """Warn about entries in memories/ and tmp/ that megamem did not write (it leaves them alone)."""
-        known = {r.id for r in self.store.records()}
-        for sub in ("memories", "tmp"):
-            folder = self.path / sub
-            for entry in folder.iterdir() if folder.is_dir() else []:
-                if sub == "memories" and entry.name not in known and read_memory_file(entry) is None:
-                    self._warn(f"{sub}/{entry.name} is not megamem's: left alone (`megamem verify` lists such entries)")
-                elif sub == "tmp" and not TMP_NAME.fullmatch(entry.name):
-                    self._warn(f"{sub}/{entry.name} is not megamem's: left alone (`megamem verify` lists such entries)")
+        for entry in self.store.foreign_entries():
+            self._warn(f"{entry} is not megamem's: left alone (`megamem verify` lists such entries)")
 
     def _warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -335,21 +319,20 @@ class Memory:
                 meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else dict(item.metadata)
                 if item.replaces:
                     meta[REPLACES] = list(item.replaces)
-                if not item.replaces:
+                else:
                     self._note_likely_updates(item, keys)
                 records.append(store.add(item.text, adapter, keys, meta, item.id))
                 self._append_keys(records[-1].id, keys)
                 self._superseded |= set(item.replaces)
                 if on_stored is not None:
                     on_stored(records[-1])
-        self._version = store.data_version()
         return records
 
     def likely_updates(self, text: str, keys: torch.Tensor | None = None) -> list[tuple[str, float]]:
         """Stored memories that `text` probably updates (close keys and the same names: megamem.updates), with
         their best key cosine, closest first. keys: the text's keys, if already computed."""
         text = check_text(text)
-        ids, all_keys, owners = self._all_keys()
+        ids = self._all_keys()[0]
         if not ids:
             return []
         if keys is None:

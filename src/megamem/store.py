@@ -56,9 +56,12 @@ TMP_NAME = re.compile(
     r"\.?(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*?)\.(?P<writer>\d+-\d+)\.(?P<nonce>[0-9a-f]{16})(?:-wal|-shm|-journal)?"
 )
 _LOOKUP = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what a stored id can be; anything else is simply not there
-_SCHEMA = """
-CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE memories (
+_PENDING_TABLE = (
+    "CREATE TABLE pending (id TEXT PRIMARY KEY, op TEXT NOT NULL, writer TEXT NOT NULL, proof TEXT NOT NULL)"
+)
+_TABLES = (
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE memories (
     id TEXT PRIMARY KEY,
     text TEXT NOT NULL,
     created TEXT NOT NULL,
@@ -68,9 +71,9 @@ CREATE TABLE memories (
     n_keys INTEGER NOT NULL,
     metadata TEXT NOT NULL,
     files TEXT NOT NULL DEFAULT '{}'
-);
-CREATE TABLE pending (id TEXT PRIMARY KEY, op TEXT NOT NULL, writer TEXT NOT NULL, proof TEXT NOT NULL);
-"""
+)""",
+    _PENDING_TABLE,
+)
 _COLUMNS = "id, text, created, key_function, base_model, adapter_sha256, n_keys, metadata"
 
 
@@ -216,7 +219,7 @@ def init_manifest(file: Path, settings: dict) -> None:
         db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
         db.execute("PRAGMA synchronous=FULL")
         db.execute("BEGIN IMMEDIATE")
-        for stmt in _SCHEMA.strip().split(";\n"):
+        for stmt in _TABLES:
             db.execute(stmt)
         db.executemany("INSERT INTO settings VALUES (?, ?)", [(k, json.dumps(v)) for k, v in settings.items()])
         db.execute("COMMIT")
@@ -242,7 +245,7 @@ class Store:
     ) -> None:
         self.path = Path(path)
         self.busy_timeout = BUSY_TIMEOUT_S if busy_timeout is None else busy_timeout
-        self.notices: list[str] = []  # what the last sweep left alone, for the caller to report
+        self.notices: list[str] = []  # what a forget left alone (a folder that no longer matched), to report
         self._writable = False
         if self.path.exists() and not self.path.is_dir():
             raise MegamemError(f"store path {self.path} is not a folder")
@@ -273,6 +276,32 @@ class Store:
         """Whether `path` holds a store (its manifest, or the settings.json that outlives a lost manifest)."""
         path = Path(path)
         return path.is_dir() and ((path / MANIFEST).exists() or (path / SETTINGS_FILE).is_file())
+
+    @staticmethod
+    def check_new_path(path: Path) -> None:
+        """Refuse to create a store where something else already is: a file, or a folder that is not empty."""
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise MegamemError(
+                f"{path} is not empty and holds no megamem store; choose a new or empty folder"
+                if path.is_dir()
+                else f"store path {path} is not a folder"
+            )
+
+    def foreign_entries(self) -> list[str]:
+        """Entries in memories/ and tmp/ that megamem did not write (it leaves them alone), from the store's root."""
+        known = {r.id for r in self.records()} | set(self.pending())
+        out = []
+        for sub in ("memories", "tmp"):
+            folder = self.path / sub
+            for entry in sorted(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []:
+                ours = (
+                    entry.name in known or read_memory_file(entry) is not None
+                    if sub == "memories"
+                    else TMP_NAME.fullmatch(entry.name) is not None
+                )
+                if not ours:
+                    out.append(f"{sub}/{entry.name}")
+        return out
 
     # -- opening ----------------------------------------------------------------------------------------------
     def _connect(self, manifest: Path) -> sqlite3.Connection:
@@ -336,8 +365,7 @@ class Store:
         for key in ("base_model", "key_function"):
             if not settings.get(key):
                 raise MegamemError(f"a new store needs the setting {key!r}")
-        if self.path.exists() and any(self.path.iterdir()):
-            raise MegamemError(f"{self.path} is not empty and holds no megamem store; choose a new or empty folder")
+        Store.check_new_path(self.path)
         full = {**settings, "schema_version": SCHEMA_VERSION}
         try:
             (self.path / "memories").mkdir(parents=True, exist_ok=True)
@@ -434,7 +462,7 @@ class Store:
             if not self._has_files:
                 db.execute("ALTER TABLE memories ADD COLUMN files TEXT NOT NULL DEFAULT '{}'")
             if not self._has_pending:
-                db.execute(_SCHEMA.strip().split(";\n")[2])
+                db.execute(_PENDING_TABLE)
             db.execute("INSERT OR REPLACE INTO settings VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),))
         if not self._has_files or not self._has_pending:
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -446,12 +474,12 @@ class Store:
                 write_json_atomic(self.path / SETTINGS_FILE, {"format": "megamem-store", "settings": self.settings()})
         except OSError as exc:
             raise MegamemError(f"cannot write to the store {self.path}: {exc.strerror or exc}") from None
-        self.notices = self.sweep()
+        self.sweep()
         self._writable = True
 
-    def sweep(self) -> list[str]:
-        """Roll back the operations of writers proven gone and remove their temp entries; return notes on what
-        was left alone (anything megamem did not write)."""
+    def sweep(self) -> None:
+        """Roll back the operations of writers proven gone and remove their temp entries (only those: what
+        megamem did not write is left alone, and `foreign_entries` names it)."""
         for memory_id, writer, proof in self._q("SELECT id, writer, proof FROM pending"):
             if not writer_gone(writer):
                 continue
@@ -460,19 +488,15 @@ class Store:
                 self._discard(folder, memory_id)
             with self._write() as db:
                 db.execute("DELETE FROM pending WHERE id = ? AND writer = ?", (memory_id, writer))
-        notes = []
         tmp = self.path / "tmp"
         for entry in sorted(tmp.iterdir()) if tmp.is_dir() and not tmp.is_symlink() else []:
             m = TMP_NAME.fullmatch(entry.name)
             if m and not entry.is_symlink() and writer_gone(m["writer"]):
                 _remove(entry)
-            elif not m:
-                notes.append(f"tmp/{entry.name} is not megamem's: left alone")
         for entry in self.path.glob(".*"):  # a settings.json being replaced when its writer died
             m = TMP_NAME.fullmatch(entry.name)
             if m and entry.name.startswith(f".{SETTINGS_FILE}.") and entry.is_file() and writer_gone(m["writer"]):
                 entry.unlink(missing_ok=True)
-        return notes
 
     @staticmethod
     def _proves(folder: Path, proof: str) -> bool:
