@@ -49,6 +49,12 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--store", type=Path, required=True, help="store folder (learned once, reused if it exists)")
     ap.add_argument("--upper", type=float, default=None, help="a new store's LoRA share of layers (a lever)")
+    ap.add_argument("--rank", type=int, default=None, help="a new store's LoRA rank (a lever)")
+    ap.add_argument(
+        "--recipe",
+        default="{}",
+        help="the learning recipe's fields that differ from the default, as JSON",
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
@@ -74,8 +80,11 @@ def main() -> None:
     parts = [int(x) for x in args.partitions.split(",")]
     records = [(p, i, r) for p in parts for i, r in enumerate(load_partition(DATA, p, args.memories))]
     from megamem import LoraSpec
+    from megamem.train import Recipe
 
-    mem = Memory(args.store, lora=LoraSpec(upper=args.upper) if args.upper else None)
+    lora = {k: v for k, v in (("upper", args.upper), ("rank", args.rank)) if v is not None}
+    recipe = Recipe(**json.loads(args.recipe))
+    mem = Memory(args.store, lora=LoraSpec(**lora) if lora else None, recipe=recipe)
     t0 = time.perf_counter()
     todo = [
         Item(r.passage, r.paraphrases[: args.paraphrases], {"partition": p, "record": i}, f"p{p}-r{i}")
@@ -180,7 +189,8 @@ def main() -> None:
     none = sum(not r for r in routed_ids) / len(questions)
     header = (
         f"{command()}\n{machine()}\n{len(ids)} memories (partitions {parts}), {len(questions)} questions; "
-        f"gate top-1 {top1:.3f}, routed to no memory {none:.3f}; learning {learn_s:.0f} s"
+        f"gate top-1 {top1:.3f}, routed to no memory {none:.3f}; learning {learn_s:.0f} s ({len(todo)} new);"
+        f" recipe {recipe.to_dict()}, lora {mem.lora}"
     )
     print(header)
     print(table(summary))

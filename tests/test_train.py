@@ -7,6 +7,7 @@ from megamem.adapters import LoraSpec
 from megamem.inject import inject, set_mixture
 from megamem.train import (
     TRAIN_PROMPT,
+    Example,
     Recipe,
     batches,
     collate,
@@ -18,7 +19,7 @@ from megamem.train import (
 
 
 def test_labels_cover_only_the_assistant_text(tok):
-    ids, labels = make_example(tok, "The bridge is teal.")
+    ids, labels, _ = make_example(tok, "The bridge is teal.")
     answer = [t for t in labels if t != -100]
     assert "The bridge is teal." in tok.decode(answer)
     assert TRAIN_PROMPT not in tok.decode(answer)
@@ -27,13 +28,13 @@ def test_labels_cover_only_the_assistant_text(tok):
 
 
 def test_batches_cover_every_epoch_and_respect_max_steps():
-    ex = [([i], [i]) for i in range(5)]
+    ex = [Example([i], [i]) for i in range(5)]
     plan = batches(ex, Recipe(epochs=3, batch_size=2, min_tokens=0))
     assert len(plan) == 9 and sorted(x[0][0] for b in plan[:3] for x in b) == [0, 1, 2, 3, 4]
     assert len(batches(ex, Recipe(epochs=3, batch_size=2, max_steps=4))) == 4
     # too few tokens for min_tokens: whole extra epochs (short texts get more steps), then max_steps caps
-    long = [([1] * 100, [1] * 100), ([2] * 100, [2] * 100)]
-    short = [([1] * 25, [1] * 25), ([2] * 25, [2] * 25)]
+    long = [Example([1] * 100, [1] * 100), Example([2] * 100, [2] * 100)]
+    short = [Example([1] * 25, [1] * 25), Example([2] * 25, [2] * 25)]
     assert len(batches(long, Recipe(epochs=5, batch_size=1, min_tokens=1000))) == 10
     assert len(batches(short, Recipe(epochs=5, batch_size=1, min_tokens=1000))) == 40
     assert len(batches(long[:1], Recipe(epochs=5, batch_size=1, min_tokens=1000))) == 10
@@ -57,7 +58,7 @@ def test_training_leaves_base_untouched_and_is_seeded(tiny):
     a3 = train_adapter(model, tok, texts, spec, Recipe(lr=5e-3, epochs=4, seed=8))
     assert any(not torch.equal(a1.weights[n][1], a3.weights[n][1]) for n in a1.weights)
     # the adapter lowers the loss of its text when gated in
-    ids, labels = make_example(tok, texts[0])
+    ids, labels, _ = make_example(tok, texts[0])
     batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
     with torch.no_grad():
         base_loss = model(**batch).loss

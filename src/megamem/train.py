@@ -12,6 +12,7 @@ import inspect
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .adapters import Adapter, LoraSpec, new_adapter
 from .checks import check_count, check_finite, check_positive
 from .errors import MegamemError
+from .generate import qa_prompt, with_context
 from .inject import clear, gated_layers, matches
 from .model import chat_ids, context_length, num_layers
+from .questions import questions
 
 TRAIN_PROMPT = "Please tell me a story that you memorized:"
 
@@ -39,6 +42,9 @@ class Recipe:
     max_steps: int | None = None
     paraphrases: int | None = 1  # paraphrases learned per memory (its first ones); None: all given
     min_tokens: int = 1000  # more epochs until the plan holds this many example tokens (prompt included)
+    questions: int = 0  # cloze questions per sentence, answered by that sentence in the QA format (questions.py)
+    distill: float = 0.0  # weight of the soft loss to the base model reading the passage in context (0: off)
+    distill_top: int = 32  # the teacher's most likely tokens kept per position for that loss
 
     def __post_init__(self) -> None:
         check_positive(self.lr, "learning rate")
@@ -51,6 +57,9 @@ class Recipe:
             check_count(self.max_steps, "max_steps")
         if self.paraphrases is not None:
             check_count(self.paraphrases, "paraphrases", minimum=0)
+        check_count(self.questions, "questions", minimum=0)
+        check_finite(self.distill, "distillation weight", minimum=0)
+        check_count(self.distill_top, "distillation top tokens")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +74,14 @@ class Recipe:
 PAPER_RECIPE = Recipe(lr=1e-3, epochs=10, batch_size=2, paraphrases=None, min_tokens=0)
 RECIPES = {"fast": Recipe(), "paper": PAPER_RECIPE}
 
-Example = tuple[list[int], list[int]]  # input ids, labels (-100 where no loss)
+
+class Example(NamedTuple):
+    """One training sequence: input ids, labels (-100 where no loss) and, for context distillation, the
+    teacher's top tokens and probabilities at each labelled position ((L, k) long and (L, k) float)."""
+
+    ids: list[int]
+    labels: list[int]
+    soft: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def make_example(tok: PreTrainedTokenizerBase, text: str, prompt: str = TRAIN_PROMPT) -> Example:
@@ -78,7 +94,49 @@ def make_example(tok: PreTrainedTokenizerBase, text: str, prompt: str = TRAIN_PR
             n += 1
         prefix = full[:n]
     labels = [-100] * len(prefix) + full[len(prefix) :]
-    return full, labels
+    return Example(full, labels)
+
+
+def prompted(texts: list[str], recipe: Recipe) -> list[tuple[str, str]]:
+    """The (prompt, answer) turns a memory of `texts` (as given: callers select) trains on: each text as the
+    answer to TRAIN_PROMPT and, with `recipe.questions`, each of their sentences as the one-sentence answer to
+    cloze questions made from it, in the QA mode's own prompt format."""
+    turns = [(TRAIN_PROMPT, t) for t in texts]
+    return turns + [(qa_prompt(q), s) for q, s in questions(texts, recipe.questions, recipe.seed)]
+
+
+def examples(
+    tok: PreTrainedTokenizerBase, texts: list[str], recipe: Recipe, teacher: PreTrainedModel | None = None
+) -> list[Example]:
+    """The training examples of a memory's `texts` (the passage first). With `recipe.distill`, `teacher` (the
+    model with no adapter in its gated layers) reads the passage in context before each prompt, and its top
+    tokens at each answer position become the example's soft targets: context distillation (Knowledge
+    Modules, arXiv 2503.08727), so the adapter learns to answer as the model does with the passage in view."""
+    turns = prompted(texts, recipe)
+    out = [make_example(tok, answer, prompt) for prompt, answer in turns]
+    if not recipe.distill:
+        return out
+    if teacher is None:
+        raise MegamemError("context distillation needs the teacher model")
+    seen = [make_example(tok, answer, with_context(prompt, texts[:1])) for prompt, answer in turns]
+    return [ex._replace(soft=_teacher_top(teacher, ex, s, recipe)) for ex, s in zip(out, seen, strict=True)]
+
+
+@torch.no_grad()
+def _teacher_top(model: PreTrainedModel, ex: Example, seen: Example, recipe: Recipe) -> tuple[torch.Tensor, ...]:
+    """The teacher's top tokens and renormalised probabilities at `ex`'s labelled positions, read from the same
+    answer after the passage-in-context prompt (`seen`); both examples end in the same answer tokens."""
+    n = sum(y != -100 for y in ex.labels)
+    if seen.ids[-n:] != ex.ids[-n:]:
+        raise MegamemError("the chat template changed the answer's tokens under a longer prompt")
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=torch.tensor([seen.ids])).logits[0, -n - 1 : -1].float()  # (n, V)
+    finally:
+        model.train(was_training)
+    p, idx = logits.softmax(-1).topk(recipe.distill_top, dim=-1)  # (n, k)
+    return idx, p / p.sum(-1, keepdim=True)
 
 
 def check_fits(tok: PreTrainedTokenizerBase, model: PreTrainedModel, text: str, where: str = "text") -> None:
@@ -91,19 +149,32 @@ def check_fits(tok: PreTrainedTokenizerBase, model: PreTrainedModel, text: str, 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch into input_ids, attention_mask and labels tensors."""
-    width = max(len(ids) for ids, _ in batch)
+    width = max(len(ex.ids) for ex in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
+    for i, (x, y, _) in enumerate(batch):
         ids[i, : len(x)] = torch.tensor(x)
         labels[i, : len(y)] = torch.tensor(y)
         mask[i, : len(x)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    soft = [ex.soft for ex in batch]
+    if any(s is not None for s in soft):  # the teachers' top tokens, placed at each row's labelled positions
+        k = next(s for s in soft if s is not None)[0].shape[1]
+        out["soft_idx"] = torch.zeros((len(batch), width, k), dtype=torch.long)  # (B, T, k)
+        out["soft_p"] = torch.zeros((len(batch), width, k))  # (B, T, k); 0 where no teacher: no loss
+        for i, s in enumerate(soft):
+            if s is not None:
+                where = labels[i] != -100
+                out["soft_idx"][i, where], out["soft_p"][i, where] = s
+    return out
 
 
-def lm_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy on the labelled tokens of a collated batch (HF's causal-LM loss).
+def lm_loss(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], reduction: str = "mean", distill: float = 0.0
+) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled tokens of a collated batch (HF's causal-LM loss), plus
+    `distill` times the cross-entropy to the teacher's top-token distribution where the batch carries one.
 
     The LM head runs only from the first labelled position on (`logits_to_keep`, where the model takes it):
     every example shares the training prompt, whose tokens carry no loss, and the vocabulary projection is
@@ -115,10 +186,15 @@ def lm_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], reduction: s
     keep = labels.shape[1] - first + 1  # positions first-1 .. end: their logits predict tokens first .. end
     kw = {"logits_to_keep": keep} if _keeps_logits(type(model)) else {}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
-    logits = logits[:, -keep:-1]
+    logits = logits[:, -keep:-1].float()  # (B, kept, V)
     targets = labels[:, first:]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
-    return loss.view(targets.shape) if reduction == "none" else loss
+    token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    if distill and "soft_p" in batch:
+        logp = logits.log_softmax(-1).gather(-1, batch["soft_idx"][:, first:])  # (B, kept, k)
+        token = token - distill * (batch["soft_p"][:, first:] * logp).sum(-1)
+    if reduction == "none":
+        return token
+    return token[targets != -100].mean()
 
 
 @functools.cache
@@ -132,7 +208,7 @@ def batches(examples: list[Example], recipe: Recipe) -> list[list[Example]]:
     example tokens (a short memory, or one given without paraphrases, gets more steps for the same compute:
     a step costs about its token count), capped by `max_steps`."""
     rng = random.Random(recipe.seed)
-    per_epoch = sum(len(ids) for ids, _ in examples)
+    per_epoch = sum(len(ex.ids) for ex in examples)
     out = []
     for _ in range(max(recipe.epochs, -(-recipe.min_tokens // max(per_epoch, 1)))):
         order = list(range(len(examples)))
@@ -178,18 +254,19 @@ def fit(
 
     One loop serves every learner (a memory's adapter here; full fine-tuning and merged-LoRA
     baselines in megamem.bench), so all of them see the same examples, batches and optimiser.
-    `texts` are trained on as given: callers pick each memory's share with `recipe.select`.
+    `texts` are trained on as given: callers pick each memory's share with `recipe.select`. A distilling
+    recipe's teacher is the model as fit finds it: with a fresh adapter (B = 0) in place, the base model.
     """
     torch.manual_seed(recipe.seed)
     for p in params:
         p.requires_grad_(True)
     opt = adamw(params, recipe)
-    plan = batches([make_example(tok, t) for t in texts], recipe)
+    plan = batches(examples(tok, texts, recipe, model), recipe)
     was_training = model.training
     model.train()
     try:
         for step, batch in enumerate(plan, 1):
-            loss = lm_loss(model, collate(batch, tok.pad_token_id))
+            loss = lm_loss(model, collate(batch, tok.pad_token_id), distill=recipe.distill)
             total = loss + penalty() if penalty is not None else loss
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -259,9 +336,9 @@ def train_adapters_batched(
     adapters = [new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed)) for _ in memories]
     params = [p for a in adapters for ab in a.weights.values() for p in ab]
     opt = adamw(params, recipe)
-    plans = [batches([make_example(tok, t) for t in recipe.select(texts)], recipe) for texts in memories]
-    steps = max(len(p) for p in plans)
     clear(model)
+    plans = [batches(examples(tok, recipe.select(texts), recipe, model), recipe) for texts in memories]
+    steps = max(len(p) for p in plans)
     for layer in layers.values():
         layer.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
     was_training = model.training
@@ -276,7 +353,7 @@ def train_adapters_batched(
             for name, layer in layers.items():
                 layer.per_row = ([a.weights[name] for a in adapters], owners, spec.scaling)
             batch = collate(rows, tok.pad_token_id)
-            token_loss = lm_loss(model, batch, reduction="none")
+            token_loss = lm_loss(model, batch, reduction="none", distill=recipe.distill)
             counted = (batch["labels"][:, -token_loss.shape[1] :] != -100).float()
             owner = torch.tensor(owners)
             loss = sum(

@@ -29,7 +29,7 @@ from ..inject import inject_for
 from ..keys import compute_keys, embedder_keys
 from ..memory import default_gate
 from ..model import DEFAULT_MODEL, load_model
-from ..train import Recipe
+from ..train import Example, Recipe
 from . import general
 from .data import Record, load_partition, partition_files
 from .infer import answer_logprobs, generate, last_logits, token_logprobs
@@ -581,7 +581,7 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
     t0 = time.perf_counter()
     _gen(model, tok, convs, 9)
     tok_s = max(time.perf_counter() - t0 - prefill_s, 0.0) / 8  # one decoding step of a full batch
-    per_mem_steps = len(batches([([], [])] * len(texts), shared.recipe))
+    per_mem_steps = len(batches([Example([], [])] * len(texts), shared.recipe))
     steps = eval_steps(n, cfg.eval_every)
     qa_per_mem = max(1, len(part.questions) // n) if part.questions else 0
     recall_len = max(part.recall_tokens) + cfg.recall_extra_tokens
