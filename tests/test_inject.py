@@ -63,7 +63,7 @@ def test_clear_restores_base_function(tiny):
         assert not torch.allclose(model(ids).logits, before)
         clear(model)
         assert torch.equal(model(ids).logits, before)
-        assert all(m.path is None for m in gated_layers(model).values())
+        assert all(m.path is None and m.s is None for m in gated_layers(model).values())
 
 
 def test_zero_weight_adapters_are_left_out(tiny):
@@ -71,4 +71,24 @@ def test_zero_weight_adapters_are_left_out(tiny):
     layers = inject(model, ["up_proj"])
     spec = LoraSpec(rank=2)
     set_mixture(model, [_random_adapter(layers, spec, 0), _random_adapter(layers, spec, 1)], [0.0, 1.0])
-    assert all(m.path[0].shape[0] == 2 for m in layers.values())
+    assert all(m.path[0].shape[0] == 2 and m.ranks == [2] for m in layers.values())
+
+
+def test_a_per_row_mixture_gives_each_row_its_own_single_question_answer(tiny):
+    """(B, N) weights: row b of one batched forward equals that row run alone with its own (N,) mixture."""
+    model, tok = tiny
+    layers = inject(model, ["up_proj", "down_proj"])
+    spec = LoraSpec(rank=2)
+    adapters = [_random_adapter(layers, spec, i) for i in range(3)]
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.3, 0.7], [0.0, 0.0, 0.0]])
+    ids = torch.tensor([tok("hello there friend")["input_ids"]] * 3)
+    with torch.no_grad():
+        set_mixture(model, adapters, rows)
+        together = model(ids).logits
+        for b in range(3):
+            set_mixture(model, adapters, rows[b].tolist())
+            assert torch.allclose(together[b], model(ids[:1]).logits[0], atol=1e-5)
+        clear(model)
+        base = model(ids[:1]).logits[0]
+    assert torch.allclose(together[2], base, atol=1e-6)  # a row with no memory is the base model
+    assert not torch.allclose(together[0], together[1])

@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import Adapter, LoraSpec, new_adapter
@@ -301,9 +300,7 @@ def train_adapter(
     adapter = new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed))
     clear(model)
     for name, layer in layers.items():
-        a, b = adapter.weights[name]
-        layer.path = (a, b, torch.full((spec.rank,), spec.scaling))
-        layer.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        layer.train_one(*adapter.weights[name], spec.scaling, spec.dropout)
     try:
         params = [p for ab in adapter.weights.values() for p in ab]
         fit(model, tok, recipe.select(texts), params, recipe, on_step=on_step)
@@ -339,8 +336,6 @@ def train_adapters_batched(
     clear(model)
     plans = [batches(examples(tok, recipe.select(texts), recipe, model), recipe) for texts in memories]
     steps = max(len(p) for p in plans)
-    for layer in layers.values():
-        layer.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
     was_training = model.training
     model.train()
     try:
@@ -351,7 +346,7 @@ def train_adapters_batched(
                     rows += plan[step]
                     owners += [m] * len(plan[step])
             for name, layer in layers.items():
-                layer.per_row = ([a.weights[name] for a in adapters], owners, spec.scaling)
+                layer.train_rows([a.weights[name] for a in adapters], owners, spec.scaling, spec.dropout)
             batch = collate(rows, tok.pad_token_id)
             token_loss = lm_loss(model, batch, reduction="none", distill=recipe.distill)
             counted = (batch["labels"][:, -token_loss.shape[1] :] != -100).float()

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..generate import greedy
-from ..inject import clear, gated_layers
+from ..inject import clear, set_mixture
 from ..model import chat_ids
 
 Turns = list[tuple[str, str]]
@@ -19,19 +19,7 @@ Turns = list[tuple[str, str]]
 
 def set_rows(model: PreTrainedModel, adapters: list, weights: torch.Tensor | None) -> None:
     """Activate a per-row mixture: `weights` is (batch, len(adapters)); None or no adapters = base model."""
-    clear(model)
-    if weights is None or not adapters:
-        return
-    # Adapters no row weighs are left out: the same sum, and the cost follows the gate's top-k, not the store.
-    used = (weights != 0).any(dim=0).nonzero().flatten().tolist()
-    for name, layer in gated_layers(model).items():
-        parts = [(i, adapters[i].weights[name], adapters[i].scaling) for i in used if name in adapters[i].weights]
-        if not parts:
-            continue
-        a_cat = torch.cat([ab[0] for _, ab, _ in parts], dim=0)
-        b_cat = torch.cat([ab[1] for _, ab, _ in parts], dim=1)
-        s = torch.cat([weights[:, i : i + 1].float().expand(-1, ab[0].shape[0]) * sc for i, ab, sc in parts], dim=1)
-        layer.path = (a_cat, b_cat, s[:, None, :])
+    set_mixture(model, adapters if weights is not None else [], weights if weights is not None else [])
 
 
 def _chunks(order: list[int], size: int) -> list[list[int]]:

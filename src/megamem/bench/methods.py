@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import Adapter, LoraSpec, load_adapter, new_adapter, save_adapter
@@ -284,9 +283,7 @@ class SeqLora(Method):
         adapter = new_adapter(layers, s.spec, torch.Generator().manual_seed(recipe.seed))
         scale = s.spec.scaling
         for name, layer in layers.items():
-            a, b = adapter.weights[name]
-            layer.path = (a, b, torch.full((s.spec.rank,), scale))
-            layer.dropout = nn.Dropout(s.spec.dropout) if s.spec.dropout > 0 else nn.Identity()
+            layer.train_one(*adapter.weights[name], scale, s.spec.dropout)
         lam = float(self.lam if self.lam is not None else DEFAULT_LAMBDA["lora-l2"])
 
         def penalty() -> torch.Tensor:  # ‖s·B·A‖_F² = s²·Σ (BᵀB) ⊙ (AAᵀ), without forming B·A
