@@ -19,7 +19,7 @@ from .checks import printable, printable_line
 from .errors import MegamemError
 from .inputs import read_jsonl, read_text_file
 from .memory import Item, Memory, with_overrides
-from .store import Record, default_store_path
+from .store import Record, Store, default_store_path
 from .train import RECIPES
 
 transformers_logging.set_verbosity_error()
@@ -341,6 +341,112 @@ def repair(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     _emit(as_json, {"store": str(path), "done": done, "problems": [p.to_dict() for p in left]}, human)
     if left:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    store: StoreOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port.")] = 8000,
+    open_access: Annotated[
+        bool, typer.Option("--open", help="No API keys: every caller is the default namespace (loopback use).")
+    ] = False,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Chat requests decoded together, at most.")] = 16,
+    no_batch: Annotated[bool, typer.Option("--no-batch", help="Decode one request at a time.")] = False,
+) -> None:
+    """Serve the store: OpenAI-compatible chat, the memory API, injection jobs and a web page (docs/server.md)."""
+    import uvicorn
+
+    from .server.app import ServerConfig, create_app
+
+    path = store or default_store_path()
+    if max_batch < 1:
+        _fail("--max-batch must be at least 1")
+    if open_access and host not in ("127.0.0.1", "localhost", "::1"):
+        _fail("--open serves without API keys; it only listens on loopback (127.0.0.1)")
+    if Store.exists(path):
+        from .server import db as server_db
+        from .server import tenants
+
+        try:
+            has = tenants.has_keys(server_db.connect(path))
+        except MegamemError as exc:
+            _fail(str(exc))
+        if not has and not open_access:
+            _fail(f"the store has no API keys; `megamem keys create --store {path} --namespace NAME` makes one, or "
+                  "serve with --open (no keys, loopback only)")  # fmt: skip
+    elif not open_access:
+        _fail(f"no megamem store at {path}; create keys first (`megamem keys create --store {path} ...`) or --open")
+    cfg = ServerConfig(store=path, open_access=open_access, max_batch=max_batch, batched=not no_batch)
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning")
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the server: each maps a caller to a namespace.")
+app.add_typer(keys_app, name="keys")
+
+
+def _keys_db(store: Path | None, create: bool):
+    from .server import db as server_db
+
+    path = store or default_store_path()
+    if not Store.exists(path):
+        if not create:
+            _fail(f"no megamem store at {path}")
+        _open(path).prepare_store()  # an empty store with the default settings, ready for the server
+    try:
+        return server_db.connect(path)
+    except MegamemError as exc:
+        _fail(str(exc))
+
+
+@keys_app.command("create")
+def keys_create(
+    namespace: Annotated[str, typer.Option("--namespace", help="The tenant this key acts for.")],
+    store: StoreOpt = None,
+    admin: Annotated[bool, typer.Option("--admin", help="May manage keys and act in any namespace.")] = False,
+    name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Make an API key (printed once; only its hash is stored). Creates an empty store if there is none."""
+    from .server import tenants
+
+    try:
+        tenants.check_namespace(namespace)
+        db = _keys_db(store, create=True)
+        key = tenants.create_key(db, namespace, admin, name)
+    except MegamemError as exc:
+        _fail(str(exc))
+    _emit(as_json, {"key": key, "namespace": namespace, "admin": admin}, lambda: out.print(key, markup=False))
+
+
+@keys_app.command("list")
+def keys_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """The keys (their first characters only), namespaces and labels."""
+    from .server import tenants
+
+    rows = tenants.list_keys(_keys_db(store, create=False))
+
+    def human() -> None:
+        for r in rows:
+            out.print(f"{r['prefix']}…  {r['namespace']}{'  admin' if r['admin'] else ''}  {r['name']}", markup=False)
+
+    _emit(as_json, rows, human)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    prefix: Annotated[str, typer.Argument(help="The key's first 10+ characters.")], store: StoreOpt = None
+) -> None:
+    """Revoke a key by its first characters (as `megamem keys list` shows them)."""
+    from .server import tenants
+
+    try:
+        n = tenants.revoke_key(_keys_db(store, create=False), prefix)
+    except MegamemError as exc:
+        _fail(str(exc))
+    if not n:
+        _fail(f"no key starts with {prefix[:10]!r}")
+    out.print(f"revoked {n} key(s)", markup=False)
 
 
 @app.command()

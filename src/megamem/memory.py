@@ -67,6 +67,9 @@ class Item:
     id: str | None = None
     origin: str | None = None
     replaces: list[str] = field(default_factory=list)  # ids of older memories this one supersedes
+    # megamem's own metadata (keys 'megamem.*': the server's namespace, user and job), set by megamem's callers
+    # and never taken from user input, which may not use those keys
+    reserved: dict = field(default_factory=dict)
 
 
 class Memory:
@@ -116,7 +119,7 @@ class Memory:
         self._keys: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
         self._exact_max_keys = exact_max_keys
         self._indexes: dict[str, KeyIndex] = {}  # by similarity; kept in step with _keys
-        self._null_best: dict[str, torch.Tensor] = {}  # by similarity: each calibration query's best score
+        self._null_best: dict[tuple, torch.Tensor] = {}  # by (similarity, scope): each calibration query's best
         self._damaged: dict[str, str] = {}  # memory id -> why, for memories skipped since the last change
         self._superseded: set[str] = set()  # memories a stored newer one replaces (derived with the keys)
         self._version: int | None = None
@@ -235,7 +238,7 @@ class Memory:
             except MegamemError as exc:
                 bad.append(str(exc))
                 continue
-            good.append(Item(text, paras, meta, item.id, item.origin, olds))
+            good.append(Item(text, paras, meta, item.id, item.origin, olds, dict(item.reserved)))
         return good, bad
 
     def _check_replaces(self, replaces: object, where: str, earlier: dict[str, str]) -> list[str]:
@@ -317,6 +320,7 @@ class Memory:
             for item, item_texts, adapter in zip(group, texts, adapters, strict=True):
                 keys = compute_keys(self.key_function, item_texts, model, tok)
                 meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else dict(item.metadata)
+                meta.update({k: v for k, v in item.reserved.items() if k.startswith("megamem.")})
                 if item.replaces:
                     meta[REPLACES] = list(item.replaces)
                 else:
@@ -463,42 +467,81 @@ class Memory:
             self._indexes[similarity] = KeyIndex(keys, owners, len(ids), similarity, self._exact_max_keys)
         return self._indexes[similarity]
 
-    def null_score(self, gate: GateConfig | None = None) -> float | None:
+    def null_score(self, gate: GateConfig | None = None, only: frozenset[str] | None = None) -> float | None:
         """The null memory's score for this store and gate (megamem.calibration), None when the gate has no null
-        memory or the store holds no memory."""
+        memory or the store holds no memory. only: calibrate on those memories' keys alone (a namespace's:
+        another tenant's memories then never move this one's threshold)."""
         cfg = gate or self.gate
-        if cfg.null_rate is None or not self._all_keys()[0]:
+        ids = self._all_keys()[0]
+        if cfg.null_rate is None or not ids or (only is not None and not only & set(ids)):
             return None
-        if cfg.similarity not in self._null_best:
+        cache = (cfg.similarity, only)
+        if cache not in self._null_best:
             model, tok = self.load() if self.key_function == "activation" else (None, None)
             cal = calibration_keys(self.key_function, self.model_name, model, tok)
             index = self.key_index(cfg.similarity)
             queries = index.prepare_query(cal)  # (C, dim), normalised for cosine like the keys
-            self._null_best[cfg.similarity] = best_scores(queries, index.keys)
-        return calibrated_null_score(self._null_best[cfg.similarity], cfg.null_rate)
+            keys = index.keys
+            if only is not None:
+                keys = keys[torch.isin(index.owners, torch.tensor([i for i, m in enumerate(ids) if m in only]))]
+            if len(self._null_best) > 64:  # one entry per namespace in use; drop the oldest
+                self._null_best.pop(next(iter(self._null_best)))
+            self._null_best[cache] = best_scores(queries, keys)
+        return calibrated_null_score(self._null_best[cache], cfg.null_rate)
 
-    def route(self, question: str, gate: GateConfig | None = None) -> list[tuple[str, float]]:
-        """The gate for a question: (memory id, weight) for every memory with weight > 0, heaviest first; the
-        weights sum to 1 less the null memory's share (the base model's). [] is the base model alone.
-        Memories found damaged are left out (their weight goes to the others)."""
+    def scored(
+        self, question: str, gate: GateConfig | None = None, only: frozenset[str] | None = None
+    ) -> list[tuple[str, float, float]]:
+        """The gate for a question with each memory's score: (memory id, score, weight) for every memory with
+        weight > 0, heaviest first. only: the memories that may take part (a namespace, a user's, chosen ids);
+        the others are never scored into the softmax, so they can never weigh in."""
         question = check_text(question, "question")
         self._sync()
         ids = self._all_keys()[0]
         if not ids:
             return []
+        scores = self.scores(question, gate, only)
+        cfg = gate or self.gate
+        w = gate_weights(scores, cfg, self.null_score(cfg, only))
+        order = torch.argsort(w, descending=True)
+        return [(ids[i], float(scores[i]), float(w[i])) for i in order.tolist() if w[i] > 0]
+
+    def scores(self, question: str, gate: GateConfig | None = None, only: frozenset[str] | None = None) -> torch.Tensor:
+        """(n,) every stored memory's score for a question (-inf: takes no part: superseded, damaged, outside
+        `only`, or not among the index's candidates in a large store)."""
+        ids = self._all_keys()[0]
         model, tok = self.load() if self.key_function == "activation" else (None, None)
         q = compute_keys(self.key_function, [question], model, tok)[0]
         cfg = gate or self.gate
         # the recency rule: a memory that a stored newer one replaces takes no part (nor does a damaged one)
         out = self._superseded | set(self._damaged)
-        top_k = None if cfg.top_k is None else cfg.top_k + len(out)
+        # a scope scores every key exactly: the index's candidates could all lie outside it
+        top_k = None if cfg.top_k is None or only is not None else cfg.top_k + len(out)
         scores = self.key_index(cfg.similarity).scores(q, top_k).clone()
         for i, memory_id in enumerate(ids):
-            if memory_id in out:
+            if memory_id in out or (only is not None and memory_id not in only):
                 scores[i] = float("-inf")
-        w = gate_weights(scores, cfg, self.null_score(cfg))
-        order = torch.argsort(w, descending=True)
-        return [(ids[i], float(w[i])) for i in order.tolist() if w[i] > 0]
+        return scores
+
+    def search(self, query: str, only: frozenset[str] | None = None, limit: int = 10) -> list[tuple[str, float]]:
+        """The memories closest to a query by the gate's score (no softmax, no null memory), best first: (memory
+        id, score) for up to `limit` of them. only: the memories to rank (a namespace's)."""
+        query = check_text(query, "query")
+        self._sync()
+        ids = self._all_keys()[0]
+        if not ids:
+            return []
+        scores = self.scores(query, replace(self.gate, top_k=None), only)
+        order = torch.argsort(scores, descending=True)[:limit]
+        return [(ids[i], float(scores[i])) for i in order.tolist() if scores[i] > float("-inf")]
+
+    def route(
+        self, question: str, gate: GateConfig | None = None, only: frozenset[str] | None = None
+    ) -> list[tuple[str, float]]:
+        """The gate for a question: (memory id, weight) for every memory with weight > 0, heaviest first; the
+        weights sum to 1 less the null memory's share (the base model's). [] is the base model alone.
+        Memories found damaged are left out (their weight goes to the others)."""
+        return [(i, w) for i, _, w in self.scored(question, gate, only)]
 
     def ask(
         self,

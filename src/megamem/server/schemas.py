@@ -1,0 +1,93 @@
+"""Request bodies of the server's routes (pydantic): OpenAI's chat shape with megamem's `memory` extension,
+and mem0's memory shapes. Unknown OpenAI fields are accepted and ignored, as OpenAI-compatible servers do."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TEXT = 100_000  # characters of one memory text or message
+
+
+class Part(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Part] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+Filter = dict[str, Any]  # field -> value (eq) | {"eq": v} | {"in": [...]} | {"contains": v}
+
+
+class MemoryOptions(BaseModel):
+    """megamem's extension of a chat request (the openai client sends it with extra_body={"memory": {...}})."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: str | None = Field(None, max_length=200)
+    agent_id: str | None = Field(None, max_length=200)
+    top_k: int | None = Field(None, ge=1, le=64)
+    threshold: float | None = Field(None, ge=-1e6, le=1e6)
+    mode: Literal["mega", "qa", "rag", "mega+rag"] = "mega"
+    ids: list[str] | None = Field(None, max_length=64)
+    filters: Filter | None = None
+    disable: bool = False
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(max_length=200)
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=1)
+    memory: MemoryOptions | None = None
+
+
+class AddMemory(BaseModel):
+    """mem0's add, for one memory: its text (or messages, whose user and assistant turns are joined)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, max_length=MAX_TEXT)
+    messages: list[Message] | None = Field(None, max_length=256)
+    paraphrases: list[str] = Field(default_factory=list, max_length=32)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    user_id: str | None = Field(None, max_length=200)
+    agent_id: str | None = Field(None, max_length=200)
+    id: str | None = Field(None, max_length=128)
+    replaces: list[str] = Field(default_factory=list, max_length=16)
+
+
+class Search(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(max_length=MAX_TEXT)
+    user_id: str | None = Field(None, max_length=200)
+    agent_id: str | None = Field(None, max_length=200)
+    limit: int = Field(10, ge=1, le=100)
+    filters: Filter | None = None
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    namespace: str = Field(max_length=40)
+    admin: bool = False
+    name: str = Field("", max_length=200)
