@@ -31,7 +31,7 @@ from ..generate import qa_prompt, with_context
 from ..memory import Item, Memory
 from ..model import chat_ids, context_length
 from ..store import Record
-from ..train import check_fits
+from ..train import Recipe, check_fits
 from . import tenants
 from .db import connect
 from .engine import END, Engine
@@ -95,6 +95,7 @@ class ServerConfig:
     lease_s: float = 60.0
     train_pause_s: float = 2.0  # the longest one training step waits for the engine to go idle
     worker: bool = True
+    recipe: Recipe | None = None  # how jobs learn (default: the product's recipe)
 
 
 class Server:
@@ -165,7 +166,7 @@ class Server:
         """Learn a job's memory with the worker's own Memory (its own model copy, so the engine's model state is
         never touched), pausing between steps while the engine decodes (chat stays responsive)."""
         if self._trainer is None:
-            self._trainer = Memory(self.cfg.store)
+            self._trainer = Memory(self.cfg.store, recipe=self.cfg.recipe)
         trainer = self._trainer
         rec = trainer.store.get(job.memory_id, missing_ok=True) if trainer.store is not None else None
         if rec is not None:

@@ -174,7 +174,7 @@ class Engine(threading.Thread):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]  # (B, t) positions ignoring the padding
             kw = {self._cache_kw: past} if past is not None else {}
             res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-            past = getattr(res, "past_key_values", None) or getattr(res, "cache", None)
+            past = res["cache"] if "cache" in res else res["past_key_values"]
             logits = res.logits[:, -1].float()  # (B, V)
             nxt = torch.empty(B, dtype=torch.long)
             for b, r in enumerate(batch):

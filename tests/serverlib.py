@@ -1,0 +1,117 @@
+"""Helpers for the server's tests: a store on a tiny model with API keys, and a live server on loopback.
+
+    store, keys = make_server_store(tmp_path)            # keys: {"acme": ..., "globex": ..., "admin": ...}
+    with LiveServer(store) as base_url: ...               # uvicorn in a thread on a free 127.0.0.1 port
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+NAMESPACES = ("acme", "globex")
+
+
+def make_tiny_chat_model(folder: Path, context: int = 512) -> Path:
+    """A 2-layer random Llama with the default model's tokenizer and chat template, `context` tokens long."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from megamem.model import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_server_store(root: Path, model_dir: Path | None = None) -> tuple[Path, dict[str, str]]:
+    """An empty store on the tiny model (made under root unless given) with a key per namespace and an admin key."""
+    from megamem import LoraSpec, Memory
+    from megamem.server import db, tenants
+
+    model_dir = model_dir or make_tiny_chat_model(root / "model")
+    store = root / "store"
+    Memory(store, model=str(model_dir), lora=LoraSpec(rank=4, alpha=4.0)).prepare_store()
+    conn = db.connect(store)
+    keys = {ns: tenants.create_key(conn, ns) for ns in NAMESPACES}
+    keys["admin"] = tenants.create_key(conn, "ops", admin=True)
+    conn.close()
+    return store, keys
+
+
+def quick_recipe():
+    """A recipe that learns a memory in a few steps on the tiny model."""
+    from megamem import Recipe
+
+    return Recipe(epochs=1, min_tokens=0, lr=5e-3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving create_app(cfg) in a background thread on 127.0.0.1; waits until /healthz says ok."""
+
+    def __init__(self, store: Path, **cfg_kw) -> None:
+        from megamem.server.app import ServerConfig, create_app
+
+        cfg_kw.setdefault("recipe", quick_recipe())
+        self.cfg = ServerConfig(store=store, **cfg_kw)
+        self.app = create_app(self.cfg)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> str:
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the server did not become healthy in 120 s")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def wait_job(url: str, key: str, job_id: str, timeout: float = 120) -> dict:
+    """Poll GET /v1/jobs/{id} until it succeeds or fails."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = httpx.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        job = r.json()
+        if job.get("status") in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
