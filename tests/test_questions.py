@@ -34,7 +34,8 @@ def test_a_cloze_question_lacks_exactly_one_span_of_its_sentence():
 def test_questions_cover_every_sentence_with_distinct_questions():
     pairs = questions(["Ann Lee (born 4 May 1990) is a Welsh chemist.", "In 2021 Lee won the Davy Medal."], 2)
     by_answer = {}
-    for q, a in pairs:
+    for q, a, span in pairs:
+        assert span in a and span not in q
         by_answer.setdefault(a, []).append(q)
     assert list(by_answer) == ["Ann Lee (born 4 May 1990) is a Welsh chemist.", "In 2021 Lee won the Davy Medal."]
     assert all(len(qs) == 2 and len(set(qs)) == 2 for qs in by_answer.values())
@@ -80,7 +81,7 @@ def test_distillation_targets_are_the_teachers_next_tokens_with_the_passage_in_c
     n = sum(y != -100 for y in ex.labels)
     assert idx.shape == p.shape == (n, 4) and torch.allclose(p.sum(-1), torch.ones(n))
     # the top token at each answer position is the model's argmax after the passage-in-context prompt
-    q, a = questions([PASSAGE], 1, recipe.seed)[-1]
+    q, a, _ = questions([PASSAGE], 1, recipe.seed)[-1]
     seen = make_example(tok, a, with_context(qa_prompt(q), [PASSAGE]))
     assert seen.ids[-n:] == ex.ids[-n:]
     with torch.no_grad():
@@ -88,3 +89,11 @@ def test_distillation_targets_are_the_teachers_next_tokens_with_the_passage_in_c
         student = model(input_ids=torch.tensor([ex.ids])).logits[0, -n - 1 : -1]
     assert torch.equal(idx[:, 0], teacher.argmax(-1))
     assert not torch.allclose(teacher, student)  # the passage in context is what the targets carry
+
+
+def test_a_span_recipe_answers_with_what_the_question_asks_for(tok):
+    asked = examples(tok, [PASSAGE], Recipe(questions=1, answers="span"))[1:]
+    spans = {q: span for q, _, span in questions([PASSAGE], 1)}
+    assert len(asked) == len(spans)
+    for ex, span in zip(asked, spans.values(), strict=True):
+        assert tok.decode([t for t in ex.labels if t != -100]).startswith(f"{span}.")

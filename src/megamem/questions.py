@@ -55,27 +55,33 @@ def spans(sentence: str) -> list[tuple[int, int, str]]:
 def cloze(sentence: str, seed: int) -> str | None:
     """One question about `sentence`: a span chosen by `seed` (and the sentence, so each sentence varies)
     replaced by its question word, the closing stop turned into "?". None when there is nothing to ask."""
+    asked = cloze_span(sentence, seed)
+    return asked[0] if asked else None
+
+
+def cloze_span(sentence: str, seed: int) -> tuple[str, str] | None:
+    """(question, the span it asks for) for `sentence`, as cloze() chooses them; None when nothing to ask."""
     found = spans(sentence)
     if not found:
         return None
     rng = random.Random(seed * 1_000_003 + zlib.crc32(sentence.encode()))
     s, e, word = rng.choice(found)
     q = (sentence[:s] + word + sentence[e:]).strip()
-    return re.sub(r"[.!;:]*$", "", q) + "?"
+    return re.sub(r"[.!;:]*$", "", q) + "?", sentence[s:e]
 
 
-def questions(texts: list[str], per_sentence: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(question, sentence) pairs for every sentence of `texts`, `per_sentence` questions each (distinct where
-    the sentence allows), in order."""
+def questions(texts: list[str], per_sentence: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(question, sentence, span) for every sentence of `texts`, `per_sentence` questions each (distinct where
+    the sentence allows), in order; the span is the part of the sentence the question asks for."""
     out = []
     for text in texts:
         for sentence in sentences(text):
-            made: list[str] = []
+            made: dict[str, str] = {}
             for k in range(per_sentence * 4):  # a few extra draws to find distinct spans
-                q = cloze(sentence, seed + k)
-                if q is not None and q not in made:
-                    made.append(q)
+                asked = cloze_span(sentence, seed + k)
+                if asked is not None:
+                    made.setdefault(*asked)
                 if len(made) == per_sentence:
                     break
-            out += [(q, sentence) for q in made]
+            out += [(q, sentence, span) for q, span in made.items()]
     return out

@@ -41,7 +41,8 @@ class Recipe:
     max_steps: int | None = None
     paraphrases: int | None = 1  # paraphrases learned per memory (its first ones); None: all given
     min_tokens: int = 1000  # more epochs until the plan holds this many example tokens (prompt included)
-    questions: int = 0  # cloze questions per sentence, answered by that sentence in the QA format (questions.py)
+    questions: int = 0  # cloze questions per sentence, answered in the QA format (questions.py)
+    answers: str = "sentence"  # what answers them: the whole "sentence", or the "span" the question asks for
     distill: float = 0.0  # weight of the soft loss to the base model reading the passage in context (0: off)
     distill_top: int = 32  # the teacher's most likely tokens kept per position for that loss
 
@@ -57,6 +58,8 @@ class Recipe:
         if self.paraphrases is not None:
             check_count(self.paraphrases, "paraphrases", minimum=0)
         check_count(self.questions, "questions", minimum=0)
+        if self.answers not in ("sentence", "span"):
+            raise MegamemError(f"answers must be 'sentence' or 'span', got {self.answers!r}")
         check_finite(self.distill, "distillation weight", minimum=0)
         check_count(self.distill_top, "distillation top tokens")
 
@@ -101,7 +104,8 @@ def prompted(texts: list[str], recipe: Recipe) -> list[tuple[str, str]]:
     answer to TRAIN_PROMPT and, with `recipe.questions`, each of their sentences as the one-sentence answer to
     cloze questions made from it, in the QA mode's own prompt format."""
     turns = [(TRAIN_PROMPT, t) for t in texts]
-    return turns + [(qa_prompt(q), s) for q, s in questions(texts, recipe.questions, recipe.seed)]
+    asked = questions(texts, recipe.questions, recipe.seed) if recipe.questions else []
+    return turns + [(qa_prompt(q), s if recipe.answers == "sentence" else f"{span}.") for q, s, span in asked]
 
 
 def examples(
