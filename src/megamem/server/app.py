@@ -143,6 +143,7 @@ class Server:
             self.engine = Engine(
                 model, tok, self.cfg.max_batch, self.cfg.window_s, self.cfg.min_weight, self.cfg.batched
             )
+            self.engine.on_batch = self._observe_batch
             self.engine.start()
             if self.cfg.worker:
                 self.worker = Worker(self.cfg.store, self.train, lease_s=self.cfg.lease_s)
@@ -151,6 +152,10 @@ class Server:
         except Exception as exc:  # reported by /healthz and the first request
             self.failed = str(exc) if isinstance(exc, MegamemError) else f"{type(exc).__name__}: {exc}"
             log.error("megamem serve could not start: %s", self.failed)
+
+    def _observe_batch(self, rows: int, tokens: int, seconds: float) -> None:
+        self.m_batch.observe(rows)
+        self.m_decode.inc(seconds)
 
     def close(self) -> None:
         if self.engine is not None:

@@ -85,6 +85,7 @@ class Engine(threading.Thread):
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tok.eos_token_id])
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "decode_s": 0.0}
+        self.on_batch: Callable[[int, int, float], None] | None = None  # (rows, tokens, seconds) after each batch
         # transformers 5 renamed the forward's KV-cache argument from past_key_values to cache
         params = inspect.signature(type(model).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -213,6 +214,8 @@ class Engine(threading.Thread):
         self.stats["rows"] += B
         self.stats["tokens"] += sum(len(o) for o in out)
         self.stats["decode_s"] += time.perf_counter() - t0
+        if self.on_batch is not None:
+            self.on_batch(B, sum(len(o) for o in out), time.perf_counter() - t0)
 
     def _pick(self, logits: torch.Tensor, r: Request, gen: torch.Generator | None) -> int:
         """Greedy at temperature 0 (the paper's decoding), else nucleus sampling."""
