@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/megamem demo --store .demo-store
 
 test: $(STAMP)
+	.ci/browser-setup
 	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)

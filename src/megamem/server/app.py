@@ -443,7 +443,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
             return error_response(503, srv.failed, "server_error", code="not_ready")
         if not srv.ready.is_set():
             return error_response(503, "loading the model", "server_error", code="loading")
-        return {"status": "ok", "memories": len(srv.mem.list()) if srv.mem.store else 0}
+        return {"status": "ok"}  # no counts: any caller may ask, and a store's size is its tenants' business
 
     @app.get("/metrics")
     def metrics():
