@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument(
         "--context", type=int, default=1, help="mega+rag: this many gated texts in context (the product's: 1)"
     )
+    ap.add_argument("--scale", type=float, default=1.0, help="the gate weights times this in mega+rag (a lever)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -156,7 +157,7 @@ def main() -> None:
                 [("user", with_context(p, [text_of[i] for i in routed_ids[n][: args.context]]) if routed_ids[n] else p)]
                 for n, p in enumerate(qa)
             ]
-            answers[mode] = generate(model, tok, convs, 64, adapters, weights, bs)
+            answers[mode] = generate(model, tok, convs, 64, adapters, weights * args.scale, bs)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
         timings[mode] = time.perf_counter() - t
@@ -190,7 +191,7 @@ def main() -> None:
     header = (
         f"{command()}\n{machine()}\n{len(ids)} memories (partitions {parts}), {len(questions)} questions; "
         f"gate top-1 {top1:.3f}, routed to no memory {none:.3f}; learning {learn_s:.0f} s ({len(todo)} new);"
-        f" recipe {recipe.to_dict()}, lora {mem.lora}"
+        f" recipe {recipe.to_dict()}, lora {mem.lora}, mega+rag scale {args.scale}"
     )
     print(header)
     print(table(summary))

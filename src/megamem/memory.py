@@ -227,6 +227,11 @@ class Memory:
                 meta = check_metadata(item.metadata, f"{where} metadata")
                 if any(k.startswith("megamem.") for k in meta):
                     raise MegamemError(f"{where} metadata: keys starting with 'megamem.' are megamem's own")
+                if "paraphrases" in meta and paras:  # the stored paraphrases live under that key
+                    raise MegamemError(
+                        f"{where} metadata: the key 'paraphrases' holds the memory's paraphrases; give them as "
+                        "paraphrases, or name the metadata field otherwise"
+                    )
                 olds = self._check_replaces(item.replaces, where, seen)
                 if item.id is not None:
                     check_id(item.id, f"{where} id")

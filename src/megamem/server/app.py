@@ -312,25 +312,31 @@ class BodyLimit:
                 return await too_big(scope, receive, send)
         except ValueError:
             return await error_response(400, "bad Content-Length header")(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        # Read the body first (it is at most `limit` bytes, or refused), then replay it to the app: an exception
+        # raised while the app reads would reach FastAPI's body parser and come back as a 400.
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooBig
-            return message
+            if message["type"] != "http.request":
+                chunks.append(message)
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return await too_big(scope, receive, send)
+            chunks.append(message)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(m.get("body", b"") for m in chunks if m["type"] == "http.request")
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooBig:
-            await too_big(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class _TooBig(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
@@ -360,6 +366,8 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":  # OpenAI answers 400 for a body that is not JSON
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return error_response(422, msg, param=where or None, code="invalid_request")
@@ -382,6 +390,8 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
     async def _crash(request: Request, exc: Exception):
         log.exception("unexpected error")
         return error_response(500, f"internal error ({type(exc).__name__})", "server_error")
+
+    app.add_middleware(BodyLimit, limit=cfg.max_body)  # outermost but for the metrics below
 
     @app.middleware("http")
     async def _metrics(request: Request, call_next):
@@ -414,10 +424,11 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
     ) -> Principal:
         if s.cfg.open_access:
             return Principal(tenants.DEFAULT_NAMESPACE)
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
             raise ApiError(401, "no API key: send Authorization: Bearer KEY", code="missing_api_key")
         with s.lock:
-            p = tenants.resolve(s.db, authorization[len("Bearer ") :].strip())
+            p = tenants.resolve(s.db, key.strip())
         if p is None:
             raise ApiError(401, "the API key is not valid", code="invalid_api_key")
         if x_megamem_namespace is not None:  # an admin key may act in a namespace it names
@@ -637,6 +648,8 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
             metadata = check_metadata(body.metadata)
             if any(k.startswith("megamem.") for k in metadata):
                 raise MegamemError("metadata: keys starting with 'megamem.' are megamem's own")
+            if "paraphrases" in metadata:  # where megamem keeps them, and where memory_json reads them back
+                raise MegamemError("metadata: the key 'paraphrases' is the memory's paraphrases; use the field")
             api = tenants.check_api_id(body.id) if body.id is not None else uuid.uuid4().hex[:24]
             replaces = [tenants.check_api_id(i) for i in body.replaces]
             for t in [text, *paraphrases]:
@@ -646,6 +659,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
         with srv.lock:
             old = [srv.owned(p, i).id for i in replaces]
             request = {
+                "id": body.id,  # the client's id or None: part of what an Idempotency-Key must match
                 "text": text,
                 "paraphrases": paraphrases,
                 "metadata": metadata,
