@@ -65,7 +65,9 @@ def main() -> None:
     ap.add_argument(
         "--context", type=int, default=1, help="mega+rag: this many gated texts in context (the product's: 1)"
     )
-    ap.add_argument("--scale", type=float, default=1.0, help="the gate weights times this in mega+rag (a lever)")
+    ap.add_argument(
+        "--scale", type=float, default=None, help="the gate weights times this in mega+rag (default: the product's)"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -75,7 +77,10 @@ def main() -> None:
     from megamem.bench.data import load_partition
     from megamem.bench.infer import generate
     from megamem.bench.metrics import qa_scores
-    from megamem.generate import qa_prompt, recall_prompt, with_context
+    from megamem.generate import MEGA_RAG_SCALE, qa_prompt, recall_prompt, with_context
+
+    if args.scale is None:
+        args.scale = MEGA_RAG_SCALE
 
     # -- setup: the store, learned with the product's defaults ----------------------------------------------
     parts = [int(x) for x in args.partitions.split(",")]

@@ -25,6 +25,7 @@ def test_context_and_adapters_per_mode(mem, monkeypatch, mode, adapters_on):
     def spy(model, tok, turns, max_new_tokens):
         seen["turns"] = turns
         seen["active"] = any(layer.path is not None for layer in gated_layers(model).values())
+        seen["s"] = [layer.s.max().item() for layer in gated_layers(model).values() if layer.s is not None]
         return "spied"
 
     monkeypatch.setattr(gen, "complete", spy)
@@ -33,6 +34,10 @@ def test_context_and_adapters_per_mode(mem, monkeypatch, mode, adapters_on):
     user = seen["turns"][-1][1]
     assert (HERON in user) == (mode != "qa")
     assert seen["active"] == adapters_on
+    if adapters_on:  # mega+rag mixes the adapters at MEGA_RAG_SCALE of their gate weight, qa at the whole of it
+        share = gen.MEGA_RAG_SCALE if mode == "mega+rag" else 1.0
+        scaling = mem.adapter("heron").scaling
+        assert max(seen["s"]) == pytest.approx(ans.gate[0][1] * share * scaling, rel=1e-2)
     # a question about nothing stored: no memory, no context, the base model alone
     mem.ask("What is the capital of France?", mode=mode)
     assert "Context" not in seen["turns"][-1][1] and not seen["active"]

@@ -15,6 +15,10 @@ MODES = ("qa", "recall", "irag", "rag", "mega+rag")
 # in context, no adapter. mega+rag: both, the adapters mixed and that text in context (PRAG, arXiv 2501.15915).
 RECALL_SUFFIX = " Reconstruct the entire story that is related to the above question."
 QA_SUFFIX = " Answer should be no more than one sentence."
+# mega+rag mixes the adapters at this share of their gate weights: at full weight they pull the answer towards
+# reciting the passage's opening, which the text in context already gives; at 0.3 the context leads and the
+# adapters help (wiki partitions 0-1, 300 questions: docs/results.md, "QA against plain RAG")
+MEGA_RAG_SCALE = 0.3
 
 
 def recall_prompt(question: str) -> str:
@@ -84,13 +88,14 @@ def answer(
     irag is the paper's two-turn form: the model first reconstructs the related story, then answers
     the QA prompt with that reconstruction in the conversation; one gate serves both turns. rag and
     mega+rag put `passages` (the gated memories' texts, heaviest first) in the QA turn; rag without
-    the adapters. max_new_tokens caps each turn (default: 64 for an answer, 256 for a recall).
+    the adapters, mega+rag with them at MEGA_RAG_SCALE of their weights. max_new_tokens caps each turn (default: 64 for an answer, 256 for a recall).
     """
     check_mode(mode)
     if max_new_tokens is not None:
         check_count(max_new_tokens, "max new tokens")
     qa_tokens = 64 if max_new_tokens is None else max_new_tokens
-    set_mixture(model, [] if mode == "rag" else adapters, [] if mode == "rag" else weights)
+    scale = MEGA_RAG_SCALE if mode == "mega+rag" else 1.0
+    set_mixture(model, [] if mode == "rag" else adapters, [] if mode == "rag" else [w * scale for w in weights])
     try:
         if mode in ("rag", "mega+rag"):
             prompt = with_context(qa_prompt(question), passages) if passages else qa_prompt(question)

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checks import check_metadata, check_text, check_texts
 from ..errors import MegamemError
-from ..generate import qa_prompt, with_context
+from ..generate import MEGA_RAG_SCALE, qa_prompt, with_context
 from ..memory import Item, Memory
 from ..model import chat_ids, context_length
 from ..store import Record
@@ -535,6 +535,8 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
             turns[u] = ("user", prompt)
         if opts.mode == "rag":
             adapters, weights = [], []
+        elif opts.mode == "mega+rag":  # the context leads, the adapters help (generate.MEGA_RAG_SCALE)
+            weights = [w * MEGA_RAG_SCALE for w in weights]
         tok = srv.engine.tok
         try:
             prompt_ids = chat_ids(tok, turns, generation_prompt=True)
