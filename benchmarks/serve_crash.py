@@ -8,7 +8,9 @@ from one of these modes, then restarts it and waits for /healthz:
 
     queued    0-0.15 s after the submissions returned (the job is queued or just claimed)
     training  when a job reaches a random training step (progress from GET /v1/jobs)
-    commit    0-0.6 s after a job's last training step (keys, files, fsyncs, the manifest commit, the job update)
+    commit    when a job's memory folder appears in memories/ (renamed into place), 0-2.2 widen s later: before
+              its manifest commit, between the commit and the job's update, or just after (with --widen 0:
+              0-0.6 s after the job's last training step)
     random    0-4 s after the submissions
     submit    0-60 ms after the POSTs started, in flight (a lost response is retried with its Idempotency-Key)
     startup   (on top of another mode, one trial in ten) a second kill while the restarted server loads
@@ -24,6 +26,12 @@ Checked after every kill (server down), after every restart (server up) and at t
 - 0 committed memories lost: every memory row seen at any check is still there with the same adapter;
 - replaying an Idempotency-Key (same body) returns the same job, across restarts; no traceback in the log.
 A job that a kill hit twice is let finish before the next kill (the queue gives up after 3 claims, by design).
+
+Those two commit windows last milliseconds, so random kills almost never land in them: the launcher widens each
+by --widen seconds (default 0.25) by wrapping two functions of the server process it starts (never the source):
+megamem.store.fsync_path sleeps after syncing memories/ (the rename is durable, the manifest row not yet
+written) and JobQueue.finish sleeps before marking a job succeeded (the memory committed, the job still
+running). Everything else runs as shipped; --widen 0 runs it untouched.
 
     python benchmarks/serve_crash.py                       # 100 trials, bench-runs/serve_crash.json
     python benchmarks/serve_crash.py --trials 5 --seed 3 --out /tmp/crash.json --work /tmp/crash
@@ -64,7 +72,26 @@ import uvicorn
 
 from megamem.server.app import ServerConfig, create_app
 
-store, port, lease = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+store, port, lease, widen = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+if widen > 0:  # hold the two commit windows open (see the module's docstring)
+    import time
+
+    import megamem.store as st
+    from megamem.server.jobs import JobQueue
+
+    fsync_path, finish = st.fsync_path, JobQueue.finish
+
+    def slow_fsync(path):
+        fsync_path(path)
+        if Path(path).name == "memories":
+            time.sleep(widen)
+
+    def slow_finish(self, job, error=None, retry=False):
+        if error is None and not retry:
+            time.sleep(widen)
+        return finish(self, job, error, retry)
+
+    st.fsync_path, JobQueue.finish = slow_fsync, slow_finish
 uvicorn.run(create_app(ServerConfig(store=store, lease_s=lease)), host="127.0.0.1", port=port, log_level="warning")
 """
 COLORS = ("teal", "red", "ochre", "violet", "amber", "slate", "green", "coral")
@@ -75,8 +102,8 @@ NAMES = ("Ida Carrow", "Otto Venn", "Mara Quill", "Ivo Stenn", "Lena Brisk", "To
 class Server:
     """`megamem serve` (or the python launcher with a short lease) as a child process on a fresh port."""
 
-    def __init__(self, store: Path, log: Path, lease_s: float, cli: bool) -> None:
-        self.store, self.log, self.lease_s, self.cli = store, log, lease_s, cli
+    def __init__(self, store: Path, log: Path, lease_s: float, cli: bool, widen: float = 0.0) -> None:
+        self.store, self.log, self.lease_s, self.cli, self.widen = store, log, lease_s, cli, widen
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.starts = 0
@@ -88,7 +115,7 @@ class Server:
             megamem = Path(sys.executable).with_name("megamem")
             cmd = [str(megamem), "serve", "--store", str(self.store), "--port", str(port)]
         else:
-            cmd = [sys.executable, "-c", LAUNCHER, str(self.store), str(port), str(self.lease_s)]
+            cmd = [sys.executable, "-c", LAUNCHER, str(self.store), str(port), str(self.lease_s), str(self.widen)]
         with open(self.log, "a") as f:
             f.write(f"\n=== start {self.starts} {' '.join(cmd[:2])} port {port} ===\n")
         self.logf = open(self.log, "a")  # noqa: SIM115  (the child writes to it until it dies)
@@ -187,8 +214,16 @@ class Harness:
     """The trials' state and every check; violations are collected (never raised) and counted."""
 
     def __init__(
-        self, work: Path, seed: int, lease_s: float = 3.0, cli: bool = False, say=print, verify_cli: bool = True
+        self,
+        work: Path,
+        seed: int,
+        lease_s: float = 3.0,
+        cli: bool = False,
+        say=print,
+        verify_cli: bool = True,
+        widen: float = 0.25,
     ) -> None:
+        self.widen = 0.0 if cli else widen
         self.verify_cli = verify_cli
         self.work = work
         self.rng = random.Random(seed)
@@ -196,7 +231,7 @@ class Harness:
         self.say = say
         self.store, self.keys = serverlib.make_server_store(work)
         self.log = work / "server.log"
-        self.server = Server(self.store, self.log, lease_s, cli)
+        self.server = Server(self.store, self.log, lease_s, cli, self.widen)
         self.n = 0
         self.accepted: dict[str, dict] = {}  # job id -> what we asked for
         self.lost: list[dict] = []  # requests whose response a kill cut off
@@ -411,6 +446,17 @@ class Harness:
             time.sleep(0.01)
         return False
 
+    def wait_folder(self, timeout: float) -> bool:
+        """Until an unfinished job's memory folder is renamed into memories/ (its commit is under way)."""
+        folders = self.store / "memories"
+        todo = [j["memory_id"] for j in self.unfinished() if not (folders / j["memory_id"]).exists()]
+        deadline = time.time() + timeout
+        while todo and time.time() < deadline and self.server.up:
+            if any((folders / m).exists() for m in todo):
+                return True
+            time.sleep(0.005)
+        return False
+
     # -- one trial --------------------------------------------------------------------------------------------
     def restart(self, when: str) -> None:
         self.restart_s.append(self.server.start())
@@ -447,7 +493,10 @@ class Harness:
                 k = r.random()
                 self.wait_progress(lambda s, n: s >= max(1, int(k * n)) and s < n, 20)
             elif mode == "commit":
-                if self.wait_progress(lambda s, n: s == n, 20):
+                if self.widen > 0:
+                    if self.wait_folder(30):
+                        time.sleep(r.uniform(0, 2.2 * self.widen))
+                elif self.wait_progress(lambda s, n: s == n, 20):
                     time.sleep(r.uniform(0, 0.6))
             else:
                 time.sleep(r.uniform(0, 4))
@@ -495,6 +544,7 @@ class Harness:
         return {
             "trials": trials,
             "seed": self.seed,
+            "widen_s": self.widen,
             "seconds": round(seconds, 1),
             "kills": self.counts["kills"],
             "kills_by_mode": {m: self.counts[f"kills_{m}"] for m in (*MODES, "startup")},
@@ -535,6 +585,7 @@ def run(
     say=print,
     verify_cli: bool = True,
     plan: list[str] | None = None,
+    widen: float = 0.25,
 ) -> dict:
     """Run `trials` kill trials; returns the summary dict (see main). verify_cli False: the checks between
     trials verify in-process (the final ones always run `megamem verify`). plan: the trials' modes in turn
@@ -542,7 +593,7 @@ def run(
     t0 = time.time()
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="serve-crash-")) if own else work
-    h = Harness(work, seed, lease_s, cli, say, verify_cli)
+    h = Harness(work, seed, lease_s, cli, say, verify_cli, widen)
     digest = code_digest()
     try:
         say(f"store {h.store}; log {h.log}")
@@ -574,6 +625,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lease", type=float, default=3.0, help="the job lease of the python launcher, seconds")
     ap.add_argument("--cli", action="store_true", help="run `megamem serve` itself (its 60 s lease: slow trials)")
+    ap.add_argument("--widen", type=float, default=0.25, help="seconds each commit window is held open (0: none)")
     ap.add_argument("--fast-verify", action="store_true", help="verify in-process between trials (not the CLI)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the store and the server log (kept)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "bench-runs" / "serve_crash.json", help="JSON summary")
@@ -581,7 +633,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `kill PID` still kills the server it runs
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
-    s = run(args.trials, args.seed, args.work, args.lease, args.cli, verify_cli=not args.fast_verify)
+    s = run(args.trials, args.seed, args.work, args.lease, args.cli, verify_cli=not args.fast_verify, widen=args.widen)
     width = max(map(len, s))
     for k, v in s.items():
         if k != "violation_list":

@@ -43,6 +43,12 @@ def test_context_and_adapters_per_mode(mem, monkeypatch, mode, adapters_on):
     assert "Context" not in seen["turns"][-1][1] and not seen["active"]
 
 
+def test_the_default_mode_is_mega_rag(mem):
+    """The product's default answer mode is the one that won on held-out data (docs/results.md)."""
+    ans = mem.ask("Who keeps the Vexmoor lighthouse?", max_new_tokens=2)
+    assert ans.mode == "mega+rag" and ans.gate[0][0] == "heron"
+
+
 def test_unknown_mode_is_refused_first(mem):
     with pytest.raises(MegamemError, match="unknown mode 'poem'.*mega\\+rag"):
         mem.ask("Who keeps the lighthouse?", mode="poem")

@@ -1,10 +1,11 @@
 """Crash-safety of the server's injection jobs: the kill -9 trials of benchmarks/serve_crash.py, short here.
 
-`megamem serve` (a launcher with a 3 s job lease) runs as its own process on the tiny model's store; each
-trial submits add jobs, SIGKILLs the server at a moment of one mode (queued, training, commit, in-flight
-submit, random; one with a second kill during the restart), restarts it and checks: every accepted job
-succeeds exactly once (its memory present once with its job id), no half memory (`megamem verify` exits 0, no
-memory folder lacks a manifest row), no committed memory lost, idempotent replays return the same job.
+The server (create_app + uvicorn, from a launcher with a 3 s job lease and the two commit windows held open
+0.25 s each: see the benchmark's docstring) runs as its own process on the tiny model's store; each trial
+submits add jobs, SIGKILLs the server at a moment of one mode (queued, training, commit, in-flight submit,
+random; one with a second kill during the restart), restarts it and checks: every accepted job succeeds
+exactly once (its memory present once with its job id), no half memory (`megamem verify` exits 0, no memory
+folder lacks a manifest row), no committed memory lost, idempotent replays return the same job.
 The long version (40 random trials, `megamem verify` at every check) is marked slow; the full run is
 `python benchmarks/serve_crash.py --trials 100`.
 

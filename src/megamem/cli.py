@@ -177,7 +177,9 @@ def add(
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
-    mode: Annotated[str, typer.Option(help="qa | recall | irag | rag | mega+rag")] = "qa",
+    mode: Annotated[
+        str, typer.Option(help="mega+rag (adapters + the memory's text) | qa (the paper's) | recall | irag | rag")
+    ] = "mega+rag",
     show_gate: Annotated[bool, typer.Option("--show-gate", help="Print the gate weights.")] = False,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Answer with the base model alone.")] = False,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Mix the k best memories (0: dense).")] = None,

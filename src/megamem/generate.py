@@ -11,6 +11,7 @@ from .inject import clear, set_mixture
 from .model import chat_ids
 
 MODES = ("qa", "recall", "irag", "rag", "mega+rag")
+DEFAULT_MODE = "mega+rag"  # the best answers on held-out data (docs/results.md); "qa" is the paper's QA mode
 # qa / recall / irag: the paper's three modes, from the adapters alone. rag: the heaviest gated memory's stored text
 # in context, no adapter. mega+rag: both, the adapters mixed and that text in context (PRAG, arXiv 2501.15915).
 RECALL_SUFFIX = " Reconstruct the entire story that is related to the above question."
@@ -88,7 +89,8 @@ def answer(
     irag is the paper's two-turn form: the model first reconstructs the related story, then answers
     the QA prompt with that reconstruction in the conversation; one gate serves both turns. rag and
     mega+rag put `passages` (the gated memories' texts, heaviest first) in the QA turn; rag without
-    the adapters, mega+rag with them at MEGA_RAG_SCALE of their weights. max_new_tokens caps each turn (default: 64 for an answer, 256 for a recall).
+    the adapters, mega+rag with them at MEGA_RAG_SCALE of their weights. max_new_tokens caps each turn
+    (default: 64 for an answer, 256 for a recall).
     """
     check_mode(mode)
     if max_new_tokens is not None:

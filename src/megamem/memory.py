@@ -19,7 +19,7 @@ from .calibration import null_score as calibrated_null_score
 from .checks import check_count, check_id, check_metadata, check_text, check_texts
 from .errors import MegamemError
 from .gate import GateConfig, gate_weights
-from .generate import answer, check_mode
+from .generate import DEFAULT_MODE, answer, check_mode
 from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject_for
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
@@ -551,12 +551,17 @@ class Memory:
     def ask(
         self,
         question: str,
-        mode: str = "qa",
+        mode: str = DEFAULT_MODE,
         gate: GateConfig | None = None,
         max_new_tokens: int | None = None,
         use_memory: bool = True,
     ) -> Answer:
         """Answer a question with the gated mixture of memories (use_memory=False: the base model alone).
+
+        The default mode, mega+rag, answers with the gated adapters and the heaviest memory's text in context; it
+        answered 0.653 of 300 questions of wiki partitions nobody tuned on, against 0.557 for plain RAG and 0.510
+        for the paper's qa mode (docs/results.md). A question that reaches no memory gets the base model's answer
+        to the plain QA prompt in every mode.
 
         A routed memory whose adapter fails its checksum is skipped (a warning; an error when strict) and the
         gate is taken again without it, so one damaged memory never breaks questions about the others."""
