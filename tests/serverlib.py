@@ -1,7 +1,7 @@
 """Helpers for the server's tests: a store on a tiny model with API keys, and a live server on loopback.
 
-    store, keys = make_server_store(tmp_path)            # keys: {"acme": ..., "globex": ..., "admin": ...}
-    with LiveServer(store) as base_url: ...               # uvicorn in a thread on a free 127.0.0.1 port
+store, keys = make_server_store(tmp_path)            # keys: {"acme": ..., "globex": ..., "admin": ...}
+with LiveServer(store) as base_url: ...               # uvicorn in a thread on a free 127.0.0.1 port
 """
 
 from __future__ import annotations

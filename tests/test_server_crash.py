@@ -15,6 +15,7 @@ claim dying between its memory's commit and the job's own update) directly, by p
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -46,6 +47,10 @@ def test_kill_trials_short(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("MEGAMEM_LONG"),
+    reason="the long kill run (40 trials, ~15 min): MEGAMEM_LONG=1, or benchmarks/serve_crash.py --trials 100",
+)
 def test_kill_trials_long(tmp_path):
     s = serve_crash.run(40, seed=5, work=tmp_path, say=print)
     assert_clean(s, 40)

@@ -121,6 +121,12 @@ class JobQueue:
             if row is None:
                 return None
             job = Job.from_row(row)
+            if self._committed(db, job):  # its memory is stored: the last claim died before saying so
+                db.execute(
+                    "UPDATE jobs SET state = 'succeeded', error = NULL, lease_owner = NULL, updated = ? WHERE id = ?",
+                    (now, job.id),
+                )
+                return None
             if job.attempts >= self.max_attempts:
                 db.execute(
                     "UPDATE jobs SET state = 'failed', error = ?, lease_owner = NULL, updated = ? WHERE id = ?",
@@ -134,6 +140,17 @@ class JobQueue:
             )
         job.state, job.attempts = "running", job.attempts + 1
         return job
+
+    @staticmethod
+    def _committed(db, job: Job) -> bool:
+        """Whether the job's memory is in the manifest, committed by this job (its id in the metadata)."""
+        row = db.execute("SELECT metadata FROM memories WHERE id = ?", (job.memory_id,)).fetchone()
+        if row is None:
+            return False
+        try:
+            return json.loads(row[0]).get("megamem.job") == job.id
+        except (ValueError, AttributeError):
+            return False
 
     def renew(self, job: Job) -> None:
         with write(self.db) as db:
