@@ -459,7 +459,18 @@ class Harness:
 
     # -- one trial --------------------------------------------------------------------------------------------
     def restart(self, when: str) -> None:
-        self.restart_s.append(self.server.start())
+        for attempt in range(3):
+            try:
+                self.restart_s.append(self.server.start())
+                break
+            except RuntimeError as exc:  # counted and shown; a failure that repeats ends the run
+                self.server.kill()
+                self.counts["start_failures"] += 1
+                tail = self.log.read_text(errors="replace")[-1500:]
+                self.say(f"  start failure {attempt + 1} ({when}): {exc}\n{tail}")
+                if attempt == 2:
+                    raise
+                time.sleep(5)
         self.counts["restarts"] += 1
         self.check(f"{when}, after restart")
         self.retry_lost()
@@ -571,6 +582,7 @@ class Harness:
             "verify_runs": self.counts["verify_runs"],
             "verify_failures": self.counts["verify_failures"],
             "tracebacks": self.counts["tracebacks"],
+            "start_failures": self.counts["start_failures"],
             "violations": len(self.violations),
             "violation_list": self.violations,
         }

@@ -518,11 +518,12 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
         turns = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages if m.role != "tool"]
         users = [i for i, (r, _) in enumerate(turns) if r == "user"]
         question = turns[users[-1]][1].strip() if users else None
-        if question:
-            try:
-                check_text(question, "the last user message")
-            except MegamemError as exc:
-                raise invalid(exc, "messages") from None
+        for n, (_, text) in enumerate(turns):  # every message reaches the tokenizer: checked like stored text
+            if text.strip():
+                try:
+                    check_text(text, f"messages[{n}]")
+                except MegamemError as exc:
+                    raise invalid(exc, "messages") from None
         routed = await run_in_threadpool(gate, p, question, opts)
         with srv.lock:
             adapters = [srv.mem.adapter(r.id) for r, _, _ in routed]

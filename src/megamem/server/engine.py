@@ -218,14 +218,18 @@ class Engine(threading.Thread):
             self.on_batch(B, sum(len(o) for o in out), time.perf_counter() - t0)
 
     def _pick(self, logits: torch.Tensor, r: Request, gen: torch.Generator | None) -> int:
-        """Greedy at temperature 0 (the paper's decoding), else nucleus sampling."""
-        if r.temperature <= 0:
+        """Greedy at temperature 0 (the paper's decoding) or below 1e-4 (where logits / T overflows float32),
+        else nucleus sampling, always keeping the most likely token (a top_p too small to keep any)."""
+        if r.temperature < 1e-4:
             return int(logits.argmax())
-        p = torch.softmax(logits / r.temperature, dim=-1)
+        p = torch.softmax(logits.double() / r.temperature, dim=-1)
         if r.top_p < 1:
             sp, si = p.sort(descending=True)
             keep = sp.cumsum(-1) - sp < r.top_p
+            keep[0] = True
             p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
+        if not torch.isfinite(p).all() or p.sum() <= 0:
+            return int(logits.argmax())
         return int(torch.multinomial(p, 1, generator=gen))
 
     def _end(self, r: Request, reason: str) -> None:
