@@ -167,8 +167,9 @@ def json_or_none(text: str):
 
 
 # -- stores ---------------------------------------------------------------------------------------------------
-def make_tiny_model(folder: Path) -> Path:
-    """The tests' tiny model (tests/conftest.py `tiny_dir`): a 2-layer random Llama, 96-token context."""
+def make_tiny_model(folder: Path, context: int = 96) -> Path:
+    """The tests' tiny model (tests/conftest.py `tiny_dir`): a 2-layer random Llama with the default model's
+    tokenizer and chat template, `context` tokens long (96; the server's tests need room for a conversation)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -183,7 +184,7 @@ def make_tiny_model(folder: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=96,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,

@@ -16,39 +16,14 @@ import httpx
 NAMESPACES = ("acme", "globex")
 
 
-def make_tiny_chat_model(folder: Path, context: int = 512) -> Path:
-    """A 2-layer random Llama with the default model's tokenizer and chat template, `context` tokens long."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from megamem.model import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def make_server_store(root: Path, model_dir: Path | None = None) -> tuple[Path, dict[str, str]]:
     """An empty store on the tiny model (made under root unless given) with a key per namespace and an admin key."""
+    from faultlib import make_tiny_model
+
     from megamem import LoraSpec, Memory
     from megamem.server import db, tenants
 
-    model_dir = model_dir or make_tiny_chat_model(root / "model")
+    model_dir = model_dir or make_tiny_model(root / "model", context=512)
     store = root / "store"
     Memory(store, model=str(model_dir), lora=LoraSpec(rank=4, alpha=4.0)).prepare_store()
     conn = db.connect(store)
