@@ -174,9 +174,7 @@ class Server:
             self._trainer = Memory(self.cfg.store, recipe=self.cfg.recipe)
         trainer = self._trainer
         rec = trainer.store.get(job.memory_id, missing_ok=True) if trainer.store is not None else None
-        if rec is not None:
-            if rec.metadata.get(JOB_KEY) == job.id:
-                return  # committed by an earlier attempt that died before it could say so
+        if rec is not None:  # (one this job committed is marked succeeded by JobQueue.claim, never handed here)
             raise MegamemError(f"a memory with id {tenants.api_id(rec)!r} already exists")
         req = job.request
         item = Item(
