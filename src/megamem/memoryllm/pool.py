@@ -1,0 +1,95 @@
+"""The memory pool of MemoryLLM: N latent vectors per layer, rewritten K at a time with random drops.
+
+A pool is plain state: one tensor (L, N, d) of layer-input vectors, the number of updates made and the seed
+that, with that number, fixes every drop. The drops are derived (`drop_order(seed, update, N, K)`), never
+kept, so a pool saved after t updates and loaded again drops exactly what the unsaved one would have.
+
+    >>> pool = Pool.empty(seed=0)
+    >>> pool = pool.updated(torch.ones(2, 4, 8), size=16)  # the first update tiles 4 tokens to 16
+    >>> pool.memory.shape, pool.updates
+    (torch.Size([2, 16, 8]), 1)
+
+Limits: one pool per store (no batch dimension here; training stacks pools itself), and a token survives
+t later updates with probability (1 - K/N)^t: there is no way to forget one memory on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import MegamemError
+
+# Pools are kept (and saved) in bf16: half the bytes of float32, and a save / load round trip is bit-exact because
+# the file holds exactly the tensor in use. The arithmetic that reads them runs in float32.
+POOL_DTYPE = torch.bfloat16
+
+
+def drop_order(seed: int, update: int, size: int, new: int) -> torch.Tensor:
+    """The indices (sorted, so order is kept) of the size - new old tokens that survive update number `update`."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + update)
+    keep = torch.randperm(size, generator=g)[: size - new]
+    return keep.sort().values
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A MemoryLLM pool: `memory` (L, N, d) or None while empty, `updates` made so far, the drop `seed`."""
+
+    memory: torch.Tensor | None
+    updates: int = 0
+    seed: int = 0
+
+    @classmethod
+    def empty(cls, seed: int = 0) -> Pool:
+        return cls(memory=None, updates=0, seed=seed)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.memory is None
+
+    def updated(self, new: torch.Tensor, size: int) -> Pool:
+        """The pool after writing `new` (L, K, d): K random old tokens dropped (order kept), `new` appended.
+
+        The first update fills the whole pool by tiling `new` (size must be a multiple of K), as the paper does,
+        so that a fresh pool reads like one that has seen the text many times.
+        """
+        n_new = new.shape[1]
+        if size % n_new:
+            raise MegamemError(f"pool size {size} is not a multiple of the {n_new} tokens of one update")
+        new = new.detach().to(POOL_DTYPE)
+        if self.memory is None:
+            memory = new.repeat(1, size // n_new, 1)
+        else:
+            keep = drop_order(self.seed, self.updates, self.memory.shape[1], n_new)
+            memory = torch.cat([self.memory[:, keep].to(POOL_DTYPE), new], dim=1)
+        return Pool(memory=memory, updates=self.updates + 1, seed=self.seed)
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Write the pool as one safetensors file, its memory exactly as held (bf16 after any update)."""
+        meta = {"updates": str(self.updates), "seed": str(self.seed), "format": "megamem-memoryllm-pool/1"}
+        tensors = {} if self.memory is None else {"memory": self.memory.contiguous()}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> Pool:
+        """Read a pool written by save(), bit for bit."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "megamem-memoryllm-pool/1":
+            raise MegamemError(f"{path} is not a megamem MemoryLLM pool file")
+        tensors = load_file(str(path))
+        memory = tensors.get("memory")
+        return cls(memory=memory, updates=int(meta["updates"]), seed=int(meta["seed"]))
+
+    def describe(self) -> str:
+        shape = "empty" if self.memory is None else "x".join(map(str, self.memory.shape))
+        return json.dumps({"updates": self.updates, "seed": self.seed, "memory": shape})
