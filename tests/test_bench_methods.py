@@ -145,3 +145,26 @@ def test_bench_mega_answers_exactly_as_memory_ask(tmp_path, tiny_dir):
             # the store keeps adapters in bfloat16 (memory.ADAPTER_DTYPE): equal after that rounding
             assert torch.equal(stored[name][0], a.to(torch.bfloat16).float())
             assert torch.equal(stored[name][1], b.to(torch.bfloat16).float())
+
+
+def test_method_spec_round_trips_every_recorded_name():
+    """A method name parses once into its family and settings; printing the spec gives the name back, for every
+    name in the published run records and the variants the CLI writes."""
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from megamem.bench.methods import method_spec
+    from megamem.bench.spec import MethodSpec
+    from megamem.errors import MegamemError
+
+    runs = Path(__file__).resolve().parents[1] / "docs" / "results" / "runs"
+    names = {m for cfg in runs.glob("*/config.json") for m in json.loads(cfg.read_text())["methods"]}
+    for name in names | {"full-l2@0.01", "full~1e-05", "lora-l2@1~0.0001"}:
+        assert str(method_spec(name)) == name
+    assert MethodSpec.parse("lora-l2@1~0.0001") == MethodSpec("lora-l2", lam=1.0, lr=1e-4)
+    assert str(MethodSpec("full-ewc", lam=0.5)) == "full-ewc@0.5"
+    for bad, message in [("full~fast", "bad method variant"), ("full~-1", "bad number"), ("mega@0.1", "no @lambda")]:
+        with pytest.raises(MegamemError, match=message):
+            method_spec(bad)

@@ -528,6 +528,7 @@ def bench(
     from .bench.compositional import METHODS as COMPOSITIONAL
     from .bench.compositional import run_compositional
     from .bench.run import BenchConfig, expand_methods, run_bench
+    from .bench.spec import MethodSpec
 
     try:
         names = expand_methods([m.strip() for m in methods.split(",") if m.strip()])
@@ -540,7 +541,7 @@ def bench(
         ):
             lams = _floats(text, flag)
             if lams:
-                names = [m for m in names if m != fam] + [f"{fam}@{x:g}" for x in lams]
+                names = [m for m in names if m != fam] + [str(MethodSpec(fam, lam=x)) for x in lams]
         lrs = {}
         for item in lr or []:  # METHOD=RATE sets a rate; METHOD=R1,R2,... sweeps: one variant METHOD~R each
             key, _, val = item.partition("=")
@@ -550,7 +551,8 @@ def bench(
             if len(rates) == 1:
                 lrs[key.strip()] = rates[0]
             else:
-                names = [m for m in names if m != key.strip()] + [f"{key.strip()}~{x:g}" for x in rates]
+                spec = MethodSpec.parse(key.strip())
+                names = [m for m in names if m != key.strip()] + [str(replace(spec, lr=x)) for x in rates]
         try:
             parts = [int(x) for x in partitions.split(",") if x.strip()]
         except ValueError:

@@ -21,7 +21,7 @@ from ..generate import qa_prompt, recall_prompt, with_context
 from ..keys import compute_keys
 from .data import Record, load_partition
 from .infer import answer_logprobs, generate
-from .methods import Method, family, make_method
+from .methods import Method, make_method
 from .metrics import qa_scores
 from .report import ordered
 from .run import (
@@ -35,6 +35,7 @@ from .run import (
     torch_threads,
     validate,
 )
+from .spec import MethodSpec
 
 METHODS = ("mega", "irag", "rag", "full-batch")
 BETA = 0.1
@@ -198,7 +199,10 @@ def _table(rows: list[dict], methods: list[str], beta: float) -> str:
         s = [r for r in rows if r["kind"] == "compositional-step" and r["method"] == m]
         if s:
             r = s[-1]
-            gated = family(m) in ("mega", "irag")  # rag and full-batch have no gate (older rows carry one)
+            gated = MethodSpec.parse(m).family in (
+                "mega",
+                "irag",
+            )  # rag and full-batch have no gate (older rows carry one)
             gate = f"{r['mean_gate_on_needed']:.3f}" if gated and "mean_gate_on_needed" in r else "–"
             lines.append(
                 f"| {m} | {r['mean_qa_acc']:.3f} | {r['mean_qa_f1']:.3f} | {r['mean_logprob']:.2f} | "

@@ -9,7 +9,6 @@ passage and its paraphrases) with the same chat prompt.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..adapters import Adapter, LoraSpec, load_adapter, new_adapter, save_adapte
 from ..errors import MegamemError
 from ..inject import clear, gated_layers
 from ..train import PAPER_RECIPE, Recipe, collate, fit, lm_loss, make_example, target_layers, train_adapter
+from .spec import MethodSpec
 
 METHODS = ("base", "rag", "mega", "irag", "full", "full-l2", "full-ewc", "full-batch", "lora", "lora-l2")
 # The paper's protocol, re-tuned for the default model (docs/tuning.md): adapters on every layer's MLP, rank
@@ -312,41 +312,22 @@ class SeqLora(Method):
         return step
 
 
-def family(name: str) -> str:
-    """A method variant's family: 'full-l2@0.01' -> 'full-l2', 'full~3e-05' -> 'full'."""
-    return name.split("@", 1)[0].split("~", 1)[0]
-
-
-def variant(name: str) -> tuple[float | None, float | None]:
-    """The (lambda, learning rate) a variant name sets: 'NAME@LAMBDA', 'NAME~LR' or 'NAME@LAMBDA~LR'."""
-    rest = name[len(family(name)) :]
-    lam = lr = None
-    try:
-        for part in rest.replace("~", " ~").replace("@", " @").split():
-            if part.startswith("@"):
-                lam = float(part[1:])
-            elif part.startswith("~"):
-                lr = float(part[1:])
-            else:
-                raise ValueError(part)
-    except ValueError:
-        raise MegamemError(f"bad method variant {name!r} (want NAME, NAME@LAMBDA, NAME~LR)") from None
-    for x in (lam, lr):
-        if x is not None and (not math.isfinite(x) or x < 0):
-            raise MegamemError(f"bad number in method variant {name!r}")
-    if lam is not None and family(name) not in DEFAULT_LAMBDA:
-        raise MegamemError(f"method {family(name)} takes no @lambda")
-    return lam, lr
+def method_spec(name: str) -> MethodSpec:
+    """A method name parsed and checked: a known family, and a penalty weight only where the family has one."""
+    spec = MethodSpec.parse(name)
+    if spec.family not in METHODS:
+        raise MegamemError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or all")
+    if spec.lam is not None and spec.family not in DEFAULT_LAMBDA:
+        raise MegamemError(f"method {spec.family} takes no @lambda")
+    return spec
 
 
 def make_method(name: str, shared: Shared, lrs: dict[str, float], rag_top_k: int = 1) -> Method:
     """Build a method by name; 'NAME@LAMBDA' sets the penalty weight of full-l2, full-ewc and lora-l2 and
     'NAME~LR' the learning rate (so one run can hold a lambda or learning-rate sweep)."""
-    fam = family(name)
-    if fam not in METHODS:
-        raise MegamemError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or all")
-    lam, lr_variant = variant(name)
-    lr = lr_variant if lr_variant is not None else lrs.get(name, lrs.get(fam))
+    spec = method_spec(name)
+    fam, lam = spec.family, spec.lam
+    lr = spec.lr if spec.lr is not None else lrs.get(name, lrs.get(fam))
     if fam == "base":
         return Base(name, shared)
     if fam == "rag":

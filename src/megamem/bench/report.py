@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .methods import METHODS, family  # noqa: E402
+from .methods import METHODS  # noqa: E402
+from .spec import MethodSpec  # noqa: E402
 
 COLUMNS = [  # (step-row field, header, digits)
     ("mean_recall_cos", "recall cos", 3),
@@ -175,7 +176,7 @@ def ordered(names) -> list[str]:
     """Method names once each, in the paper's order of families (variants of one family in order of appearance):
     rows of several commands filling one folder come interleaved."""
     rank = {f: i for i, f in enumerate(METHODS)}
-    return sorted(dict.fromkeys(names), key=lambda m: rank.get(family(m), len(METHODS)))
+    return sorted(dict.fromkeys(names), key=lambda m: rank.get(MethodSpec.parse(m).family, len(METHODS)))
 
 
 def write_report(out: Path, rows: list[dict], cfg) -> list[Path]:

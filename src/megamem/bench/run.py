@@ -41,10 +41,9 @@ from .methods import (
     Mega,
     Method,
     Shared,
-    family,
     keep_base,
     make_method,
-    variant,
+    method_spec,
 )
 from .metrics import cosine_matrix, llm_judge, qa_scores, random_pair_floor
 
@@ -104,9 +103,7 @@ def expand_methods(names: list[str]) -> list[str]:
     out: list[str] = []
     for n in names:
         for m in METHODS if n == "all" else [n]:
-            if family(m) not in METHODS:
-                raise MegamemError(f"unknown method {m!r}; choose from {', '.join(METHODS)} or all")
-            variant(m)
+            method_spec(m)
             if m not in out:
                 out.append(m)
     return out
@@ -547,7 +544,7 @@ def validate(cfg: BenchConfig) -> None:
 def skipped(method: str, part: Partition) -> bool:
     """Whether a method is not run on a partition: irag where there are no questions (its recall turn is
     mega's, so its rows would only copy mega's)."""
-    return family(method) == "irag" and not part.questions
+    return method_spec(method).family == "irag" and not part.questions
 
 
 def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s: float) -> tuple[float, dict]:
@@ -558,7 +555,7 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
     model, tok = shared.model, shared.tok
     texts = part.texts(0)
     n = len(part.records)
-    fams = {family(m) for m in expand_methods(cfg.methods)}
+    fams = {method_spec(m).family for m in expand_methods(cfg.methods)}
     recipe3 = Recipe(lr=1e-12, epochs=1, batch_size=shared.recipe.batch_size, max_steps=3)
 
     def step_seconds(train: Callable[[Callable[[int, int, float], None]], object]) -> float:
@@ -597,7 +594,7 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
 
     detail = {}
     for m in expand_methods(cfg.methods):
-        fam = family(m)
+        fam = method_spec(m).family
         train = 0.0
         if skipped(m, part):
             continue
