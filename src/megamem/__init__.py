@@ -13,9 +13,9 @@ __all__ = ["Answer", "GateConfig", "Item", "LoraSpec", "MegamemError", "Memory",
 __version__ = "0.2.0"
 
 _WHERE = {
-    "Answer": "memory",
+    "Answer": "items",
     "GateConfig": "gate",
-    "Item": "memory",
+    "Item": "items",
     "LoraSpec": "adapters",
     "MegamemError": "errors",
     "Memory": "memory",

@@ -18,7 +18,8 @@ from .bench.methods import PROTOCOL_LORA
 from .checks import printable, printable_line
 from .errors import MegamemError
 from .inputs import read_jsonl, read_text_file
-from .memory import Item, Memory, with_overrides
+from .memory import BACKENDS, Item, Memory, with_overrides
+from .memoryllm.store import is_pool_store
 from .store import Record, Store, default_store_path
 from .train import RECIPES
 
@@ -53,6 +54,12 @@ def _open(store: Path | None, model: str | None = None, key_function: str | None
     except MegamemError as exc:
         _fail(str(exc))
         raise  # unreachable
+
+
+def _mega_only(path: Path, command: str) -> None:
+    """Commands that only MEGa stores have: a clear error on a MemoryLLM store."""
+    if is_pool_store(path):
+        _fail(f"`megamem {command}` works on MEGa stores only; {path} is a MemoryLLM store (docs/memoryllm.md)")
 
 
 def _warn(mem: Memory) -> None:
@@ -116,6 +123,10 @@ def add(
     keep_going: Annotated[
         bool, typer.Option("--keep-going", help="Store the good lines of a JSONL, skipping (and naming) bad ones.")
     ] = False,
+    backend: Annotated[
+        str | None,
+        typer.Option("--backend", help="mega (adapters, the default) | memoryllm (one latent pool; new stores)."),
+    ] = None,
     store: StoreOpt = None,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
@@ -126,6 +137,11 @@ def add(
         _fail("give exactly one of TEXT, --file or --jsonl")
     if recipe_name not in RECIPES:
         _fail(f"unknown recipe {recipe_name!r}; choose one of {', '.join(RECIPES)}")
+    if backend is not None and backend not in BACKENDS:
+        _fail(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    pool_store = backend == "memoryllm" or (backend is None and is_pool_store(store or default_store_path()))
+    if pool_store and (recipe_name != "fast" or epochs is not None or lr is not None or seed != 0):
+        _fail("--recipe, --epochs, --lr and --seed train MEGa adapters; a MemoryLLM store trains nothing per memory")
     stored: list[Record] = []
     mem = None
     try:
@@ -141,7 +157,8 @@ def add(
             body = read_text_file(file) if file is not None else text
             meta = {"source": str(file)} if file else {}
             items, bad_lines = [Item(body or "", list(paraphrase or []), meta, id, replaces=list(replaces or []))], []
-        mem = _open(store, model, key_function, recipe=recipe)
+        settings = {"backend": "memoryllm"} if pool_store else {"recipe": recipe, "backend": backend}
+        mem = _open(store, model, key_function, **settings)
         mem.warnings += [f"skipped {m}" for m in bad_lines]
         items = mem.validate(items, keep_going=keep_going)
         mem.prepare_store()  # a new store is created here: its model has loaded
@@ -178,8 +195,12 @@ def add(
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     mode: Annotated[
-        str, typer.Option(help="mega+rag (adapters + the memory's text) | qa (the paper's) | recall | irag | rag")
-    ] = "mega+rag",
+        str | None,
+        typer.Option(
+            help="mega+rag (adapters + the memory's text; MEGa's default) | qa (the paper's; MemoryLLM's default) | "
+            "recall | irag | rag"
+        ),
+    ] = None,
     show_gate: Annotated[bool, typer.Option("--show-gate", help="Print the gate weights.")] = False,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Answer with the base model alone.")] = False,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Mix the k best memories (0: dense).")] = None,
@@ -209,7 +230,8 @@ def ask(
             gate = replace(gate, top_k=None)
         if no_null:
             gate = replace(gate, null_rate=None)
-        ans = mem.ask(question, mode=mode, gate=gate, max_new_tokens=max_new_tokens, use_memory=not no_memory)
+        modes = {"mode": mode} if mode is not None else {}  # the backend's own default otherwise
+        ans = mem.ask(question, gate=gate, max_new_tokens=max_new_tokens, use_memory=not no_memory, **modes)
         texts = {mid: mem.show(mid).text for mid, _ in ans.gate[:10]} if show_gate else {}
     except MegamemError as exc:
         _warn(mem)
@@ -218,7 +240,7 @@ def ask(
     _warn(mem)
 
     def human() -> None:
-        if mode == "irag" and ans.recall:
+        if ans.mode == "irag" and ans.recall:
             out.print(f"recall: {printable(ans.recall)}", style="dim", markup=False)
         out.print(printable(ans.text), markup=False)
         if show_gate:
@@ -303,6 +325,7 @@ def verify(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     from .health import verify as verify_store
 
     path = store or default_store_path()
+    _mega_only(path, "verify")
     try:
         found = verify_store(path)
     except MegamemError as exc:
@@ -327,6 +350,7 @@ def repair(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     from .health import verify as verify_store
 
     path = store or default_store_path()
+    _mega_only(path, "repair")
     try:
         done = repair_store(path)
         left = [p for p in verify_store(path) if p.serious]
@@ -362,6 +386,7 @@ def serve(
     from .server.app import ServerConfig, create_app
 
     path = store or default_store_path()
+    _mega_only(path, "serve")
     if max_batch < 1:
         _fail("--max-batch must be at least 1")
     if open_access and host not in ("127.0.0.1", "localhost", "::1"):

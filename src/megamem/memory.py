@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,9 @@ from .gate import GateConfig, gate_weights
 from .generate import DEFAULT_MODE, answer, check_mode
 from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject_for
+from .items import Answer, Item
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
+from .memoryllm.store import PoolMemory, is_pool_store
 from .model import DEFAULT_MODEL, load_model
 from .store import MemoryDamaged, Record, Store, default_store_path
 from .train import Recipe, check_fits, train_adapter, train_adapters_batched
@@ -31,45 +33,7 @@ from .updates import likely_update
 # Adapters are stored in bfloat16: half the bytes of float32 with recall and QA unchanged at every rank
 # measured (docs/performance.md, storage); they are computed in float32 once loaded.
 ADAPTER_DTYPE = "bfloat16"
-
-
-@dataclass
-class Answer:
-    """What `ask` returns: the answer text, the gate (memory id -> weight, heaviest first), and for
-    recall/irag the reconstruction."""
-
-    question: str
-    mode: str
-    text: str
-    gate: list[tuple[str, float]] = field(default_factory=list)
-    recall: str | None = None
-
-    def to_dict(self) -> dict:
-        return {
-            "question": self.question,
-            "mode": self.mode,
-            "answer": self.text,
-            "gate": [{"id": i, "weight": w} for i, w in self.gate],
-            "recall": self.recall,
-        }
-
-
-@dataclass
-class Item:
-    """One memory to add: its text, optional paraphrases (extra training texts and keys), metadata, id.
-
-    origin names where it came from ("notes.jsonl line 3") in error messages. replaces: older memories this
-    one corrects or updates; while it is stored the gate leaves them out (forget it and they come back)."""
-
-    text: str
-    paraphrases: list[str] = field(default_factory=list)
-    metadata: dict = field(default_factory=dict)
-    id: str | None = None
-    origin: str | None = None
-    replaces: list[str] = field(default_factory=list)  # ids of older memories this one supersedes
-    # megamem's own metadata (keys 'megamem.*': the server's namespace, user and job), set by megamem's callers
-    # and never taken from user input, which may not use those keys
-    reserved: dict = field(default_factory=dict)
+BACKENDS = ("mega", "memoryllm")  # MEGa's gated adapters (this class), MemoryLLM's pool (memoryllm.store)
 
 
 class Memory:
@@ -87,6 +51,17 @@ class Memory:
     The object stays current: before it routes or lists it picks up other processes' adds and forgets.
     """
 
+    def __new__(cls, store: str | Path | None = None, *args, backend: str | None = None, **kw):
+        """Memory(path, backend="memoryllm") (or a path holding such a store) is a MemoryLLM store instead."""
+        if backend not in (None, *BACKENDS):
+            raise MegamemError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        path = Path(store) if store is not None else default_store_path()
+        if cls is Memory and (backend == "memoryllm" or (backend is None and is_pool_store(path))):
+            return PoolMemory(path, *args, **kw)
+        if backend == "mega" and is_pool_store(path):
+            raise MegamemError(f"{path} is a MemoryLLM store, not a MEGa one")
+        return super().__new__(cls)
+
     def __init__(
         self,
         store: str | Path | None = None,
@@ -100,6 +75,7 @@ class Memory:
         train_group: int = 2,
         strict: bool = False,
         create: bool = True,
+        backend: str | None = None,
     ) -> None:
         if key_function is not None and key_function not in KEY_FUNCTIONS:
             raise MegamemError(f"unknown key function {key_function!r}; choose one of {', '.join(KEY_FUNCTIONS)}")

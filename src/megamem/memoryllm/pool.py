@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import MegamemError
@@ -27,6 +28,7 @@ from ..errors import MegamemError
 # Pools are kept (and saved) in bf16: half the bytes of float32, and a save / load round trip is bit-exact because
 # the file holds exactly the tensor in use. The arithmetic that reads them runs in float32.
 POOL_DTYPE = torch.bfloat16
+POOL_FORMAT = "megamem-memoryllm-pool/1"
 
 
 def drop_order(seed: int, update: int, size: int, new: int) -> torch.Tensor:
@@ -71,21 +73,29 @@ class Pool:
 
     # -- files -------------------------------------------------------------------------------------
 
-    def save(self, path: Path) -> None:
-        """Write the pool as one safetensors file, its memory exactly as held (bf16 after any update)."""
-        meta = {"updates": str(self.updates), "seed": str(self.seed), "format": "megamem-memoryllm-pool/1"}
+    def save(self, path: Path, extra: dict[str, str] | None = None) -> None:
+        """Write the pool as one safetensors file, its memory exactly as held (bf16 after any update); `extra`
+        goes into the file's metadata (a store keeps its list of memories there: one file, one commit)."""
+        meta = {**(extra or {}), "updates": str(self.updates), "seed": str(self.seed), "format": POOL_FORMAT}
         tensors = {} if self.memory is None else {"memory": self.memory.contiguous()}
         save_file(tensors, str(path), metadata=meta)
+
+    @staticmethod
+    def metadata(path: Path) -> dict[str, str]:
+        """The file's metadata (only its header is read); an error unless save() wrote it."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+            raise MegamemError(f"{path} is not a readable MemoryLLM pool file ({exc})") from None
+        if meta.get("format") != POOL_FORMAT:
+            raise MegamemError(f"{path} is not a megamem MemoryLLM pool file")
+        return meta
 
     @classmethod
     def load(cls, path: Path) -> Pool:
         """Read a pool written by save(), bit for bit."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "megamem-memoryllm-pool/1":
-            raise MegamemError(f"{path} is not a megamem MemoryLLM pool file")
+        meta = cls.metadata(path)
         tensors = load_file(str(path))
         memory = tensors.get("memory")
         return cls(memory=memory, updates=int(meta["updates"]), seed=int(meta["seed"]))
