@@ -8,8 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from megamem.bench import methods as bench_methods
 from megamem.bench import run as bench_run
-from megamem.bench.methods import make_method
+from megamem.bench.methods import Seen, make_method
 from megamem.cli import app
 from megamem.errors import MegamemError
 from megamem.gate import GateConfig
@@ -302,25 +303,25 @@ def test_reuse_computes_each_item_once_per_gate():
         return [items[i].upper() for i in idx]
 
     w = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
-    assert bench_run.reuse(None, "gen", items, w, compute) == ["HERON", "BRIDGE"]
-    assert bench_run.reuse(None, "gen", items, w, compute) == ["HERON", "BRIDGE"]
+    assert bench_methods.reuse(None, "gen", items, w, compute) == ["HERON", "BRIDGE"]
+    assert bench_methods.reuse(None, "gen", items, w, compute) == ["HERON", "BRIDGE"]
     assert calls == [[0, 1], [0, 1]]  # no cache: a method whose weights change recomputes everything
 
     cache: dict = {}
     calls.clear()
-    assert bench_run.reuse(cache, "gen", items, w, compute) == ["HERON", "BRIDGE"]
-    assert bench_run.reuse(cache, "gen", items, w, compute) == ["HERON", "BRIDGE"]
+    assert bench_methods.reuse(cache, "gen", items, w, compute) == ["HERON", "BRIDGE"]
+    assert bench_methods.reuse(cache, "gen", items, w, compute) == ["HERON", "BRIDGE"]
     # a third memory nobody weighs, and a weight that moved by float rounding: the same mixtures
     wider = torch.tensor([[1.0, 0.0, 0.0], [0.25 + 1e-8, 0.75, 0.0]])
-    assert bench_run.reuse(cache, "gen", items, wider, compute) == ["HERON", "BRIDGE"]
+    assert bench_methods.reuse(cache, "gen", items, wider, compute) == ["HERON", "BRIDGE"]
     assert calls == [[0, 1]]
     # the bridge question now also weighs the new memory: only it is computed again
     moved = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.7, 0.1]])
-    bench_run.reuse(cache, "gen", items, moved, compute)
+    bench_methods.reuse(cache, "gen", items, moved, compute)
     assert calls == [[0, 1], [1]]
     # another kind of output, or no gate at all, is another entry
-    bench_run.reuse(cache, "gen48", items, moved, compute)
-    bench_run.reuse(cache, "gen", items, None, compute)
+    bench_methods.reuse(cache, "gen48", items, moved, compute)
+    bench_methods.reuse(cache, "gen", items, None, compute)
     assert calls == [[0, 1], [1], [0, 1], [0, 1]]
 
 
@@ -354,13 +355,13 @@ def test_reused_outputs_equal_recomputed_ones_and_skip_the_known_prompts(bench_s
     assert mega.cache is not None and make_method("irag", shared, lrs).cache is mega.cache  # shared adapters
     assert make_method("full", shared, lrs).cache is None  # its weights change: never reused
     prompts: list[int] = []
-    real = bench_run.generate
+    real = bench_methods.generate
 
     def counting(model, tok, convs, *a, **kw):
         prompts.append(len(convs))
         return real(model, tok, convs, *a, **kw)
 
-    monkeypatch.setattr(bench_run, "generate", counting)
+    monkeypatch.setattr(bench_methods, "generate", counting)
     for k in range(1, len(part.records) + 1):
         mega.learn(k - 1, part.texts(k - 1))
         prompts.clear()
@@ -430,11 +431,79 @@ def test_general_questions_go_through_the_products_gate(bench_setup):
         mega.learn(k, part.texts(k))
     keys = part.keys[: len(part.records)]
     gate = GateConfig(similarity="cosine", beta=50.0, top_k=4, null_rate=None)
-    with_null = bench_run.general_ability(shared, probes, mega.adapters(len(keys)), keys, gate, 1, None, 0.01)
-    without = bench_run.general_ability(shared, probes, mega.adapters(len(keys)), keys, gate, 1, None, None)
-    base = bench_run.general_ability(shared, probes, [], keys, gate, 1, None, 0.01)
+    seen = Seen(keys, [r.passage for r in part.records], gate, recall_tokens=8)
+    mega.cache = None  # each call computes its own answers
+    with_null = bench_run.general_ability(mega, probes, seen, 0.01)
+    without = bench_run.general_ability(mega, probes, seen, None)
+    base = bench_run.general_ability(make_method("base", shared, lrs), probes, seen, 0.01)
     assert base["general_qa_same"] == 1.0 and with_null["general_qa_same"] >= without["general_qa_same"]
     null = bench_run.store_null_score(probes.calibration, torch.cat(keys), "cosine", 0.01)
     w_null = bench_run.gate_matrix(probes.qa_keys, keys, gate, null)[0]
     w_plain = bench_run.gate_matrix(probes.qa_keys, keys, gate)[0]
     assert float(w_plain.sum(dim=1).min()) == pytest.approx(1.0) and float(w_null.sum()) < float(w_plain.sum())
+
+
+class PoolStub(bench_methods.Method):
+    """A memory pool in miniature, shaped like MemoryLLM: learning writes a memory's passage into the pool, answering
+    reads the pool; no adapters, no gate, no routing, the pool saved as one file."""
+
+    writes: list[int] = []  # the memories written, over every instance
+
+    def start(self):
+        super().start()
+        self.pool = []
+
+    def learn(self, index, texts, on_step=None):
+        self.pool.append(texts[0])
+        self.writes.append(index)
+
+    def save(self, folder, step):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "pool.json").write_text(json.dumps(self.pool))
+        super().save(folder, step)
+
+    def load(self, folder):
+        step = super().load(folder)
+        self.pool = json.loads((folder / "pool.json").read_text()) if step else []
+        return step
+
+    def generate(self, convs, qkeys, seen, max_new):
+        return [self.pool[-1]] * len(convs)  # the newest memory, whatever was asked
+
+    def gold_logprobs(self, convs, golds, qkeys, seen):
+        return [-1.0] * len(convs)
+
+    def letter_logits(self, seqs, letters, qkeys, seen):
+        return torch.zeros(len(seqs), len(letters))
+
+    def kl_sums(self, seqs, reference, qkeys, seen):
+        return [(0.0, 1)] * len(seqs)
+
+
+def test_a_new_method_is_one_class(tmp_path, data, tiny_dir, monkeypatch):
+    """A method class registered in METHODS runs through the unchanged run loop, test and report: it learns, saves
+    and resumes its own state (the pool of the first two memories, then the third learned on top) and answers
+    through its own calls; without a route it has no gate_top1."""
+    monkeypatch.setitem(bench_methods.METHODS, "pool", PoolStub)
+    monkeypatch.setattr(PoolStub, "writes", [])
+    out = tmp_path / "run"
+    real_evaluate = bench_run.evaluate
+
+    def dying(cfg, method, shared, part, probes, k, gate):
+        if k == 2:  # killed after saving the pool of two memories
+            raise KeyboardInterrupt
+        return real_evaluate(cfg, method, shared, part, probes, k, gate)
+
+    monkeypatch.setattr(bench_run, "evaluate", dying)
+    assert bench(data, out, tiny_dir, methods=["pool"]).exit_code != 0
+    monkeypatch.setattr(bench_run, "evaluate", real_evaluate)
+    r = bench(data, out, tiny_dir, methods=["pool"])  # resumes from the saved pool
+    assert r.exit_code == 0, r.output
+    assert PoolStub.writes == [0, 1, 2]  # memories 1-2 came back from the saved pool
+    assert json.loads((out / "state" / "p0" / "pool" / "pool.json").read_text()) == [x["passage"] for x in RECORDS]
+    mem = [x for x in rows_of(out) if x["kind"] == "memory"]
+    assert len(mem) == 1 + 2 + 3 and all("gate_top1" not in x and x["logprob"] == -1.0 for x in mem)
+    newest = [x for x in mem if x["memory"] == x["step"] - 1]
+    assert all(x["recall_cos"] == pytest.approx(1.0, abs=1e-5) for x in newest)  # it recalls its newest memory
+    assert all(x["kl"] == 0.0 for x in rows_of(out) if x["kind"] == "step")
+    assert "| pool | 1 | 3 |" in (out / "results.md").read_text()

@@ -17,11 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import MegamemError
-from ..generate import qa_prompt, recall_prompt, with_context
 from ..keys import compute_keys
 from .data import Record, load_partition
-from .infer import answer_logprobs, generate
-from .methods import Method, make_method
+from .methods import Method, Seen, gate_matrix, make_method
 from .metrics import qa_scores
 from .report import ordered
 from .run import (
@@ -29,7 +27,6 @@ from .run import (
     append_rows,
     check_config,
     folder_lock,
-    gate_matrix,
     read_rows,
     setup,
     torch_threads,
@@ -98,7 +95,7 @@ def _run(cfg: BenchConfig, out: Path, console: Console, progress: bool, question
         for name in methods:
             if any(r["kind"] == "compositional-step" and r["method"] == name for r in rows):
                 continue
-            method = make_method(name, shared, cfg.lrs, rag_top_k=2)
+            method = make_method(name, shared, cfg.lrs)
             task = bar.add_task(f"{name}: learning", total=len(records))
             _learn(method, records, out / "state" / "compositional" / name, bar, task)
             bar.update(task, description=f"{name}: answering")
@@ -135,30 +132,16 @@ def _learn(method: Method, records: list[Record], folder: Path, bar: Progress, t
 
 
 def _answer(cfg, method, records, keys, qkeys, questions, index, gate) -> list[dict]:
-    shared = method.shared
-    model, tok = shared.model, shared.tok
-    w, scores = gate_matrix(qkeys, keys, gate)
-    top2 = scores.topk(min(2, len(records)), dim=1).indices.tolist()
-    adapters = method.adapters(len(records)) if method.gated else []
-    weights = w if method.gated else None
-    qs = [q["question"] for q in questions]
-    if method.retrieve:
-        convs = [
-            [("user", with_context(qa_prompt(q), [records[j].passage for j in t]))]
-            for q, t in zip(qs, top2, strict=True)
-        ]
-    elif method.two_turn:
-        recall_len = max(len(tok(r.passage)["input_ids"]) for r in records) + cfg.recall_extra_tokens
-        recalls = generate(model, tok, [[("user", recall_prompt(q))] for q in qs], recall_len, adapters, weights)
-        convs = [
-            [("user", recall_prompt(q)), ("assistant", r), ("user", qa_prompt(q))]
-            for q, r in zip(qs, recalls, strict=True)
-        ]
-    else:
-        convs = [[("user", qa_prompt(q))] for q in qs]
-    answers = generate(model, tok, convs, cfg.qa_tokens, adapters, weights, cfg.batch_size)
+    """Each question answered by the method after learning every record; rag puts the top-2 passages in context."""
+    tok = method.shared.tok
+    recall_tokens = max(len(tok(r.passage)["input_ids"]) for r in records) + cfg.recall_extra_tokens
+    seen = Seen(keys, [r.passage for r in records], gate, recall_tokens, retrieve=2)
+    top2 = gate_matrix(qkeys, keys, gate)[1].topk(min(2, len(records)), dim=1).indices.tolist()
+    convs = method.conversations("qa", [q["question"] for q in questions], qkeys, seen)
     golds = [q["answer"] for q in questions]
-    logps = answer_logprobs(model, tok, convs, golds, adapters, weights, cfg.batch_size)
+    answers = method.generate(convs, qkeys, seen, cfg.qa_tokens)
+    logps = method.gold_logprobs(convs, golds, qkeys, seen)
+    w = method.gate(qkeys, seen)
     rows = []
     for n, q in enumerate(questions):
         need = {index[t] for t in q["themes"]}
@@ -172,7 +155,7 @@ def _answer(cfg, method, records, keys, qkeys, questions, index, gate) -> list[d
                 **qa_scores(answers[n], golds[n]),
                 "logprob": logps[n],
                 "top2_both": float(need <= set(top2[n])),
-                **({"gate_on_needed": float(sum(float(w[n, i]) for i in need))} if method.gated else {}),
+                **({"gate_on_needed": float(sum(float(w[n, i]) for i in need))} if w is not None else {}),
             }
         )
     return rows

@@ -1,9 +1,11 @@
-"""The bench's methods: how each one learns a memory and what it activates to answer.
+"""The bench's methods: how each one learns a memory and how it answers after learning some.
 
-Every method shares one loaded model. Methods that change the base weights (full fine-tuning, merged
-LoRA) restore a kept copy of the base weights first; gated methods (mega, irag) keep frozen adapters
-and never touch the base. All of them train on the same examples (make_example / batches of the
-passage and its paraphrases) with the same chat prompt.
+`Method` is the whole interface the run loop and the test use: learning (start, learn / learn_all, save,
+load) and answering (conversations, generate, gold_logprobs, letter_logits, kl_sums, top1), so a new method
+is one subclass registered in METHODS. Every method shares one loaded model. Methods that change the base
+weights (full fine-tuning, merged LoRA) restore a kept copy of the base weights first; gated methods (mega,
+irag) keep frozen adapters and never touch the base. All of them train on the same examples (make_example /
+batches of the passage and its paraphrases) with the same chat prompt.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import Adapter, LoraSpec, load_adapter, new_adapter, save_adapter
 from ..errors import MegamemError
+from ..gate import GateConfig, gate_weights
+from ..index import KeyIndex
 from ..inject import clear, gated_layers
 from ..train import PAPER_RECIPE, Recipe, collate, fit, lm_loss, make_example, target_layers, train_adapter
+from . import general
+from .infer import Turns, answer_logprobs, generate, last_logits, token_logprobs
+from .prompts import conversation
 from .spec import MethodSpec
 
-METHODS = ("base", "rag", "mega", "irag", "full", "full-l2", "full-ewc", "full-batch", "lora", "lora-l2")
 # The paper's protocol, re-tuned for the default model (docs/tuning.md): adapters on every layer's MLP, rank
 # 32, 10 epochs over the passage and all its paraphrases, batch 2. The bench keeps it fixed whatever the
 # product's faster defaults (Recipe(), LoraSpec(); docs/performance.md) are, so runs stay comparable.
@@ -33,13 +39,12 @@ PROTOCOL_RECIPE = PAPER_RECIPE
 # mega: the protocol's (docs/tuning.md); sequential merged LoRA (lora, lora-l2): 1e-4 of 3e-5 / 1e-4 / 3e-4 /
 # 1e-3 (mega's 1e-3 overwrites earlier memories); full fine-tuning: 1e-5 of 3e-6 / 1e-5 / 3e-5.
 DEFAULT_LR = {"mega": PROTOCOL_RECIPE.lr, "lora": 1e-4, "full": 1e-5}
-DEFAULT_LAMBDA = {"full-l2": 0.1, "full-ewc": 1.0, "lora-l2": 0.1}
 OnStep = Callable[[int, int, float], None] | None
 
 
 @dataclass
 class Shared:
-    """What every method of a run shares: the model, a copy of its base weights, the adapter spec."""
+    """What every method of a run shares: the model, a copy of its base weights, the adapter spec, the batch."""
 
     model: PreTrainedModel
     tok: PreTrainedTokenizerBase
@@ -47,7 +52,8 @@ class Shared:
     recipe: Recipe
     base_state: dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: dict[float, dict[int, Adapter]] = field(default_factory=dict)  # lr -> memory -> MEGa adapter
-    caches: dict[str, dict] = field(default_factory=dict)  # outputs of a frozen model (run.reuse), by model
+    caches: dict[str, dict] = field(default_factory=dict)  # outputs of a frozen model (reuse), by model
+    batch_size: int = 16  # prompts per batched call
 
     def restore(self) -> None:
         """Put the base weights back (after a method that changed them) and switch every adapter off."""
@@ -93,25 +99,97 @@ def merge(model: PreTrainedModel, adapter: Adapter) -> None:
             layers[name].base.weight += adapter.scaling * (b @ a)
 
 
-class Method:
-    """A method's learning and its answer-time view; subclasses override what differs."""
+# -- what a test asks of a method ------------------------------------------------------------------
 
-    gated = False  # answers through the MEGa gate over the adapters learned so far
-    retrieve = 0  # passages put in context (RAG)
-    two_turn = False  # irag: recall, then answer
+
+@dataclass
+class Seen:
+    """What a test hands a method: the memories learned so far, the gate that routes queries over them, and how
+    long a recall may be."""
+
+    keys: list[torch.Tensor]  # per memory: the keys of its passage and paraphrases
+    passages: list[str]
+    gate: GateConfig
+    recall_tokens: int  # a recall's token budget (irag's first turn)
+    retrieve: int = 1  # passages a retrieving method (rag) puts in context
+    null_score: float | None = None  # the gate's null memory (the product's gate: the general probes)
+
+
+def gate_matrix(
+    queries: torch.Tensor, keys: list[torch.Tensor], gate: GateConfig, null_score: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_queries, k) gate weights over the k memories' keys (with the null memory at `null_score`, if given),
+    and the (n_queries, k) memory scores."""
+    k = len(keys)
+    all_keys = torch.cat(keys)
+    owners = torch.cat([torch.full((len(x),), i) for i, x in enumerate(keys)])
+    index = KeyIndex(all_keys, owners, k, gate.similarity)  # the product's scorer (Memory.route uses it too)
+    scores = torch.stack([index.exact_scores(q) for q in queries])
+    weights = torch.stack([gate_weights(s, gate, null_score) for s in scores])
+    return weights, scores
+
+
+def rows_of(weights: torch.Tensor | None, idx: list[int]) -> torch.Tensor | None:
+    """The gate weights of the rows `idx` (None: no gate)."""
+    return weights[idx] if weights is not None else None
+
+
+def gate_signature(w: torch.Tensor | None) -> tuple | None:
+    """A query's mixture: the memories with a nonzero weight and their weights (to 1e-6). Two steps where a
+    query has the same signature run the same model on it (frozen adapters), so its output can be reused."""
+    if w is None:
+        return None
+    return tuple((i, round(float(w[i]), 6)) for i in w.nonzero().flatten().tolist())
+
+
+def reuse(
+    cache: dict | None, kind: str, items: list, weights: torch.Tensor | None, compute: Callable[[list[int]], list]
+) -> list:
+    """compute(indices) -> one result per index, run only for the items (hashable) whose (kind, item, gate
+    signature) is not in `cache` yet. cache None (a method whose weights change between steps): compute all.
+
+    For base, rag (the base model) and mega, irag (frozen adapters, top-k gate) most of a step's prompts were
+    already answered at an earlier step with the same mixture: the new memory's, and those whose top-k
+    changed, are computed, so the step's cost does not grow with the memories seen (docs/bench.md)."""
+    if cache is None:
+        return compute(list(range(len(items))))
+    keys = [(kind, item, gate_signature(weights[i] if weights is not None else None)) for i, item in enumerate(items)]
+    todo = [i for i, key in enumerate(keys) if key not in cache]
+    if todo:
+        for i, value in zip(todo, compute(todo), strict=True):
+            cache[keys[i]] = value
+    return [cache[key] for key in keys]
+
+
+# -- the methods -----------------------------------------------------------------------------------
+
+
+class Method:
+    """A method: how it learns memories and how it answers after learning the first k (`Seen`).
+
+    The run loop calls start, load, learn (learn_all where batch_only) and save; the test calls conversations,
+    generate, gold_logprobs, letter_logits, kl_sums and top1, each with the queries' keys. The answer calls run
+    `shared.model` with `adapters` mixed in by `gate` (none by default: the model as learning left it); a
+    method with a model of its own (a memory pool, say) overrides those four calls instead.
+    """
+
+    batch_only = False  # learns every memory at once and is tested after the last (full-batch)
     static = False  # never learns: the base model answers (base, rag)
-    batch_only = False  # learns everything at the last step (full-batch)
+    lr_key: str | None = None  # the family whose learning rate it takes when none is set for it (DEFAULT_LR)
+    default_lam: float | None = None  # its penalty weight; None: it has none ('NAME@LAMBDA' is refused)
 
     def __init__(self, name: str, shared: Shared, lr: float | None = None, lam: float | None = None) -> None:
         self.name = name
         self.shared = shared
         self.lr = lr
-        self.lam = lam
+        self.lam = lam if lam is not None else self.default_lam
         self.cache: dict | None = None  # outputs reused across steps; set where the model's weights never change
 
     def recipe(self) -> Recipe:
         r = self.shared.recipe
         return replace(r, lr=self.lr) if self.lr is not None else r
+
+    # -- learning
 
     def start(self) -> None:
         """Begin the method from the base model."""
@@ -135,8 +213,75 @@ class Method:
         f = folder / "step.json"
         return int(json.loads(f.read_text())["step"]) if f.is_file() else 0
 
+    # -- answering, after the memories in `seen`
+
+    def adapters(self, k: int) -> list[Adapter]:
+        """The adapters mixed into the model at answer time after k memories (none: the weights hold them)."""
+        return []
+
+    def gate(self, qkeys: torch.Tensor, seen: Seen) -> torch.Tensor | None:
+        """(n_queries, k) weights on the seen memories' adapters, per query; None: no gate."""
+        return None
+
+    def top1(self, qkeys: torch.Tensor, seen: Seen) -> list[int] | None:
+        """The memory each query is routed to (gate or retrieval); None: the method does not route."""
+        return None
+
+    def conversations(self, mode: str, questions: list[str], qkeys: torch.Tensor, seen: Seen) -> list[Turns]:
+        """The conversations the method answers `questions` in ('recall' or 'qa'): the plain prompts."""
+        return [conversation(mode, q) for q in questions]
+
+    def generate(self, convs: list[Turns], qkeys: torch.Tensor, seen: Seen, max_new: int) -> list[str]:
+        """Greedy answers to conversations ending in a user turn, each under its own query's gate."""
+        s, adapters, w = self.shared, self.adapters(len(seen.keys)), self.gate(qkeys, seen)
+
+        def run(idx: list[int]) -> list[str]:
+            return generate(s.model, s.tok, [convs[i] for i in idx], max_new, adapters, rows_of(w, idx), s.batch_size)
+
+        return reuse(self.cache, f"gen{max_new}", [tuple(c) for c in convs], w, run)
+
+    def gold_logprobs(self, convs: list[Turns], golds: list[str], qkeys: torch.Tensor, seen: Seen) -> list[float]:
+        """Teacher-forced log p(gold | conversation), summed over the gold answer's tokens."""
+        s, adapters, w = self.shared, self.adapters(len(seen.keys)), self.gate(qkeys, seen)
+
+        def run(idx: list[int]) -> list[float]:
+            sub, gold = [convs[i] for i in idx], [golds[i] for i in idx]
+            return answer_logprobs(s.model, s.tok, sub, gold, adapters, rows_of(w, idx), s.batch_size)
+
+        return reuse(self.cache, "logprob", [(tuple(c), g) for c, g in zip(convs, golds, strict=True)], w, run)
+
+    def letter_logits(self, seqs: list[list[int]], letters: list[int], qkeys: torch.Tensor, seen: Seen) -> torch.Tensor:
+        """(n, len(letters)) next-token logits of the answer letters after each prompt (multiple choice)."""
+        s, adapters, w = self.shared, self.adapters(len(seen.keys)), self.gate(qkeys, seen)
+
+        def run(idx: list[int]) -> list[torch.Tensor]:
+            sub = [seqs[i] for i in idx]
+            return list(last_logits(s.model, s.tok, sub, adapters, rows_of(w, idx), s.batch_size)[:, letters])
+
+        return torch.stack(reuse(self.cache, "letters", [tuple(x) for x in seqs], w, run))
+
+    def kl_sums(
+        self, seqs: list[list[int]], reference: general.Reference, qkeys: torch.Tensor, seen: Seen
+    ) -> list[tuple[float, int]]:
+        """Per text, KL(base || method) summed over its positions (general.kl_sum), and the number of positions."""
+        s, adapters, w = self.shared, self.adapters(len(seen.keys)), self.gate(qkeys, seen)
+
+        def run(idx: list[int]) -> list[tuple[float, int]]:
+            sub, bs = [seqs[i] for i in idx], max(s.batch_size // 2, 1)
+            logp = token_logprobs(s.model, sub, s.tok.pad_token_id, adapters, rows_of(w, idx), bs)
+            return [general.kl_sum(reference, i, lp) for i, lp in zip(idx, logp, strict=True)]
+
+        return reuse(self.cache, "kl", [tuple(x) for x in seqs], w, run)
+
+
+def memory_scores(qkeys: torch.Tensor, seen: Seen) -> torch.Tensor:
+    """(n_queries, k) scores of each query against the seen memories' keys (max over a memory's keys)."""
+    return gate_matrix(qkeys, seen.keys, seen.gate)[1]
+
 
 class Base(Method):
+    """The base model, no memory."""
+
     static = True
 
     def __init__(self, name: str, shared: Shared, **kw) -> None:
@@ -145,19 +290,23 @@ class Base(Method):
 
 
 class Rag(Base):
-    def __init__(self, name: str, shared: Shared, top_k: int = 1, **kw) -> None:
-        super().__init__(name, shared, **kw)
-        self.retrieve = top_k
+    """The base model with the top retrieved passages in the user turn."""
+
+    def top1(self, qkeys: torch.Tensor, seen: Seen) -> list[int] | None:
+        return memory_scores(qkeys, seen).argmax(dim=1).tolist()
+
+    def conversations(self, mode: str, questions: list[str], qkeys: torch.Tensor, seen: Seen) -> list[Turns]:
+        top = memory_scores(qkeys, seen).topk(min(seen.retrieve, len(seen.keys)), dim=1).indices.tolist()
+        return [conversation(mode, q, [seen.passages[j] for j in t]) for q, t in zip(questions, top, strict=True)]
 
 
 class Mega(Method):
     """One frozen adapter per memory; the gate mixes them at answer time. irag shares the adapters."""
 
-    gated = True
+    lr_key = "mega"
 
-    def __init__(self, name: str, shared: Shared, two_turn: bool = False, **kw) -> None:
+    def __init__(self, name: str, shared: Shared, **kw) -> None:
         super().__init__(name, shared, **kw)
-        self.two_turn = two_turn
         lr = self.recipe().lr  # mega and irag with the same recipe share one set of adapters
         self.pool = shared.adapters.setdefault(lr, {})
         self.pool_dir = f"adapters-lr{lr:g}"
@@ -189,13 +338,33 @@ class Mega(Method):
         """The adapters of the first k memories, in order."""
         return [self.pool[i] for i in range(k)]
 
+    def gate(self, qkeys: torch.Tensor, seen: Seen) -> torch.Tensor | None:
+        return gate_matrix(qkeys, seen.keys, seen.gate, seen.null_score)[0]
+
+    def top1(self, qkeys: torch.Tensor, seen: Seen) -> list[int] | None:
+        return memory_scores(qkeys, seen).argmax(dim=1).tolist()
+
+
+class Irag(Mega):
+    """MEGa recall, then the QA prompt in the same conversation, one gate for both turns."""
+
+    def conversations(self, mode: str, questions: list[str], qkeys: torch.Tensor, seen: Seen) -> list[Turns]:
+        if mode == "recall":
+            return super().conversations(mode, questions, qkeys, seen)
+        recalls = self.generate(
+            super().conversations("recall", questions, qkeys, seen), qkeys, seen, seen.recall_tokens
+        )
+        return [conversation("qa", q, recall=r) for q, r in zip(questions, recalls, strict=True)]
+
 
 class Full(Method):
-    """Sequential full fine-tuning, optionally with an L2 pull to the previous weights or an EWC penalty."""
+    """Sequential full fine-tuning; FullL2 and FullEwc add an L2 pull to the previous weights or an EWC penalty."""
 
-    def __init__(self, name: str, shared: Shared, penalty: str | None = None, **kw) -> None:
+    lr_key = "full"
+    penalty: str | None = None  # None | "l2" | "ewc"
+
+    def __init__(self, name: str, shared: Shared, **kw) -> None:
         super().__init__(name, shared, **kw)
-        self.penalty = penalty  # None | "l2" | "ewc"
         self.fisher: dict[str, torch.Tensor] = {}
 
     def _penalty(self) -> Callable[[], torch.Tensor] | None:
@@ -203,7 +372,7 @@ class Full(Method):
         if self.penalty is None or (self.penalty == "ewc" and not self.fisher):
             return None
         anchor = {n: p.detach().clone() for n, p in params.items()}
-        lam = float(self.lam if self.lam is not None else DEFAULT_LAMBDA[f"full-{self.penalty}"])
+        lam = float(self.lam)
         if self.penalty == "l2":
             return lambda: lam * sum(((params[n] - anchor[n]) ** 2).sum() for n in params)
         return lambda: lam / 2 * sum((self.fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in self.fisher)
@@ -240,6 +409,20 @@ class Full(Method):
         return step
 
 
+class FullL2(Full):
+    """full + lambda·‖θ − θ_before‖², θ_before the weights before the current memory."""
+
+    penalty = "l2"
+    default_lam = 0.1
+
+
+class FullEwc(Full):
+    """full + lambda/2·Σ F·(θ − θ_before)², F the summed diagonal Fisher of every earlier memory's texts."""
+
+    penalty = "ewc"
+    default_lam = 1.0
+
+
 class FullBatch(Full):
     """Full fine-tuning on every memory's texts at once: the multi-task upper reference."""
 
@@ -261,9 +444,11 @@ class SeqLora(Method):
     before the current memory, as full-l2 does for full fine-tuning.
     """
 
-    def __init__(self, name: str, shared: Shared, l2: bool = False, **kw) -> None:
+    lr_key = "lora"
+    l2 = False
+
+    def __init__(self, name: str, shared: Shared, **kw) -> None:
         super().__init__(name, shared, **kw)
-        self.l2 = l2
         self.merged: list[Adapter] = []
 
     def learn(self, index: int, texts: list[str], on_step: OnStep = None) -> None:
@@ -284,7 +469,7 @@ class SeqLora(Method):
         scale = s.spec.scaling
         for name, layer in layers.items():
             layer.train_one(*adapter.weights[name], scale, s.spec.dropout)
-        lam = float(self.lam if self.lam is not None else DEFAULT_LAMBDA["lora-l2"])
+        lam = float(self.lam)
 
         def penalty() -> torch.Tensor:  # ‖s·B·A‖_F² = s²·Σ (BᵀB) ⊙ (AAᵀ), without forming B·A
             return lam * scale**2 * sum(((b.T @ b) * (a @ a.T)).sum() for a, b in adapter.weights.values())
@@ -312,32 +497,44 @@ class SeqLora(Method):
         return step
 
 
+class SeqLoraL2(SeqLora):
+    """lora + lambda·‖s·B·A‖²: the merged weights pulled toward those before the current memory."""
+
+    l2 = True
+    default_lam = 0.1
+
+
+# Every method by family name, in the paper's order (the report's row order). A new method: one class above.
+METHODS: dict[str, type[Method]] = {
+    "base": Base,
+    "rag": Rag,
+    "mega": Mega,
+    "irag": Irag,
+    "full": Full,
+    "full-l2": FullL2,
+    "full-ewc": FullEwc,
+    "full-batch": FullBatch,
+    "lora": SeqLora,
+    "lora-l2": SeqLoraL2,
+}
+
+
 def method_spec(name: str) -> MethodSpec:
     """A method name parsed and checked: a known family, and a penalty weight only where the family has one."""
     spec = MethodSpec.parse(name)
     if spec.family not in METHODS:
         raise MegamemError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or all")
-    if spec.lam is not None and spec.family not in DEFAULT_LAMBDA:
+    if spec.lam is not None and METHODS[spec.family].default_lam is None:
         raise MegamemError(f"method {spec.family} takes no @lambda")
     return spec
 
 
-def make_method(name: str, shared: Shared, lrs: dict[str, float], rag_top_k: int = 1) -> Method:
+def make_method(name: str, shared: Shared, lrs: dict[str, float]) -> Method:
     """Build a method by name; 'NAME@LAMBDA' sets the penalty weight of full-l2, full-ewc and lora-l2 and
-    'NAME~LR' the learning rate (so one run can hold a lambda or learning-rate sweep)."""
+    'NAME~LR' the learning rate (so one run can hold a lambda or learning-rate sweep). Without '~LR' the rate is
+    the one set for the name, else for its family, else for the family it takes its rate from (lr_key)."""
     spec = method_spec(name)
-    fam, lam = spec.family, spec.lam
-    lr = spec.lr if spec.lr is not None else lrs.get(name, lrs.get(fam))
-    if fam == "base":
-        return Base(name, shared)
-    if fam == "rag":
-        return Rag(name, shared, top_k=rag_top_k)
-    if fam in ("mega", "irag"):
-        return Mega(name, shared, two_turn=fam == "irag", lr=lr if lr is not None else lrs.get("mega"))
-    if fam in ("lora", "lora-l2"):
-        return SeqLora(name, shared, l2=fam == "lora-l2", lr=lr if lr is not None else lrs.get("lora"), lam=lam)
-    full_lr = lr if lr is not None else lrs.get("full", DEFAULT_LR["full"])
-    if fam == "full-batch":
-        return FullBatch(name, shared, lr=full_lr)
-    penalty = {"full": None, "full-l2": "l2", "full-ewc": "ewc"}[fam]
-    return Full(name, shared, penalty=penalty, lr=full_lr, lam=lam)
+    cls = METHODS[spec.family]
+    rates = (spec.lr, lrs.get(name), lrs.get(spec.family), lrs.get(cls.lr_key, DEFAULT_LR.get(cls.lr_key)))
+    lr = next((r for r in rates if r is not None), None)
+    return cls(name, shared, lr=lr, lam=spec.lam)

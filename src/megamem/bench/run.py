@@ -22,9 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..adapters import LoraSpec
 from ..calibration import calibration_keys, store_null_score
 from ..errors import MegamemError
-from ..gate import GateConfig, gate_weights
-from ..generate import qa_prompt, recall_prompt, with_context
-from ..index import KeyIndex
+from ..gate import GateConfig
 from ..inject import inject_for
 from ..keys import compute_keys, embedder_keys
 from ..memory import default_gate
@@ -32,20 +30,22 @@ from ..model import DEFAULT_MODEL, load_model
 from ..train import Example, Recipe
 from . import general
 from .data import Record, load_partition, partition_files
-from .infer import answer_logprobs, generate, last_logits, token_logprobs
+from .infer import generate, token_logprobs
 from .methods import (
     DEFAULT_LR,
     METHODS,
     PROTOCOL_LORA,
     PROTOCOL_RECIPE,
-    Mega,
     Method,
+    Seen,
     Shared,
+    gate_matrix,  # noqa: F401  (tests and benchmarks import it from here)
     keep_base,
     make_method,
     method_spec,
 )
 from .metrics import cosine_matrix, llm_judge, qa_scores, random_pair_floor
+from .prompts import conversation
 
 GENERAL_QA_TOKENS = 32  # a short answer; more only lengthens what must match token for token
 
@@ -175,20 +175,6 @@ def prepare(cfg: BenchConfig, index: int, model, tok, records: list[Record] | No
     )
 
 
-def gate_matrix(
-    queries: torch.Tensor, keys: list[torch.Tensor], gate: GateConfig, null_score: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n_queries, k) gate weights over the k memories' keys (with the null memory at `null_score`, if given),
-    and the (n_queries, k) memory scores."""
-    k = len(keys)
-    all_keys = torch.cat(keys)
-    owners = torch.cat([torch.full((len(x),), i) for i, x in enumerate(keys)])
-    index = KeyIndex(all_keys, owners, k, gate.similarity)  # the product's scorer (Memory.route uses it too)
-    scores = torch.stack([index.exact_scores(q) for q in queries])
-    weights = torch.stack([gate_weights(s, gate, null_score) for s in scores])
-    return weights, scores
-
-
 # -- general ability -------------------------------------------------------------------------------
 
 
@@ -234,7 +220,7 @@ def make_probes(cfg: BenchConfig, model, tok) -> Probes:
     )
     probes.reference = general.make_reference(token_logprobs(model, text_seqs, tok.pad_token_id))
     questions = general.shipped_general_qa()[: cfg.general_qa] if cfg.general_qa else []
-    probes.qa_convs = [[("user", qa_prompt(q["question"]))] for q in questions]
+    probes.qa_convs = [conversation("qa", q["question"]) for q in questions]
     probes.qa_keys = compute_keys(kf, [q["question"] for q in questions], model, tok) if questions else None
     probes.qa_base = generate(model, tok, probes.qa_convs, GENERAL_QA_TOKENS, batch_size=cfg.batch_size)
     if cfg.general_null_rate is not None:
@@ -242,161 +228,55 @@ def make_probes(cfg: BenchConfig, model, tok) -> Probes:
     return probes
 
 
-def general_ability(
-    shared: Shared,
-    probes: Probes,
-    adapters: list,
-    keys: list[torch.Tensor],
-    gate: GateConfig,
-    bs: int,
-    cache,
-    null_rate: float | None = None,
-) -> dict[str, float]:
+def general_ability(method: Method, probes: Probes, seen: Seen, null_rate: float | None = None) -> dict[str, float]:
     """MCQ accuracy, MMLU accuracy (if given), KL to the base model, and the share of general questions answered
     exactly as the base model does. Gated methods go through the product's gate: the bench's, with the null
-    memory at the store's calibrated score (null_rate; None: the paper's gate). Each probe's result is reused
-    from `cache` (see `reuse`) where its gate is one already computed."""
-    model, tok = shared.model, shared.tok
-    null = None
-    if adapters and null_rate is not None and probes.calibration is not None:
-        null = store_null_score(probes.calibration, torch.cat(keys), gate.similarity, null_rate)
-
-    def w(q: torch.Tensor) -> torch.Tensor | None:
-        return gate_matrix(q, keys, gate, null)[0] if adapters else None
-
-    def letter_logits(kind: str, seqs: list[list[int]], weights: torch.Tensor | None) -> torch.Tensor:
-        def run(idx: list[int]) -> list[torch.Tensor]:
-            sub = [seqs[i] for i in idx]
-            return list(last_logits(model, tok, sub, adapters, rows_of(weights, idx), bs)[:, probes.letters])
-
-        return torch.stack(reuse(cache, kind, list(range(len(seqs))), weights, run))
-
+    memory at the store's calibrated score (null_rate; None: the paper's gate)."""
+    if null_rate is not None and probes.calibration is not None:
+        null = store_null_score(probes.calibration, torch.cat(seen.keys), seen.gate.similarity, null_rate)
+        seen = replace(seen, null_score=null)
     choices = list(range(len(probes.letters)))  # the letters' columns of the kept logits
-    mcq_logits = letter_logits("mcq", probes.mcq_seqs, w(probes.mcq_keys))
+    mcq_logits = method.letter_logits(probes.mcq_seqs, probes.letters, probes.mcq_keys, seen)
     out = {"mcq_acc": general.mcq_accuracy(mcq_logits, choices, probes.mcq)}
     if probes.mmlu:
-        logits = letter_logits("mmlu", probes.mmlu_seqs, w(probes.mmlu_keys))
+        logits = method.letter_logits(probes.mmlu_seqs, probes.letters, probes.mmlu_keys, seen)
         out["mmlu_acc"] = general.mcq_accuracy(logits, choices, probes.mmlu)
-    text_w = w(probes.text_keys)
-
-    def kl_sums(idx: list[int]) -> list[tuple[float, int]]:
-        seqs = [probes.text_seqs[i] for i in idx]
-        logp = token_logprobs(model, seqs, tok.pad_token_id, adapters, rows_of(text_w, idx), max(bs // 2, 1))
-        return [general.kl_sum(probes.reference, i, lp) for i, lp in zip(idx, logp, strict=True)]
-
-    out["kl"] = general.mean_kl(reuse(cache, "kl", list(range(len(probes.text_seqs))), text_w, kl_sums))
+    out["kl"] = general.mean_kl(method.kl_sums(probes.text_seqs, probes.reference, probes.text_keys, seen))
     if probes.qa_convs:
-        qa_w = w(probes.qa_keys)
-
-        def answers(idx: list[int]) -> list[str]:
-            convs = [probes.qa_convs[i] for i in idx]
-            return generate(model, tok, convs, GENERAL_QA_TOKENS, adapters, rows_of(qa_w, idx), bs)
-
-        got = reuse(cache, "general_qa", list(range(len(probes.qa_convs))), qa_w, answers)
+        got = method.generate(probes.qa_convs, probes.qa_keys, seen, GENERAL_QA_TOKENS)
         out["general_qa_same"] = sum(a == b for a, b in zip(got, probes.qa_base, strict=True)) / len(got)
     return out
-
-
-# -- reusing outputs across steps ------------------------------------------------------------------
-
-
-def rows_of(weights: torch.Tensor | None, idx: list[int]) -> torch.Tensor | None:
-    """The gate weights of the rows `idx` (None: no gate)."""
-    return weights[idx] if weights is not None else None
-
-
-def gate_signature(w: torch.Tensor | None) -> tuple | None:
-    """A query's mixture: the memories with a nonzero weight and their weights (to 1e-6). Two steps where a
-    query has the same signature run the same model on it (frozen adapters), so its output can be reused."""
-    if w is None:
-        return None
-    return tuple((i, round(float(w[i]), 6)) for i in w.nonzero().flatten().tolist())
-
-
-def reuse(
-    cache: dict | None, kind: str, items: list, weights: torch.Tensor | None, compute: Callable[[list[int]], list]
-) -> list:
-    """compute(indices) -> one result per index, run only for the items (hashable) whose (kind, item, gate
-    signature) is not in `cache` yet. cache None (a method whose weights change between steps): compute all.
-
-    For base, rag (the base model) and mega, irag (frozen adapters, top-k gate) most of a step's prompts were
-    already answered at an earlier step with the same mixture: the new memory's, and those whose top-k
-    changed, are computed, so the step's cost does not grow with the memories seen (docs/bench.md)."""
-    if cache is None:
-        return compute(list(range(len(items))))
-    keys = [(kind, item, gate_signature(weights[i] if weights is not None else None)) for i, item in enumerate(items)]
-    todo = [i for i, key in enumerate(keys) if key not in cache]
-    if todo:
-        for i, value in zip(todo, compute(todo), strict=True):
-            cache[keys[i]] = value
-    return [cache[key] for key in keys]
 
 
 # -- one evaluation step ---------------------------------------------------------------------------
 
 
-def conv_key(conv: list[tuple[str, str]]) -> tuple:
-    """A conversation as a hashable cache key."""
-    return tuple(conv)
-
-
 def evaluate(
     cfg: BenchConfig, method: Method, shared: Shared, part: Partition, probes: Probes, k: int, gate: GateConfig
 ) -> list[dict]:
-    """Test every memory learned so far (the first k): recall, QA, gold log-prob, gate accuracy, general."""
-    bs = cfg.batch_size
-    keys = part.keys[:k]
-    adapters = method.adapters(k) if isinstance(method, Mega) else []
-    seen_q = [(j, i, q, a) for j, (i, q, a) in enumerate(part.questions) if i < k]
-    passages = [r.passage for r in part.records]
-
-    def route(qkeys: torch.Tensor) -> tuple[torch.Tensor | None, list[int] | None, list[list[int]]]:
-        if len(qkeys) == 0:
-            return None, None, []
-        w, scores = gate_matrix(qkeys, keys, gate)
-        ret = scores.topk(min(method.retrieve, k), dim=1).indices.tolist() if method.retrieve else []
-        return (w if method.gated else None), scores.argmax(dim=1).tolist(), ret
-
-    def user(prompt: str, ret: list[int]) -> str:
-        return with_context(prompt, [passages[r] for r in ret]) if method.retrieve else prompt
-
-    cache = method.cache
-    model, tok = shared.model, shared.tok
-
-    def gen(convs: list, max_new: int, weights: torch.Tensor | None) -> list[str]:
-        def run(idx: list[int]) -> list[str]:
-            return generate(model, tok, [convs[i] for i in idx], max_new, adapters, rows_of(weights, idx), bs)
-
-        return reuse(cache, f"gen{max_new}", [conv_key(c) for c in convs], weights, run)
+    """Test every memory learned so far (the first k): recall, QA, gold log-prob, routing accuracy, general."""
+    recall_tokens = max(part.recall_tokens) + cfg.recall_extra_tokens  # one length for every step: reusable
+    seen = Seen(part.keys[:k], [r.passage for r in part.records[:k]], gate, recall_tokens)
 
     # recall: one cue per memory
-    cue_w, cue_top1, cue_ret = route(part.cue_keys[:k])
-    recall_convs = [[("user", user(recall_prompt(part.cues[i]), cue_ret[i] if cue_ret else []))] for i in range(k)]
-    recall_len = max(part.recall_tokens) + cfg.recall_extra_tokens  # one length for every step: reusable
-    recalls = gen(recall_convs, recall_len, cue_w)
+    cue_keys = part.cue_keys[:k]
+    recall_convs = method.conversations("recall", part.cues[:k], cue_keys, seen)
+    recalls = method.generate(recall_convs, cue_keys, seen, recall_tokens)
+    cue_top1 = method.top1(cue_keys, seen)
     rec_emb = embedder_keys(recalls)
     rec_cos = cosine_matrix(rec_emb, part.passage_emb)
     floor = random_pair_floor(rec_emb, part.passage_emb)  # recall i against the partition's other passages
 
-    # QA
-    qk = part.question_keys[[j for j, *_ in seen_q]] if seen_q else part.question_keys[:0]
-    q_w, q_top1, q_ret = route(qk)
-    qa_convs = [[("user", user(qa_prompt(q), q_ret[n] if q_ret else []))] for n, (_, _, q, _) in enumerate(seen_q)]
-    if method.two_turn and seen_q:
-        q_recalls = gen([[("user", recall_prompt(q))] for _, _, q, _ in seen_q], recall_len, q_w)
-        qa_convs = [
-            [("user", recall_prompt(q)), ("assistant", r), ("user", qa_prompt(q))]
-            for (_, _, q, _), r in zip(seen_q, q_recalls, strict=True)
-        ]
-    answers = gen(qa_convs, cfg.qa_tokens, q_w) if seen_q else []
+    # QA: the seen memories' questions
+    seen_q = [(j, i, q, a) for j, (i, q, a) in enumerate(part.questions) if i < k]
     golds = [a for *_, a in seen_q]
-
-    def logprobs(idx: list[int]) -> list[float]:
-        convs, gold = [qa_convs[i] for i in idx], [golds[i] for i in idx]
-        return answer_logprobs(model, tok, convs, gold, adapters, rows_of(q_w, idx), bs)
-
-    items = [(conv_key(c), g) for c, g in zip(qa_convs, golds, strict=True)]
-    logps = reuse(cache, "logprob", items, q_w, logprobs) if seen_q else []
+    answers, logps, q_top1 = [], [], []
+    if seen_q:
+        q_keys = part.question_keys[[j for j, *_ in seen_q]]
+        qa_convs = method.conversations("qa", [q for _, _, q, _ in seen_q], q_keys, seen)
+        answers = method.generate(qa_convs, q_keys, seen, cfg.qa_tokens)
+        logps = method.gold_logprobs(qa_convs, golds, q_keys, seen)
+        q_top1 = method.top1(q_keys, seen)
 
     rows = []
     for i in range(k):
@@ -412,7 +292,7 @@ def evaluate(
             "recall_floor": floor,
             "recall": recalls[i],
         }
-        if method.gated or method.retrieve:
+        if cue_top1 is not None:
             tops = [cue_top1[i]] + [q_top1[n] for n in mine]
             row["gate_top1"] = sum(int(t == i) for t in tops) / len(tops)
         if mine:
@@ -426,7 +306,7 @@ def evaluate(
                 row["llm_judge"] = sum(judged) / len(judged)
         rows.append(row)
 
-    general_row = general_ability(shared, probes, adapters, keys, gate, bs, cache, cfg.general_null_rate)
+    general_row = general_ability(method, probes, seen, cfg.general_null_rate)
     step_row = {"kind": "step", "partition": part.index, "method": method.name, "step": k, **general_row}
     step_row["memories"] = len(part.records)  # the partition's last step: the report tells finished methods apart
     for metric in ("recall_cos", "qa_acc", "qa_f1", "logprob", "gate_top1", "llm_judge"):
@@ -571,7 +451,7 @@ def estimate_seconds(cfg: BenchConfig, shared: Shared, part: Partition, probe_s:
         shared.restore()
     if fams & {"mega", "irag", "lora", "lora-l2"}:
         lora_step = step_seconds(lambda cb: train_adapter(model, tok, texts, shared.spec, recipe3, cb))
-    convs = [[("user", qa_prompt(part.cues[0]))]] * cfg.batch_size
+    convs = [conversation("qa", part.cues[0])] * cfg.batch_size
     t0 = time.perf_counter()
     _gen(model, tok, convs, 1)
     prefill_s = time.perf_counter() - t0  # a full batch's prompt pass
@@ -636,7 +516,7 @@ def setup(cfg: BenchConfig) -> tuple[Shared, GateConfig]:
         seed=cfg.seed,
         max_steps=cfg.max_steps,
     )
-    shared = Shared(model, tok, spec, recipe, keep_base(model))
+    shared = Shared(model, tok, spec, recipe, keep_base(model), batch_size=cfg.batch_size)
     # the pinned protocol's gate: the store default's similarity, beta and top-k, without the null memory
     gate = replace(default_gate(cfg.key_function), null_rate=None)
     if cfg.beta is not None:
@@ -721,7 +601,7 @@ def _run_bench(cfg: BenchConfig, out: Path, console: Console, progress: bool, es
                     console.print(f"partition {p} has no questions: {name} (recall, then answer) is skipped")
                     bar.advance(overall, n)
                     continue
-                method = make_method(name, shared, cfg.lrs, rag_top_k=1)
+                method = make_method(name, shared, cfg.lrs)
                 rows = _run_method(cfg, method, shared, part, probes, steps, gate, out, rows, bar, overall)
             bar.remove_task(overall)
     with folder_lock(out):  # every method in the folder, also those another command added meanwhile
