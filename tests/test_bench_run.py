@@ -8,8 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from megamem.bench import evaluation
 from megamem.bench import methods as bench_methods
 from megamem.bench import run as bench_run
+from megamem.bench.config import BenchConfig
 from megamem.bench.methods import Seen, make_method
 from megamem.cli import app
 from megamem.errors import MegamemError
@@ -189,6 +191,7 @@ def test_finished_rows_need_no_state_and_report_covers_the_folder(tmp_path, data
         (["--data", "/nonexistent/folder"], "does not exist"),
         (["--methods", "mega,teleport"], "unknown method"),
         (["--partitions", "3"], "out of range"),
+        (["--partitions", ","], "at least one partition"),
         (["--targets", "everything"], "unknown targets"),
         (["--rank", "0"], "--rank"),
         (["--methods", "full~fast"], "bad method variant"),
@@ -206,7 +209,6 @@ def test_bench_bad_input(tmp_path, data, args, message):
 def test_compositional(tmp_path, tiny_dir):
     """Two-passage questions: the needed passages are learned, each method answers, compositional.md is written."""
     from megamem.bench.compositional import run_compositional
-    from megamem.bench.run import BenchConfig
 
     data = tmp_path / "data"
     data.mkdir()
@@ -331,7 +333,7 @@ def bench_setup(tmp_path, tiny_dir):
     folder.mkdir()
     (folder / "partition-00.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
     # batch size 1: every prompt runs alone, so reused and recomputed outputs are comparable token for token
-    cfg = bench_run.BenchConfig(
+    cfg = BenchConfig(
         data=str(folder),
         model=str(tiny_dir),
         epochs=1,
@@ -342,8 +344,8 @@ def bench_setup(tmp_path, tiny_dir):
         general_qa=4,
     )
     shared, _ = bench_run.setup(cfg)
-    part = bench_run.prepare(cfg, 0, shared.model, shared.tok)
-    probes = bench_run.make_probes(cfg, shared.model, shared.tok)
+    part = evaluation.prepare(cfg, 0, shared.model, shared.tok)
+    probes = evaluation.make_probes(cfg, shared.model, shared.tok)
     return cfg, shared, cfg.lrs, part, probes
 
 
@@ -412,7 +414,6 @@ def test_bench_help_names_the_protocols_rank_not_the_products():
 
     from megamem.adapters import LoraSpec
     from megamem.bench.methods import PROTOCOL_LORA
-    from megamem.bench.run import BenchConfig
     from megamem.cli import app
 
     bench = typer.main.get_command(app).commands["bench"]
@@ -433,13 +434,13 @@ def test_general_questions_go_through_the_products_gate(bench_setup):
     gate = GateConfig(similarity="cosine", beta=50.0, top_k=4, null_rate=None)
     seen = Seen(keys, [r.passage for r in part.records], gate, recall_tokens=8)
     mega.cache = None  # each call computes its own answers
-    with_null = bench_run.general_ability(mega, probes, seen, 0.01)
-    without = bench_run.general_ability(mega, probes, seen, None)
-    base = bench_run.general_ability(make_method("base", shared, lrs), probes, seen, 0.01)
+    with_null = evaluation.general_ability(mega, probes, seen, 0.01)
+    without = evaluation.general_ability(mega, probes, seen, None)
+    base = evaluation.general_ability(make_method("base", shared, lrs), probes, seen, 0.01)
     assert base["general_qa_same"] == 1.0 and with_null["general_qa_same"] >= without["general_qa_same"]
-    null = bench_run.store_null_score(probes.calibration, torch.cat(keys), "cosine", 0.01)
-    w_null = bench_run.gate_matrix(probes.qa_keys, keys, gate, null)[0]
-    w_plain = bench_run.gate_matrix(probes.qa_keys, keys, gate)[0]
+    null = evaluation.store_null_score(probes.calibration, torch.cat(keys), "cosine", 0.01)
+    w_null = bench_methods.gate_matrix(probes.qa_keys, keys, gate, null)[0]
+    w_plain = bench_methods.gate_matrix(probes.qa_keys, keys, gate)[0]
     assert float(w_plain.sum(dim=1).min()) == pytest.approx(1.0) and float(w_null.sum()) < float(w_plain.sum())
 
 

@@ -552,7 +552,8 @@ def bench(
     """Continual-learning benchmark: learn memories one at a time, test all seen so far, write a run folder."""
     from .bench.compositional import METHODS as COMPOSITIONAL
     from .bench.compositional import run_compositional
-    from .bench.run import BenchConfig, expand_methods, run_bench
+    from .bench.config import BenchConfig, expand_methods
+    from .bench.run import run_bench
     from .bench.spec import MethodSpec
 
     try:

@@ -18,20 +18,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import MegamemError
 from ..keys import compute_keys
+from .config import BenchConfig, check_config, validate
 from .data import Record, load_partition
 from .methods import Method, Seen, gate_matrix, make_method
 from .metrics import qa_scores
 from .report import ordered
-from .run import (
-    BenchConfig,
-    append_rows,
-    check_config,
-    folder_lock,
-    read_rows,
-    setup,
-    torch_threads,
-    validate,
-)
+from .run import setup, torch_threads
+from .runlog import append_rows, folder_lock, read_rows
 from .spec import MethodSpec
 
 METHODS = ("mega", "irag", "rag", "full-batch")
