@@ -202,3 +202,26 @@ def test_the_pool_changes_the_answer_and_the_prefix_is_cached(mllm):
     with torch.no_grad():
         with_pool, _ = mllm.forward_read(mllm._pool_kv(pool, 1), q, torch.ones_like(q))
     assert not torch.allclose(with_pool, base_logits(mllm, q))
+
+
+def test_cached_decoding_matches_recomputing_every_step(mllm):
+    """generate() (a static cache holding the pool's prefix) against a full read of the growing text each step."""
+    from megamem.model import chat_ids
+
+    pool = mllm.inject(mllm.inject(Pool.empty(), "Ada Lovelace wrote the first program."), "Babbage built it.")
+    prompts = [
+        chat_ids(mllm.tok, [("user", q)], generation_prompt=True) for q in ("Who wrote it?", "Who built the engine?")
+    ]
+    got = mllm.generate(pool, prompts, 6)
+    kv = mllm._pool_kv(pool, 1)
+    for prompt, answer in zip(prompts, got, strict=True):
+        ids = list(prompt)
+        for _ in range(6):
+            t = torch.tensor([ids])
+            with torch.no_grad():
+                logits, _ = mllm.forward_read(kv, t, torch.ones_like(t))
+            nxt = int(logits[0, -1].argmax())
+            if nxt in (mllm.tok.eos_token_id, mllm.tok.convert_tokens_to_ids("<|im_end|>")):
+                break
+            ids.append(nxt)
+        assert answer == mllm.tok.decode(ids[len(prompt) :], skip_special_tokens=True).strip()

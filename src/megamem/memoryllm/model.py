@@ -32,7 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..errors import MegamemError
@@ -225,18 +225,24 @@ class MemoryLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, pool: Pool, prompts: list[list[int]], max_new: int) -> list[str]:
-        """Greedy answers to token-id prompts, all reading `pool` (the base model where the pool is empty)."""
+        """Greedy answers to token-id prompts, all reading `pool` (the base model where the pool is empty).
+
+        The pool's prefix goes into a static cache sized for the whole answer: a growing cache would copy every
+        pool key at every step (on CPU that was 60% of the decoding time at N = 3,200).
+        """
         B, T = len(prompts), max(len(p) for p in prompts)
         ids = torch.tensor([[self.filler] * (T - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-        kv = None if pool.is_empty else self._pool_kv(pool, B)
-        P = 0 if kv is None else kv[0][0].shape[2]
-        stops = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>")) if t is not None}
-        cache = DynamicCache(ddp_cache_data=kv) if kv is not None else DynamicCache()
-        full = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
+        kv = [] if pool.is_empty else self._pool_kv(pool, B)
+        P = kv[0][0].shape[2] if kv else 0
+        cache = StaticCache(config=self.model.config, max_cache_len=P + T + max_new)
+        for li, (k, v) in enumerate(kv):
+            cache.update(k, v, li)
+        full = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask, torch.zeros(B, max_new, dtype=mask.dtype)], 1)
         pos = P + (mask.cumsum(-1) - 1).clamp(min=0)
+        stops = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>")) if t is not None}
         out, done = [[] for _ in range(B)], [False] * B
-        step_ids = ids
+        step_ids, filled = ids, P + T
         for _ in range(max_new):
             res = self.model(input_ids=step_ids, attention_mask=full, position_ids=pos, use_cache=True,
                              **{self._cache_kw: cache})  # fmt: skip
@@ -249,9 +255,9 @@ class MemoryLLM(nn.Module):
                         out[b].append(int(nxt[b]))
             if all(done):
                 break
-            step_ids = nxt[:, None]
-            full = torch.cat([full, torch.ones(B, 1, dtype=full.dtype)], dim=1)
-            pos = pos[:, -1:] + 1
+            full[:, filled] = 1
+            filled += 1
+            step_ids, pos = nxt[:, None], pos[:, -1:] + 1
         return [self.tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
     def answer(self, pool: Pool, conversations: list[list[tuple[str, str]]], max_new: int) -> list[str]:
