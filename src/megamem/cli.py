@@ -550,13 +550,13 @@ def bench(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Continual-learning benchmark: learn memories one at a time, test all seen so far, write a run folder."""
-    from .bench.compositional import METHODS as COMPOSITIONAL
-    from .bench.compositional import run_compositional
-    from .bench.config import BenchConfig, expand_methods
-    from .bench.run import run_bench
-    from .bench.spec import MethodSpec
+    try:  # the bench's own packages are an extra: a missing one is a MegamemError naming it
+        from .bench.compositional import METHODS as COMPOSITIONAL
+        from .bench.compositional import run_compositional
+        from .bench.config import BenchConfig, expand_methods
+        from .bench.run import run_bench
+        from .bench.spec import MethodSpec
 
-    try:
         names = expand_methods([m.strip() for m in methods.split(",") if m.strip()])
         if compositional:
             names = [m for m in names if m in COMPOSITIONAL]

@@ -7,14 +7,18 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+from . import missing_extra
+from .methods import METHODS
+from .spec import MethodSpec
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+try:
+    import matplotlib
 
-from .methods import METHODS  # noqa: E402
-from .spec import MethodSpec  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc) from None
 
 COLUMNS = [  # (step-row field, header, digits)
     ("mean_recall_cos", "recall cos", 3),

@@ -8,7 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from filelock import FileLock
+from . import missing_extra
+
+try:
+    from filelock import FileLock
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc) from None
 
 
 def read_rows(path: Path) -> list[dict]:
