@@ -20,6 +20,7 @@ from .errors import MegamemError
 from .inputs import read_jsonl, read_text_file
 from .memory import BACKENDS, Item, Memory, with_overrides
 from .memoryllm.store import is_pool_store
+from .model import load_model
 from .store import Record, Store, default_store_path
 from .train import RECIPES
 
@@ -474,6 +475,59 @@ def keys_revoke(
     if not n:
         _fail(f"no key starts with {prefix[:10]!r}")
     out.print(f"revoked {n} key(s)", markup=False)
+
+
+@app.command("train-memoryllm")
+def train_memoryllm(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder: checkpoint, params, log, loss plot.")] = Path(
+        "bench-runs/memoryllm-train"
+    ),
+    data: Annotated[Path, typer.Option("--data", help="The data folder (mega-wiki2024/, mega-fictional/).")] = Path(
+        "../shared/data"
+    ),
+    partitions: Annotated[str, typer.Option(help="Training partitions, comma-separated.")] = "5,6,7,8,9",
+    heldout: Annotated[int, typer.Option(help="The partition of the held-out continuation check.")] = 4,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    accum: Annotated[int, typer.Option(help="Episodes per step.")] = 2,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between held-out checks and saves.")] = 200,
+    model: ModelOpt = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+) -> None:
+    """Train MemoryLLM's memory-use parameters (resumable: run it again with the same --out to go on)."""
+    from .memoryllm import MemoryLLM
+    from .memoryllm.recipe import TrainConfig, plot_curve, train
+
+    try:
+        parts = [int(p) for p in partitions.split(",") if p.strip()]
+    except ValueError:
+        _fail(f"--partitions must be comma-separated numbers, got {partitions!r}")
+    for name, value in (("--steps", steps), ("--accum", accum), ("--eval-every", eval_every), ("--threads", threads)):
+        if value is not None and value < 1:
+            _fail(f"{name} must be at least 1, got {value}")
+    for kind in ("mega-wiki2024", "mega-fictional"):
+        files = sorted((data / kind).glob("*.jsonl")) if (data / kind).is_dir() else []
+        if not files:
+            _fail(f"{data} has no {kind}/ partitions (see ../shared/data/README.md)")
+        missing = [p for p in [*parts, heldout] if not 0 <= p < len(files)]
+        if missing:
+            _fail(f"{data / kind} has {len(files)} partitions; there is no partition {missing[0]}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(
+        data=str(data), partitions=parts, steps=steps, accum=accum, eval_every=eval_every, heldout=heldout
+    )
+    try:
+        mllm = MemoryLLM(*load_model(model))
+        with _progress(False) as bar:
+            task = bar.add_task("training", total=steps, loss=0.0)
+            last = train(mllm, cfg, out_dir, on_step=lambda s, n, row: bar.update(task, completed=s, loss=row["loss"]))
+        plot = plot_curve(out_dir)
+    except MegamemError as exc:
+        _fail(str(exc))
+    out.print(f"held-out continuation loss: {last.get('heldout')}", markup=False)
+    out.print(f"parameters: {out_dir / 'params.safetensors'}; loss curve: {plot}", markup=False)
 
 
 @app.command()

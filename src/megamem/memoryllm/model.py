@@ -5,7 +5,7 @@ hs head size. The base weights never change; what is trained (the "memory-use pa
 
 - `start` (L, d): a per-layer first token in front of every pool, the attention sink the model expects at 0;
 - `new_memory` (L, K, d): added to the K writing positions at every layer's input while writing;
-- a LoRA on the attention projections, switched on only while writing.
+- a LoRA on the attention projections of every layer but the last, switched on only while writing.
 
 Reading is the base model with the pool in front as a prefix: at layer l every input token attends to keys
 and values made from [start_l, M_l] by layer l's own norm and k / v projections (positions 0..n, inputs after,
@@ -96,10 +96,17 @@ class MemoryLLM(nn.Module):
             first = self.layer_inputs(torch.tensor([[bos]]))[:, 0, 0]  # (L, d)
         self.start = nn.Parameter(first.clone())
         self.new_memory = nn.Parameter(torch.zeros(self.n_layers, self.cfg.new_tokens, self.d))
+        # every layer but the last: a write keeps each layer's inputs, so the last layer's outputs are never used
         lora = LoraConfig(
-            r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=0.0, target_modules=list(self.cfg.targets)
+            r=self.cfg.rank,
+            lora_alpha=self.cfg.alpha,
+            lora_dropout=0.0,
+            target_modules=list(self.cfg.targets),
+            layers_to_transform=list(range(self.n_layers - 1)),
         )
-        inject_adapter_in_model(lora, model, adapter_name=ADAPTER)
+        with torch.random.fork_rng():  # the LoRA's random A matrices: the same for every run (resumes compare equal)
+            torch.manual_seed(0)
+            inject_adapter_in_model(lora, model, adapter_name=ADAPTER)
         self._lora = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         self._adapters(False)
         self.filler = tok.encode("\n")[0]  # what left-pads a text shorter than K

@@ -54,6 +54,7 @@ class TrainConfig:
     paraphrase: float = 0.3  # qa / recall episodes that write a paraphrase instead of the passage
     eval_every: int = 250
     eval_texts: int = 40
+    heldout: int = HELDOUT_PARTITION
     seed: int = 0
 
 
@@ -136,9 +137,7 @@ def read_loss(mllm: MemoryLLM, kv: list | None, prompt: list[int], target: list[
 def heldout_losses(mllm: MemoryLLM, cfg: TrainConfig, product_blocks: int) -> dict[str, float]:
     """Continuation loss on held-out passages: through the pool, with no pool, and with the text in the prompt."""
     root = Path(cfg.data)
-    recs = load_partition(root / "mega-wiki2024", HELDOUT_PARTITION) + load_partition(
-        root / "mega-fictional", HELDOUT_PARTITION
-    )
+    recs = load_partition(root / "mega-wiki2024", cfg.heldout) + load_partition(root / "mega-fictional", cfg.heldout)
     rng = random.Random(12345)
     recs = rng.sample(recs, min(cfg.eval_texts, len(recs)))
     bos = mllm.tok.bos_token_id
@@ -169,7 +168,10 @@ def train(mllm: MemoryLLM, cfg: TrainConfig, out: Path, on_step=None) -> dict:
     """Train (or resume) into `out`: checkpoint.pt (resume state), params.safetensors (shipped), log.jsonl."""
     # setup
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    saved = out / "config.json"
+    if (out / "checkpoint.pt").exists() and saved.exists() and json.loads(saved.read_text()) != asdict(cfg):
+        raise MegamemError(f"{out} holds a run with other settings ({saved}); resume it with those or use a new --out")
+    saved.write_text(json.dumps(asdict(cfg), indent=1))
     wiki, fict = training_records(cfg)
     opt = torch.optim.AdamW(
         [{"params": mllm.lora_params(), "lr": cfg.lr}, {"params": [mllm.start, mllm.new_memory], "lr": cfg.vec_lr}],
@@ -202,7 +204,7 @@ def train(mllm: MemoryLLM, cfg: TrainConfig, out: Path, on_step=None) -> dict:
             ep = sample_episode(mllm, cfg, wiki, fict, rng)
             loss = episode_loss(mllm, ep, drop_seed=step * cfg.accum + a) / cfg.accum
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(mllm.trainable(), 1.0)
         opt.step()
         step += 1
