@@ -508,3 +508,37 @@ def test_a_new_method_is_one_class(tmp_path, data, tiny_dir, monkeypatch):
     assert all(x["recall_cos"] == pytest.approx(1.0, abs=1e-5) for x in newest)  # it recalls its newest memory
     assert all(x["kl"] == 0.0 for x in rows_of(out) if x["kind"] == "step")
     assert "| pool | 1 | 3 |" in (out / "results.md").read_text()
+
+
+def test_memoryllm_runs_in_the_bench_and_resumes(tmp_path, data, tiny_dir, monkeypatch):
+    """The memoryllm method through the unchanged loop: rows without gate_top1, its pool saved each step, and a
+    run killed after two memories resumes from the saved pool to the rows an unbroken run writes."""
+    whole = tmp_path / "whole"
+    r = bench(data, whole, tiny_dir, methods=["memoryllm"])
+    assert r.exit_code == 0, r.output
+    pool_file = whole / "state" / "p0" / "memoryllm" / "pool.safetensors"
+    from megamem.memoryllm import Pool
+
+    assert Pool.load(pool_file).updates == 3
+    mem = [x for x in rows_of(whole) if x["kind"] == "memory"]
+    assert len(mem) == 1 + 2 + 3 and all("gate_top1" not in x and "recall_cos" in x and "qa_acc" in x for x in mem)
+
+    broken = tmp_path / "broken"
+    real_evaluate = bench_run.evaluate
+
+    def dying(cfg, method, shared, part, probes, k, gate):
+        if k == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(cfg, method, shared, part, probes, k, gate)
+
+    monkeypatch.setattr(bench_run, "evaluate", dying)
+    assert bench(data, broken, tiny_dir, methods=["memoryllm"]).exit_code
+    monkeypatch.setattr(bench_run, "evaluate", real_evaluate)
+    r = bench(data, broken, tiny_dir, methods=["memoryllm"])
+    assert r.exit_code == 0, r.output
+
+    def comparable(rows):
+        return [{k: v for k, v in x.items() if not k.endswith("_s")} for x in rows if x["kind"] == "memory"]
+
+    assert comparable(rows_of(broken)) == comparable(rows_of(whole))
+    assert "| memoryllm |" in (whole / "results.md").read_text()

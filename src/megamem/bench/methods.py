@@ -10,6 +10,7 @@ batches of the passage and its paraphrases) with the same chat prompt.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -177,6 +178,7 @@ class Method:
     static = False  # never learns: the base model answers (base, rag)
     lr_key: str | None = None  # the family whose learning rate it takes when none is set for it (DEFAULT_LR)
     default_lam: float | None = None  # its penalty weight; None: it has none ('NAME@LAMBDA' is refused)
+    in_all = True  # one of the paper's Table 1 methods, run by --methods all
 
     def __init__(self, name: str, shared: Shared, lr: float | None = None, lam: float | None = None) -> None:
         self.name = name
@@ -504,6 +506,118 @@ class SeqLoraL2(SeqLora):
     default_lam = 0.1
 
 
+class MemoryPool(Method):
+    """MemoryLLM (megamem.memoryllm): every memory's passage written into one latent pool, in order, one update
+    each; nothing is trained per memory. Answers read the pool; there is no gate (no gate_top1).
+
+    It runs a model of its own (a copy of the shared one with the write LoRA added), with the parameters megamem
+    ships for the default model, or the untrained ones for another model (docs/memoryllm.md).
+    """
+
+    in_all = False
+
+    def __init__(self, name: str, shared: Shared, **kw) -> None:
+        super().__init__(name, shared, **kw)
+        from ..memoryllm import MemoryLLM, Pool
+        from ..memoryllm.store import shipped_params
+        from ..model import DEFAULT_MODEL, embedded_model_dir
+
+        clear(shared.model)
+        self.mllm = MemoryLLM(copy.deepcopy(shared.model), shared.tok)
+        params = shipped_params(DEFAULT_MODEL)
+        if params is not None and Path(shared.model.name_or_path) == embedded_model_dir():
+            self.mllm.load_params(params)
+        self.pool = Pool.empty()
+        self.cache = {}  # keyed by the pool's version below: answers at one pool never change
+
+    def start(self) -> None:
+        from ..memoryllm import Pool
+
+        self.pool = Pool.empty()
+
+    def learn(self, index: int, texts: list[str], on_step: OnStep = None) -> None:
+        """Write the passage (texts[0]; the method takes no paraphrases) into the pool."""
+        self.pool = self.mllm.inject(self.pool, texts[0])
+        if on_step:
+            on_step(1, 1, 0.0)
+
+    def save(self, folder: Path, step: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pool.save(folder / "pool.tmp")
+        (folder / "pool.tmp").replace(folder / "pool.safetensors")
+        super().save(folder, step)
+
+    def load(self, folder: Path) -> int:
+        from ..memoryllm import Pool
+
+        step = super().load(folder)
+        if step:
+            self.pool = Pool.load(folder / "pool.safetensors")
+        return step
+
+    # -- answering: everything reads the pool as a prefix, one sequence at a time
+
+    def _kv(self) -> list | None:
+        return None if self.pool.is_empty else self.mllm._pool_kv(self.pool, 1)
+
+    def _logits(self, seq: list[int]) -> torch.Tensor:
+        """(len(seq), vocab) float logits of a token sequence read through the pool."""
+        x = torch.tensor([seq])
+        with torch.no_grad():
+            return self.mllm.forward_read(self._kv(), x, torch.ones_like(x))[0][0].float()
+
+    def _reused(self, kind: str, items: list, compute: Callable[[list[int]], list]) -> list:
+        version = (self.pool.updates, kind)
+        return reuse(self.cache, f"{version}", items, None, compute)
+
+    def generate(self, convs: list[Turns], qkeys: torch.Tensor, seen: Seen, max_new: int) -> list[str]:
+        from ..model import chat_ids
+
+        def run(idx: list[int]) -> list[str]:
+            out: list[str] = []
+            bs = self.shared.batch_size
+            for j in range(0, len(idx), bs):
+                prompts = [chat_ids(self.shared.tok, convs[i], generation_prompt=True) for i in idx[j : j + bs]]
+                out += self.mllm.generate(self.pool, prompts, max_new)
+            return out
+
+        return self._reused(f"gen{max_new}", [tuple(c) for c in convs], run)
+
+    def gold_logprobs(self, convs: list[Turns], golds: list[str], qkeys: torch.Tensor, seen: Seen) -> list[float]:
+        from ..model import chat_ids
+
+        tok = self.shared.tok
+
+        def run(idx: list[int]) -> list[float]:
+            out = []
+            for i in idx:
+                prefix = chat_ids(tok, convs[i], generation_prompt=True)
+                target = tok(golds[i], add_special_tokens=False)["input_ids"]
+                logp = torch.log_softmax(self._logits(prefix + target)[len(prefix) - 1 : -1], dim=-1)
+                out.append(float(logp.gather(-1, torch.tensor(target)[:, None]).sum()))
+            return out
+
+        return self._reused("logprob", [(tuple(c), g) for c, g in zip(convs, golds, strict=True)], run)
+
+    def letter_logits(self, seqs: list[list[int]], letters: list[int], qkeys: torch.Tensor, seen: Seen) -> torch.Tensor:
+        def run(idx: list[int]) -> list[torch.Tensor]:
+            return [self._logits(seqs[i])[-1, letters] for i in idx]
+
+        return torch.stack(self._reused("letters", [tuple(x) for x in seqs], run))
+
+    def kl_sums(
+        self, seqs: list[list[int]], reference: general.Reference, qkeys: torch.Tensor, seen: Seen
+    ) -> list[tuple[float, int]]:
+        def run(idx: list[int]) -> list[tuple[float, int]]:
+            out = []
+            for i in idx:
+                lp = torch.log_softmax(self._logits(seqs[i]), dim=-1)[: len(seqs[i]) - 1]
+                out.append(general.kl_sum(reference, i, lp))
+            return out
+
+        return self._reused("kl", [tuple(x) for x in seqs], run)
+
+
 # Every method by family name, in the paper's order (the report's row order). A new method: one class above.
 METHODS: dict[str, type[Method]] = {
     "base": Base,
@@ -516,6 +630,7 @@ METHODS: dict[str, type[Method]] = {
     "full-batch": FullBatch,
     "lora": SeqLora,
     "lora-l2": SeqLoraL2,
+    "memoryllm": MemoryPool,
 }
 
 
