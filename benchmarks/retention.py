@@ -93,15 +93,24 @@ def run_memoryllm(args, targets, distractors) -> dict[int, list[str]]:
     if params is not None:
         mllm.load_params(params)
     answers: dict[int, list[str]] = {k: [] for k in args.ks}
+    writes, write_s, asks, ask_s = 0, 0.0, 0, 0.0
     for i, r in enumerate(targets):
+        t = time.perf_counter()
         pool = mllm.inject(Pool.empty(seed=i), r.passage)
+        write_s, writes = write_s + time.perf_counter() - t, writes + 1
         convs = [[("user", qa_prompt(q))] for q, _ in r.qa]
         for j in range(max(args.ks) + 1):
             if j in answers:
+                t = time.perf_counter()
                 answers[j] += mllm.answer(pool, convs, 64)
+                ask_s, asks = ask_s + time.perf_counter() - t, asks + 1
             if j < max(args.ks):
+                t = time.perf_counter()
                 pool = mllm.inject(pool, distractors[j].passage)
+                write_s, writes = write_s + time.perf_counter() - t, writes + 1
         print(f"memoryllm: target {i + 1}/{len(targets)}", file=sys.stderr, flush=True)
+    # per write (one passage, one update) and per batch of a target's questions (3, decoded together)
+    answers["_timing"] = {"write_s": write_s / writes, "answer_batch_s": ask_s / asks}  # type: ignore[index]
     return answers
 
 
@@ -137,7 +146,9 @@ def main() -> None:
         if method in answers:
             continue
         if method == "memoryllm":
-            answers["memoryllm"] = {str(k): v for k, v in run_memoryllm(args, targets, distractors).items()}
+            got = run_memoryllm(args, targets, distractors)
+            answers["_memoryllm_timing"] = got.pop("_timing")
+            answers["memoryllm"] = {str(k): v for k, v in got.items()}
         elif method == "mega":
             got = run_mega(args, targets, distractors, args.out)
             answers["_mega_learn_s"] = got.pop("_learn_s")
@@ -175,7 +186,13 @@ def main() -> None:
     header = (
         f"{command()}\n{machine()}\n{len(targets)} targets (wiki partition {args.target_partition}), "
         f"{len(golds)} questions, distractors: wiki partition {args.distractor_partition}; "
-        f"seconds: " + ", ".join(f"{k[1:-2]} {v:.0f}" for k, v in answers.items() if k.endswith("_s"))
+        f"seconds: "
+        + ", ".join(f"{k[1:-2]} {v:.0f}" for k, v in answers.items() if k.endswith("_s"))
+        + (
+            f"; memoryllm per write / per answer batch: {answers['_memoryllm_timing']}"
+            if "memoryllm" in answers
+            else ""
+        )
     )
     report = f"{header}\n\n{table(wide)}\n\n{table(rows)}\n"
     (args.out / "retention.md").write_text(report)

@@ -133,3 +133,21 @@ def test_cli_end_to_end(tmp_path, tiny_dir):
     assert digest(path) == before
     r = run("add", "x", "--backend", "lstm", "--store", tmp_path / "new")
     assert r.exit_code == 1 and "unknown backend" in r.stderr
+
+
+def test_the_shipped_parameters_serve_the_default_model(tmp_path):
+    """The trained parameters install with megamem, fit the default sizes, and a new store keeps its own copy."""
+    from safetensors import safe_open
+
+    from megamem.memoryllm.store import PARAMS, shipped_params
+    from megamem.model import DEFAULT_MODEL
+
+    path = shipped_params(DEFAULT_MODEL)
+    assert path is not None and path.stat().st_size < 8_000_000  # a few MB, not a pool
+    with safe_open(str(path), framework="pt") as f:
+        assert MemoryConfig.from_meta(f.metadata()) == MemoryConfig()
+    mem = Memory(tmp_path / "default-pool", backend="memoryllm")
+    assert mem.warnings == []  # no "untrained" warning for the default model
+    mem.add("Zorblatt the heron lives on Quillon pier.", id="heron")
+    assert (tmp_path / "default-pool" / PARAMS).read_bytes() == path.read_bytes()
+    assert Memory(tmp_path / "default-pool").ask("Where does Zorblatt live?", max_new_tokens=8).text
