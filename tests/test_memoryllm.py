@@ -36,7 +36,7 @@ def ids_of(mllm: MemoryLLM, text: str) -> torch.Tensor:
 def test_empty_pool_is_the_base_model(mllm):
     q = ids_of(mllm, "Who wrote the first program?")
     with torch.no_grad():
-        logits, _ = mllm.forward_read(None, q, torch.ones_like(q))
+        logits = mllm.forward_read(None, q, torch.ones_like(q))
     assert torch.equal(logits, base_logits(mllm, q))
     conv = [("user", "Who wrote the first program?")]
     from megamem.model import chat_ids
@@ -72,10 +72,10 @@ def test_oracle_pool_matches_the_text_in_the_prompt(mllm, padded):
             ids = torch.cat([torch.cat([pad, q], 1), torch.cat([q[:, :3], q], 1)])
             mask = torch.cat([torch.cat([torch.zeros(1, 3), torch.ones_like(q)], 1), torch.ones(1, q.shape[1] + 3)])
             kv = [(k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)) for k, v in kv]
-            logits, _ = mllm.forward_read(kv, ids, mask.long())
+            logits = mllm.forward_read(kv, ids, mask.long())
             logits = logits[:1, 3:]
         else:
-            logits, _ = mllm.forward_read(kv, q, torch.ones_like(q))
+            logits = mllm.forward_read(kv, q, torch.ones_like(q))
     ref = base_logits(mllm, torch.cat([text, q], 1))[:, text.shape[1] :]
     assert torch.allclose(logits, ref, atol=1e-4), (logits - ref).abs().max()
 
@@ -90,7 +90,7 @@ def test_oracle_on_the_default_model(smol_dir):
     q = torch.tensor([tok.encode("Who wrote the first computer program? Answer:")])
     with torch.no_grad():
         li = mllm.layer_inputs(text)
-        logits, _ = mllm.forward_read(mllm.prefix_kv(li[:, :, 1:], start=li[:, :, :1]), q, torch.ones_like(q))
+        logits = mllm.forward_read(mllm.prefix_kv(li[:, :, 1:], start=li[:, :, :1]), q, torch.ones_like(q))
         ref = model(input_ids=torch.cat([text, q], 1)).logits[:, text.shape[1] :]
     assert torch.allclose(logits, ref, atol=1e-3), (logits - ref).abs().max()
 
@@ -200,7 +200,7 @@ def test_the_pool_changes_the_answer_and_the_prefix_is_cached(mllm):
     assert mllm.answer(pool, conv, 5) == a and mllm._prefix_cache is cached  # one prefix per pool version
     q = ids_of(mllm, "Who wrote it?")
     with torch.no_grad():
-        with_pool, _ = mllm.forward_read(mllm._pool_kv(pool, 1), q, torch.ones_like(q))
+        with_pool = mllm.forward_read(mllm._pool_kv(pool, 1), q, torch.ones_like(q))
     assert not torch.allclose(with_pool, base_logits(mllm, q))
 
 
@@ -219,7 +219,7 @@ def test_cached_decoding_matches_recomputing_every_step(mllm):
         for _ in range(6):
             t = torch.tensor([ids])
             with torch.no_grad():
-                logits, _ = mllm.forward_read(kv, t, torch.ones_like(t))
+                logits = mllm.forward_read(kv, t, torch.ones_like(t))
             nxt = int(logits[0, -1].argmax())
             if nxt in (mllm.tok.eos_token_id, mllm.tok.convert_tokens_to_ids("<|im_end|>")):
                 break

@@ -27,7 +27,7 @@ import re
 import shutil
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -156,17 +156,23 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to `path` through a temporary file, fsync and rename: a reader sees the old file or the new."""
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file beside `path` (megamem's own naming), fsync and rename: a reader sees the
+    old file or the whole new one, and a failed write leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.{writer_token()}.{uuid.uuid4().hex[:16]}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+        write(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to `path` atomically (write_atomic)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"))
 
 
 def read_memory_file(folder: Path) -> dict | None:

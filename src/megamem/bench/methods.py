@@ -534,6 +534,7 @@ class MemoryPool(Method):
         from ..memoryllm import Pool
 
         self.pool = Pool.empty()
+        self.cache = {}  # its keys are pool versions (update counts), which start over here
 
     def learn(self, index: int, texts: list[str], on_step: OnStep = None) -> None:
         """Write the passage (texts[0]; the method takes no paraphrases) into the pool."""
@@ -564,7 +565,7 @@ class MemoryPool(Method):
         """(len(seq), vocab) float logits of a token sequence read through the pool."""
         x = torch.tensor([seq])
         with torch.no_grad():
-            return self.mllm.forward_read(self._kv(), x, torch.ones_like(x))[0][0].float()
+            return self.mllm.forward_read(self._kv(), x, torch.ones_like(x))[0].float()
 
     def _reused(self, kind: str, items: list, compute: Callable[[list[int]], list]) -> list:
         version = (self.pool.updates, kind)

@@ -111,7 +111,7 @@ class MemoryLLM(nn.Module):
         self._adapters(False)
         self.filler = tok.encode("\n")[0]  # what left-pads a text shorter than K
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._prefix_cache: tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._prefix_cache: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     # -- building blocks -----------------------------------------------------------------------------
 
@@ -210,15 +210,16 @@ class MemoryLLM(nn.Module):
 
     def _pool_kv(self, pool: Pool, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The pool's prefix, computed once per pool version and expanded (not copied) to the batch."""
-        version = (id(pool.memory), pool.updates)
-        if self._prefix_cache is None or self._prefix_cache[0] != version:
+        # keyed by the memory tensor itself (a pool never changes it in place), held so that its id cannot be
+        # reused by a later pool's tensor while the entry stands
+        if self._prefix_cache is None or self._prefix_cache[0] is not pool.memory:
             with torch.no_grad():
-                self._prefix_cache = (version, self.prefix_kv(pool.memory[:, None].float()))
+                self._prefix_cache = (pool.memory, self.prefix_kv(pool.memory[:, None].float()))
         return [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._prefix_cache[1]]
 
     def forward_read(
         self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None, ids: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, DynamicCache | None]:
+    ) -> torch.Tensor:
         """Logits (B, T, V) of `ids` (B, T, left-padded by `mask`) after the prefix `kv` (None: no pool)."""
         B = ids.shape[0]
         P = 0 if kv is None else kv[0][0].shape[2]
@@ -228,7 +229,7 @@ class MemoryLLM(nn.Module):
         out = self.model(
             input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True, **{self._cache_kw: cache}
         )
-        return out.logits, cache
+        return out.logits
 
     @torch.no_grad()
     def generate(self, pool: Pool, prompts: list[list[int]], max_new: int) -> list[str]:
@@ -306,3 +307,4 @@ class MemoryLLM(nn.Module):
         lora = {k.removeprefix("lora."): v.float() for k, v in tensors.items() if k.startswith("lora.")}
         set_peft_model_state_dict(self.model, lora, adapter_name=ADAPTER)
         self._adapters(False)
+        self._prefix_cache = None  # computed with the old start vectors

@@ -38,6 +38,20 @@ def drop_order(seed: int, update: int, size: int, new: int) -> torch.Tensor:
     return keep.sort().values
 
 
+def advance(memory: torch.Tensor | None, new: torch.Tensor, size: int, seed: int, update: int) -> torch.Tensor:
+    """The pool's tokens after update number `update` writes `new` (..., K, d), along dim -2 (any leading dims,
+    gradients kept: training uses it too). The first update (memory None) tiles `new` over all `size` tokens,
+    as the paper does, so a fresh pool reads like one that has seen the text many times; a later one keeps
+    drop_order's survivors, in order, and appends `new`."""
+    n_new = new.shape[-2]
+    if size % n_new:
+        raise MegamemError(f"pool size {size} is not a multiple of the {n_new} tokens of one update")
+    if memory is None:
+        return new.repeat(*[1] * (new.dim() - 2), size // n_new, 1)
+    keep = drop_order(seed, update, memory.shape[-2], n_new)
+    return torch.cat([memory[..., keep, :], new], dim=-2)
+
+
 @dataclass(frozen=True)
 class Pool:
     """A MemoryLLM pool: `memory` (L, N, d) or None while empty, `updates` made so far, the drop `seed`."""
@@ -55,20 +69,9 @@ class Pool:
         return self.memory is None
 
     def updated(self, new: torch.Tensor, size: int) -> Pool:
-        """The pool after writing `new` (L, K, d): K random old tokens dropped (order kept), `new` appended.
-
-        The first update fills the whole pool by tiling `new` (size must be a multiple of K), as the paper does,
-        so that a fresh pool reads like one that has seen the text many times.
-        """
-        n_new = new.shape[1]
-        if size % n_new:
-            raise MegamemError(f"pool size {size} is not a multiple of the {n_new} tokens of one update")
-        new = new.detach().to(POOL_DTYPE)
-        if self.memory is None:
-            memory = new.repeat(1, size // n_new, 1)
-        else:
-            keep = drop_order(self.seed, self.updates, self.memory.shape[1], n_new)
-            memory = torch.cat([self.memory[:, keep].to(POOL_DTYPE), new], dim=1)
+        """The pool after writing `new` (L, K, d) (see advance: the first update tiles, later ones drop K)."""
+        old = None if self.memory is None else self.memory.to(POOL_DTYPE)
+        memory = advance(old, new.detach().to(POOL_DTYPE), size, self.seed, self.updates)
         return Pool(memory=memory, updates=self.updates + 1, seed=self.seed)
 
     # -- files -------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ..errors import MegamemError
 from ..generate import qa_prompt, recall_prompt
 from ..model import chat_ids
 from .model import MemoryLLM
-from .pool import drop_order
+from .pool import advance
 
 TRAIN_PARTITIONS = (5, 6, 7, 8, 9)  # wiki and fictional: never in the MemoryLLM bench (0-1) or retention runs (2-3)
 HELDOUT_PARTITION = 4  # the continuation-loss check
@@ -113,22 +113,18 @@ def sample_episode(
 
 def episode_loss(mllm: MemoryLLM, ep: Episode, drop_seed: int) -> torch.Tensor:
     """Mean cross-entropy of the target through a pool built from the episode's writes (with gradients)."""
-    K = mllm.cfg.new_tokens
+    size = ep.blocks * mllm.cfg.new_tokens
     memory = None  # (L, 1, n, d)
     for u, text in enumerate(ep.writes):
         new = mllm.write(memory, torch.tensor([mllm.text_ids(text)]))  # (L, 1, K, d)
-        if memory is None:
-            memory = new.repeat(1, 1, ep.blocks, 1)  # the first update tiles, as Pool.updated does
-        else:
-            keep = drop_order(drop_seed, u, memory.shape[2], K)
-            memory = torch.cat([memory[:, :, keep], new], dim=2)
+        memory = advance(memory, new, size, drop_seed, u)  # what Pool.updated does, with gradients
     return read_loss(mllm, mllm.prefix_kv(memory), ep.prompt, ep.target)
 
 
 def read_loss(mllm: MemoryLLM, kv: list | None, prompt: list[int], target: list[int]) -> torch.Tensor:
     """Mean cross-entropy of `target` after `prompt`, reading the prefix `kv` (None: the base model alone)."""
     ids = torch.tensor([prompt + target])
-    logits, _ = mllm.forward_read(kv, ids, torch.ones_like(ids))
+    logits = mllm.forward_read(kv, ids, torch.ones_like(ids))
     pred = logits[0, len(prompt) - 1 : -1]  # (len(target), V)
     return F.cross_entropy(pred.float(), torch.tensor(target))
 
@@ -145,7 +141,7 @@ def heldout_losses(mllm: MemoryLLM, cfg: TrainConfig, product_blocks: int) -> di
     for r in recs:
         first, second = halves(mllm, r.passage)
         new = mllm.write(None, torch.tensor([mllm.text_ids(first)]))
-        kv = mllm.prefix_kv(new.repeat(1, 1, product_blocks, 1))
+        kv = mllm.prefix_kv(advance(None, new, product_blocks * mllm.cfg.new_tokens, 0, 0))
         out["pool"] += float(read_loss(mllm, kv, [bos], second)) / len(recs)
         out["none"] += float(read_loss(mllm, None, [bos], second)) / len(recs)
         first_ids = mllm.tok(first, add_special_tokens=False)["input_ids"]

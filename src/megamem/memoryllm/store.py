@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from ..gate import GateConfig
 from ..generate import qa_prompt, recall_prompt
 from ..items import Answer, Item
 from ..model import DEFAULT_MODEL, load_model
+from ..store import Store, write_atomic, write_json_atomic
 from .model import MemoryConfig, MemoryLLM
 from .pool import Pool
 
@@ -75,29 +75,6 @@ class PoolRecord:
         return dict(self.__dict__)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then fsync and rename over `path`: the file is either the old one or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class PoolMemory:
     """A language model with memories in a MemoryLLM pool (see the module docstring for what it can and cannot do).
 
@@ -127,7 +104,7 @@ class PoolMemory:
         self.warnings: list[str] = []
         self.gate = GateConfig()  # for callers that build gate overrides; ask refuses any other
         self._mllm: MemoryLLM | None = None
-        self._pool: tuple[int, Pool] | None = None  # (the pool file's mtime_ns, the pool)
+        self._pool: tuple[int, Pool, list[PoolRecord]] | None = None  # (the file's mtime_ns, its pool, its memories)
         if is_pool_store(self.path):
             self._settings = json.loads((self.path / SETTINGS).read_text())
             if model is not None and model != self._settings["base_model"]:
@@ -137,8 +114,6 @@ class PoolMemory:
         elif not create:
             raise MegamemError(f"no megamem store at {self.path}")
         else:
-            from ..store import Store
-
             if Store.exists(self.path):
                 raise MegamemError(f"{self.path} is a MEGa store; open it without backend='memoryllm'")
             Store.check_new_path(self.path)
@@ -177,11 +152,11 @@ class PoolMemory:
         self.path.mkdir(parents=True, exist_ok=True)
         params = self.path / PARAMS
         if self._new_params is not None:
-            _write_atomic(params, lambda tmp: shutil.copyfile(self._new_params, tmp))
+            write_atomic(params, lambda tmp: shutil.copyfile(self._new_params, tmp))
         else:
-            _write_atomic(params, lambda tmp: mllm.save_params(tmp))
+            write_atomic(params, lambda tmp: mllm.save_params(tmp))
         self._settings["params_sha256"] = hashlib.sha256(params.read_bytes()).hexdigest()
-        _write_atomic(self.path / SETTINGS, lambda tmp: tmp.write_text(json.dumps(self._settings, indent=1)))
+        write_json_atomic(self.path / SETTINGS, self._settings)
 
     def _read(self) -> tuple[Pool, list[PoolRecord]]:
         """The committed pool and its memories (re-read only when the file changed)."""
@@ -190,9 +165,9 @@ class PoolMemory:
             return Pool.empty(seed=int(self._settings["seed"])), []
         stamp = path.stat().st_mtime_ns
         if self._pool is None or self._pool[0] != stamp:
-            self._pool = (stamp, Pool.load(path))
-        meta = Pool.metadata(path)
-        return self._pool[1], [PoolRecord(**r) for r in json.loads(meta.get("records", "[]"))]
+            records = [PoolRecord(**r) for r in json.loads(Pool.metadata(path).get("records", "[]"))]
+            self._pool = (stamp, Pool.load(path), records)
+        return self._pool[1], list(self._pool[2])
 
     # -- the model -----------------------------------------------------------------------------------
 
@@ -272,7 +247,7 @@ class PoolMemory:
                 rec = PoolRecord(mid, item.text, datetime.now(timezone.utc).isoformat(), pool.updates, item.metadata)
                 records.append(rec)
                 extra = {"records": json.dumps([r.to_dict() for r in records], ensure_ascii=False)}
-                _write_atomic(self.path / POOL, lambda tmp, p=pool, e=extra: p.save(tmp, extra=e))
+                write_atomic(self.path / POOL, lambda tmp, p=pool, e=extra: p.save(tmp, extra=e))
                 self._pool = None
             out.append(rec)
             if on_step:
