@@ -89,3 +89,55 @@ def test_peft_loads_same_logits(tiny_dir, tiny, tmp_path):
 def test_bad_spec_rejected():
     with pytest.raises(MegamemError, match="rank"):
         LoraSpec(rank=0)
+
+
+def test_int8_files_hold_int8_weights_within_one_step_of_the_original(tiny, tmp_path):
+    model, _ = tiny
+    spec = LoraSpec(rank=4)
+    adapter = _trained_like(inject(model, list(spec.targets)), spec)
+    save_adapter(adapter, tmp_path / "f32", "m")
+    save_adapter(adapter, tmp_path / "i8", "m", "int8")
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / "i8" / "adapter_model.safetensors"))
+    assert {t.dtype for k, t in raw.items() if k.endswith(".weight")} == {torch.int8}
+    back = load_adapter(tmp_path / "i8")
+    for n, (a, b) in adapter.weights.items():
+        # one int8 step per rank component: a row of A, a column of B
+        assert ((back.weights[n][0] - a).abs() <= a.abs().amax(1, keepdim=True) / 254 + 1e-7).all()
+        assert ((back.weights[n][1] - b).abs() <= b.abs().amax(0, keepdim=True) / 254 + 1e-7).all()
+    f32 = load_file(str(tmp_path / "f32" / "adapter_model.safetensors"))
+    nbytes = lambda d: sum(t.numel() * t.element_size() for t in d.values())  # noqa: E731
+    assert nbytes(raw) < 0.3 * nbytes(f32)  # a quarter of float32 (half of bfloat16) plus the scales
+
+
+def test_an_int8_store_exports_an_adapter_peft_loads_with_the_same_logits(tiny_dir, tmp_path):
+    """megamem export of an int8 memory == what megamem itself computes with that memory at weight 1."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megamem import Memory
+
+    mem = Memory(
+        tmp_path / "store", model=str(tiny_dir), recipe=Recipe(epochs=1, min_tokens=0, lr=5e-2), adapter_dtype="int8"
+    )
+    mem.add("The Quillon ferry leaves at dawn.", id="ferry")
+    assert mem.info()["adapter_dtype"] == "int8"
+    model, tok = mem.load()
+    ids = torch.tensor([tok("memories in weights")["input_ids"]])
+    set_mixture(model, [mem.adapter("ferry")], [1.0])
+    with torch.no_grad():
+        ours = model(ids).logits
+    set_mixture(model, [], [])
+    with torch.no_grad():
+        base = model(ids).logits
+    folder = mem.export("ferry", tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), folder).eval()
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    assert not torch.allclose(ours, base, atol=1e-4)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    with pytest.raises(MegamemError, match="not an empty folder"):
+        mem.export("ferry", folder)
+    with pytest.raises(MegamemError, match="built with adapter_dtype"):
+        Memory(tmp_path / "store", adapter_dtype="bfloat16")

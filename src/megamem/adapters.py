@@ -121,13 +121,37 @@ def _peft_config(spec: LoraSpec, base_model: str) -> dict:
     }
 
 
-def save_adapter(adapter: Adapter, folder: Path, base_model: str, dtype: torch.dtype = torch.float32) -> str:
-    """Write the adapter in PEFT's format into `folder`; return the sha256 of its weights file."""
+INT8 = "int8"  # a storage dtype that is not a torch dtype: int8 weights with one fp32 scale per rank component
+_SCALE = "_scale"  # suffix of an int8 tensor's scales: "...lora_A.weight_scale"
+
+
+def quantize_int8(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp32 scales): symmetric absmax over `dim`, so each slice along the other axis (one rank
+    component: a row of A (r, in), a column of B (out, r)) keeps its own scale. t ~= values * scales.
+
+        >>> q, s = quantize_int8(torch.tensor([[0.5, -1.0], [2.0, 0.0]]), dim=1)
+        >>> (q * s).tolist()
+        [[0.5, -1.0], [2.0, 0.0]]
+    """
+    scale = t.float().abs().amax(dim=dim, keepdim=True).clamp(min=1e-12) / 127.0
+    return (t.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def save_adapter(adapter: Adapter, folder: Path, base_model: str, dtype: torch.dtype | str = torch.float32) -> str:
+    """Write the adapter in PEFT's format into `folder`; return the sha256 of its weights file.
+
+    dtype INT8 ("int8") stores int8 weights and their scales (half the bytes of bfloat16; recall and QA
+    unchanged, docs/performance.md section 4): megamem reads it; for PEFT, write it again in a float dtype
+    (`megamem export ID --out DIR`, or save_adapter(load_adapter(folder), out, base_model))."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, (a, b) in adapter.weights.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().to(dtype).contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().to(dtype).contiguous()
+        for part, t, dim in (("lora_A", a, 1), ("lora_B", b, 0)):
+            key = f"{_PREFIX}{name}.{part}.weight"
+            if dtype == INT8:
+                tensors[key], tensors[key + _SCALE] = quantize_int8(t.detach(), dim)
+            else:
+                tensors[key] = t.detach().to(dtype).contiguous()
     weights_path = folder / "adapter_model.safetensors"
     save_file(tensors, str(weights_path), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(_peft_config(adapter.spec, base_model), indent=2))
@@ -165,11 +189,17 @@ def load_adapter(folder: Path, checksum: str | None = None) -> Adapter:
         raw = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types on a damaged header
         raise MegamemError(f"adapter file {weights_path} is unreadable: {exc}") from exc
+
+    def value(key: str) -> torch.Tensor:  # a float tensor, int8 ones times their scales
+        t = raw[key]
+        return t.float() * raw[key + _SCALE] if t.dtype == torch.int8 else t.float()
+
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, tensor in raw.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key[len(_PREFIX) : -len(".lora_A.weight")]
-        b = raw[f"{_PREFIX}{name}.lora_B.weight"]
-        weights[name] = (tensor.float(), b.float())
+    try:
+        for key in raw:
+            if key.endswith(".lora_A.weight"):
+                name = key[len(_PREFIX) : -len(".lora_A.weight")]
+                weights[name] = (value(key), value(f"{_PREFIX}{name}.lora_B.weight"))
+    except KeyError as exc:
+        raise MegamemError(f"adapter file {weights_path} lacks the tensor {exc}") from None
     return Adapter(spec, weights)

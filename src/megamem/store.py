@@ -38,7 +38,7 @@ import torch
 from platformdirs import user_data_dir
 from safetensors.torch import load_file, save_file
 
-from .adapters import Adapter, file_sha256, load_adapter, save_adapter
+from .adapters import INT8, Adapter, file_sha256, load_adapter, save_adapter
 from .checks import check_id
 from .errors import MegamemError
 
@@ -709,8 +709,8 @@ def _remove(entry: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
-def _dtype(name: str) -> torch.dtype:
+def _dtype(name: str) -> torch.dtype | str:
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, INT8: INT8}[name]
     except KeyError:
         raise MegamemError(f"unknown adapter dtype {name!r}") from None
