@@ -128,6 +128,21 @@ def add(
         str | None,
         typer.Option("--backend", help="mega (adapters, the default) | memoryllm (one latent pool; new stores)."),
     ] = None,
+    adapter_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--adapter-dtype", help="bfloat16 (default) | int8 (half the bytes) | float16 | float32 (new stores)."
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray", help="Learn on a Ray cluster: local (a new one here) | auto (the running one) | its ADDRESS."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Ray workers, one thread each (default: the cluster's CPUs).")
+    ] = None,
     store: StoreOpt = None,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
@@ -143,6 +158,14 @@ def add(
     pool_store = backend == "memoryllm" or (backend is None and is_pool_store(store or default_store_path()))
     if pool_store and (recipe_name != "fast" or epochs is not None or lr is not None or seed != 0):
         _fail("--recipe, --epochs, --lr and --seed train MEGa adapters; a MemoryLLM store trains nothing per memory")
+    if pool_store and adapter_dtype is not None:
+        _fail("--adapter-dtype sets how MEGa stores adapters; a MemoryLLM store keeps one pool")
+    if pool_store and ray is not None:
+        _fail("--ray spreads adapter training; a MemoryLLM store writes its one pool in order, on this machine")
+    if workers is not None and ray is None:
+        _fail("--workers goes with --ray")
+    if workers is not None and workers < 1:
+        _fail(f"--workers must be at least 1, got {workers}")
     stored: list[Record] = []
     mem = None
     try:
@@ -158,7 +181,11 @@ def add(
             body = read_text_file(file) if file is not None else text
             meta = {"source": str(file)} if file else {}
             items, bad_lines = [Item(body or "", list(paraphrase or []), meta, id, replaces=list(replaces or []))], []
-        settings = {"backend": "memoryllm"} if pool_store else {"recipe": recipe, "backend": backend}
+        settings = (
+            {"backend": "memoryllm"}
+            if pool_store
+            else {"recipe": recipe, "backend": backend, "adapter_dtype": adapter_dtype}
+        )
         mem = _open(store, model, key_function, **settings)
         mem.warnings += [f"skipped {m}" for m in bad_lines]
         items = mem.validate(items, keep_going=keep_going)
@@ -174,7 +201,18 @@ def add(
             def on_step(step: int, total: int, loss: float) -> None:
                 bar.update(task, completed=step, total=total, loss=loss)
 
-            mem.add_many(items, on_step=on_step, on_memory=on_memory, on_stored=stored.append, keep_going=keep_going)
+            if ray is not None:
+                bar.update(task, description=f"learning {len(items)} on Ray", completed=0, total=len(items))
+
+                def on_stored(r: Record) -> None:
+                    stored.append(r)
+                    bar.update(task, completed=len(stored))
+
+                mem.add_many(items, on_stored=on_stored, keep_going=keep_going, ray=ray, workers=workers)
+            else:
+                mem.add_many(
+                    items, on_step=on_step, on_memory=on_memory, on_stored=stored.append, keep_going=keep_going
+                )
     except (MegamemError, KeyboardInterrupt) as exc:
         if mem is not None:
             _warn(mem)
@@ -291,6 +329,27 @@ def show(
     except MegamemError as exc:
         _fail(str(exc))
     _emit(as_json, rec.to_dict(), lambda: _print_fields(rec.to_dict()))
+
+
+@app.command()
+def export(
+    memory_id: Annotated[str, typer.Argument(help="Memory id.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="A new or empty folder for the PEFT adapter.")],
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one memory's adapter as a plain PEFT folder (any stored dtype, int8 included)."""
+    path = store or default_store_path()
+    _mega_only(path, "export")
+    mem = _open(store, create=False)
+    try:
+        folder = mem.export(memory_id, out_dir, dtype)
+    except MegamemError as exc:
+        _fail(str(exc))
+    _emit(
+        as_json, {"exported": memory_id, "folder": str(folder)}, lambda: out.print(f"exported {memory_id} to {folder}")
+    )
 
 
 @app.command()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import Adapter, LoraSpec
+from .adapters import Adapter, LoraSpec, save_adapter
 from .calibration import best_scores, calibration_keys
 from .calibration import null_score as calibrated_null_score
 from .checks import check_count, check_id, check_metadata, check_text, check_texts
@@ -33,6 +33,9 @@ from .updates import likely_update
 # Adapters are stored in bfloat16: half the bytes of float32 with recall and QA unchanged at every rank
 # measured (docs/performance.md, storage); they are computed in float32 once loaded.
 ADAPTER_DTYPE = "bfloat16"
+# "int8" (a store option) halves that again, recall and QA unchanged (docs/performance.md section 4; docs/scale.md);
+# PEFT loads such an adapter after `megamem export` (Memory.export)
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "int8")
 BACKENDS = ("mega", "memoryllm")  # MEGa's gated adapters (this class), MemoryLLM's pool (memoryllm.store)
 
 
@@ -76,7 +79,10 @@ class Memory:
         strict: bool = False,
         create: bool = True,
         backend: str | None = None,
+        adapter_dtype: str | None = None,
     ) -> None:
+        if adapter_dtype is not None and adapter_dtype not in ADAPTER_DTYPES:
+            raise MegamemError(f"unknown adapter dtype {adapter_dtype!r}; choose one of {', '.join(ADAPTER_DTYPES)}")
         if key_function is not None and key_function not in KEY_FUNCTIONS:
             raise MegamemError(f"unknown key function {key_function!r}; choose one of {', '.join(KEY_FUNCTIONS)}")
         check_count(train_group, "train_group")
@@ -86,7 +92,12 @@ class Memory:
         self.recipe = recipe or Recipe()
         self.train_group = train_group
         self.warnings: list[str] = []  # damaged memories skipped and entries left alone, newest last
-        self._given = {"base_model": model, "key_function": key_function, "lora": lora.to_dict() if lora else None}
+        self._given = {
+            "base_model": model,
+            "key_function": key_function,
+            "lora": lora.to_dict() if lora else None,
+            "adapter_dtype": adapter_dtype,
+        }
         self._given_gate = gate
         self._model = None
         self._tok = None
@@ -112,7 +123,7 @@ class Memory:
                 "key_function": kf,
                 "lora": (lora or LoraSpec()).to_dict(),
                 "gate": default_gate(kf).to_dict(),
-                "adapter_dtype": ADAPTER_DTYPE,
+                "adapter_dtype": adapter_dtype or ADAPTER_DTYPE,
             }
         self._apply_settings()
 
@@ -279,15 +290,25 @@ class Memory:
         on_memory: Callable[[int, int], None] | None = None,
         on_stored: Callable[[Record], None] | None = None,
         keep_going: bool = False,
+        ray: str | None = None,
+        workers: int | None = None,
     ) -> list[Record]:
         """Validate every item first (nothing is stored if one is bad, unless keep_going), then learn them
         `train_group` at a time and commit each as soon as its group is learned (a crash keeps those already
-        committed; `on_stored` hears of each)."""
+        committed; `on_stored` hears of each).
+
+        ray: learn them on a Ray cluster instead ('local': a new one on this machine; 'auto': the running one;
+        or its address), `workers` actors of one thread each; this process still commits every memory
+        (megamem.distributed)."""
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, Item) for i in items):
             raise MegamemError("add_many takes a list of Item")
+        if ray is not None:
+            from .distributed import add_many_ray
+
+            return add_many_ray(self, list(items), ray, workers, keep_going=keep_going, on_stored=on_stored)
         checked = self.validate(items, keep_going)
         model, tok = self.load()
-        store = self.prepare_store()
+        self.prepare_store()
         records = []
         for start in range(0, len(checked), self.train_group):
             group = checked[start : start + self.train_group]
@@ -299,19 +320,24 @@ class Memory:
             else:
                 adapters = train_adapters_batched(model, tok, texts, self.lora, self.recipe, on_step)
             for item, item_texts, adapter in zip(group, texts, adapters, strict=True):
-                keys = compute_keys(self.key_function, item_texts, model, tok)
-                meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else dict(item.metadata)
-                meta.update({k: v for k, v in item.reserved.items() if k.startswith("megamem.")})
-                if item.replaces:
-                    meta[REPLACES] = list(item.replaces)
-                else:
-                    self._note_likely_updates(item, keys)
-                records.append(store.add(item.text, adapter, keys, meta, item.id))
-                self._append_keys(records[-1].id, keys)
-                self._superseded |= set(item.replaces)
+                records.append(self.commit(item, adapter, compute_keys(self.key_function, item_texts, model, tok)))
                 if on_stored is not None:
                     on_stored(records[-1])
         return records
+
+    def commit(self, item: Item, adapter: Adapter, keys: torch.Tensor) -> Record:
+        """Store one learned memory (an item add_many or a cluster worker trained) and route to it from now on.
+        The item must have passed `validate` and the store be prepared (`prepare_store`)."""
+        meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else dict(item.metadata)
+        meta.update({k: v for k, v in item.reserved.items() if k.startswith("megamem.")})
+        if item.replaces:
+            meta[REPLACES] = list(item.replaces)
+        else:
+            self._note_likely_updates(item, keys)
+        record = self.store.add(item.text, adapter, keys, meta, item.id)
+        self._append_keys(record.id, keys)
+        self._superseded |= set(item.replaces)
+        return record
 
     def likely_updates(self, text: str, keys: torch.Tensor | None = None) -> list[tuple[str, float]]:
         """Stored memories that `text` probably updates (close keys and the same names: megamem.updates), with
@@ -381,6 +407,22 @@ class Memory:
             "bytes": self.store.size_bytes() if self.store is not None else 0,
             **(self.store.settings() if self.store is not None else self._settings),
         }
+
+    def export(self, memory_id: str, out: str | Path, dtype: str = "float32") -> Path:
+        """Write one memory's adapter to `out` (a new or empty folder) as a plain PEFT adapter in a float dtype,
+        whatever the store keeps (int8 included): `peft.PeftModel.from_pretrained(base, out)` loads it."""
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise MegamemError(f"export dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise MegamemError(f"{out} exists and is not an empty folder")
+        rec = self.show(memory_id)
+        try:
+            adapter = self.store.adapter(rec)
+        except MemoryDamaged as exc:
+            raise MegamemError(f"{exc}; `megamem repair` mends the store") from None
+        save_adapter(adapter, out, self.model_name, getattr(torch, dtype))
+        return out
 
     def adapter(self, memory_id: str) -> Adapter:
         """A memory's adapter, from a small LRU cache or from disk (checksum-verified; MemoryDamaged if not)."""
