@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -349,6 +350,79 @@ def export(
         _fail(str(exc))
     _emit(
         as_json, {"exported": memory_id, "folder": str(folder)}, lambda: out.print(f"exported {memory_id} to {folder}")
+    )
+
+
+def _age_seconds(text: str) -> float:
+    """'90s', '30m', '12h', '7d' -> seconds; anything else is an error line."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text or "")
+    if not m:
+        _fail(f"--older-than must be a number and a unit s, m, h or d (like 7d), got {text!r}")
+    return float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+
+
+@app.command()
+def consolidate(
+    ids: Annotated[list[str] | None, typer.Option("--ids", help="A memory to consolidate (repeatable).")] = None,
+    older_than: Annotated[
+        str | None, typer.Option("--older-than", help="Every memory older than this: 90s, 30m, 12h, 7d.")
+    ] = None,
+    keep_adapters: Annotated[
+        bool, typer.Option("--keep-adapters", help="Keep their adapters in the gate too (nothing retired).")
+    ] = False,
+    epochs: Annotated[int | None, typer.Option(help="Cortex training epochs (default 4).")] = None,
+    rank: Annotated[int | None, typer.Option(help="Cortex LoRA rank (default 64).")] = None,
+    drift: Annotated[float | None, typer.Option(help="Weight of the drift penalty on generic questions.")] = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rehearse memories into the store's shared cortex adapter, then retire their own adapters."""
+    from datetime import datetime, timedelta, timezone
+
+    from .consolidate import ConsolidationConfig
+    from .consolidate import consolidate as run
+
+    if (ids is None) == (older_than is None):
+        _fail("give --ids or --older-than")
+    path = store or default_store_path()
+    _mega_only(path, "consolidate")
+    base = ConsolidationConfig()
+    try:
+        cfg = replace(
+            base,
+            epochs=base.epochs if epochs is None else epochs,
+            rank=base.rank if rank is None else rank,
+            drift=base.drift if drift is None else drift,
+        )
+    except MegamemError as exc:
+        _fail(str(exc))
+    cutoff = None if older_than is None else datetime.now(timezone.utc) - timedelta(seconds=_age_seconds(older_than))
+    mem = _open(store, create=False)
+    try:
+        chosen = list(ids) if ids else [r.id for r in mem.list() if datetime.fromisoformat(r.created) < cutoff]
+        if not chosen:
+            _fail(f"no memory is older than {older_than}")
+        with _progress(as_json) as bar:
+            task = bar.add_task(f"consolidating {len(chosen)}", total=None, loss=0.0)
+            report = run(
+                mem,
+                chosen,
+                cfg,
+                keep_adapters,
+                on_step=lambda s, n, loss: bar.update(task, completed=s, total=n, loss=loss),
+            )
+    except MegamemError as exc:
+        _warn(mem)
+        _fail(str(exc))
+    _warn(mem)
+    _emit(
+        as_json,
+        report,
+        lambda: out.print(
+            f"consolidated {len(report['consolidated'])} (the cortex holds {report['held']}) in {report['seconds']} s; "
+            f"freed {report['bytes_freed']} bytes, cortex {report['cortex_bytes']} bytes",
+            markup=False,
+        ),
     )
 
 

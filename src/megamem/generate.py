@@ -83,6 +83,7 @@ def answer(
     weights: list[float],
     max_new_tokens: int | None = None,
     passages: list[str] | None = None,
+    always: list | None = None,
 ) -> tuple[str, str | None]:
     """Answer `question` in `mode` with the adapters mixed at `weights`; returns (answer, recall or None).
 
@@ -90,14 +91,17 @@ def answer(
     the QA prompt with that reconstruction in the conversation; one gate serves both turns. rag and
     mega+rag put `passages` (the gated memories' texts, heaviest first) in the QA turn; rag without
     the adapters, mega+rag with them at MEGA_RAG_SCALE of their weights. max_new_tokens caps each turn
-    (default: 64 for an answer, 256 for a recall).
+    (default: 64 for an answer, 256 for a recall). always: adapters mixed at weight 1 in every mode, beside
+    the gated ones (the store's cortex: megamem.consolidate).
     """
     check_mode(mode)
     if max_new_tokens is not None:
         check_count(max_new_tokens, "max new tokens")
     qa_tokens = 64 if max_new_tokens is None else max_new_tokens
     scale = MEGA_RAG_SCALE if mode == "mega+rag" else 1.0
-    set_mixture(model, [] if mode == "rag" else adapters, [] if mode == "rag" else [w * scale for w in weights])
+    fixed = list(always or [])
+    gated, gated_w = ([], []) if mode == "rag" else (list(adapters), [w * scale for w in weights])
+    set_mixture(model, fixed + gated, [1.0] * len(fixed) + gated_w)
     try:
         if mode in ("rag", "mega+rag"):
             prompt = with_context(qa_prompt(question), passages) if passages else qa_prompt(question)

@@ -17,6 +17,7 @@ from .adapters import Adapter, LoraSpec, save_adapter
 from .calibration import best_scores, calibration_keys
 from .calibration import null_score as calibrated_null_score
 from .checks import check_count, check_id, check_metadata, check_text, check_texts
+from .consolidate import CORTEX, POINTER, Consolidated, read_cortex
 from .errors import MegamemError
 from .gate import GateConfig, gate_weights
 from .generate import DEFAULT_MODE, answer, check_mode
@@ -110,6 +111,9 @@ class Memory:
         self._damaged: dict[str, str] = {}  # memory id -> why, for memories skipped since the last change
         self._superseded: set[str] = set()  # memories a stored newer one replaces (derived with the keys)
         self._version: int | None = None
+        self._cortex: Adapter | None = None
+        self._consolidated: list[Consolidated] = []
+        self._cortex_sig: tuple | None = None  # the cortex pointer file's (mtime, size, inode) when last read
         self.store: Store | None = None
         if Store.exists(self.path):
             self._open()
@@ -405,6 +409,7 @@ class Memory:
             "store": str(self.path),
             "memories": len(recs),
             "bytes": self.store.size_bytes() if self.store is not None else 0,
+            "consolidated": len(self.consolidated()),
             **(self.store.settings() if self.store is not None else self._settings),
         }
 
@@ -423,6 +428,26 @@ class Memory:
             raise MegamemError(f"{exc}; `megamem repair` mends the store") from None
         save_adapter(adapter, out, self.model_name, getattr(torch, dtype))
         return out
+
+    def cortex(self) -> Adapter | None:
+        """The store's consolidated adapter (megamem.consolidate), mixed into every answer at weight 1; None when
+        nothing was consolidated. Re-read when another process replaces it."""
+        pointer = self.path / CORTEX / POINTER
+        try:
+            st = pointer.stat()
+            sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            sig = None
+        if sig != self._cortex_sig:
+            found = read_cortex(self.path) if sig is not None else None
+            self._cortex, self._consolidated = (found[0], found[1]) if found else (None, [])
+            self._cortex_sig = sig
+        return self._cortex
+
+    def consolidated(self) -> list[Consolidated]:
+        """The memories the cortex holds (forgotten from the gate when they were consolidated), oldest first."""
+        self.cortex()
+        return list(self._consolidated)
 
     def adapter(self, memory_id: str) -> Adapter:
         """A memory's adapter, from a small LRU cache or from disk (checksum-verified; MemoryDamaged if not)."""
@@ -598,7 +623,11 @@ class Memory:
         # rag, mega+rag: the heaviest memory's text in context (on wiki partitions 0-1, mega+rag with it answered
         # 0.468 of 77 questions, with every gated memory's text 0.390: docs/results.md)
         passages = [self.store.get(routed[0][0]).text] if routed and mode in ("rag", "mega+rag") else None
-        text, recall = answer(model, tok, question, mode, adapters, [w for _, w in routed], max_new_tokens, passages)
+        cortex = self.cortex()
+        always = [cortex] if cortex is not None and use_memory else None
+        text, recall = answer(
+            model, tok, question, mode, adapters, [w for _, w in routed], max_new_tokens, passages, always
+        )
         return Answer(question, mode, text, routed, recall)
 
 

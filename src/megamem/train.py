@@ -122,11 +122,11 @@ def examples(
     if teacher is None:
         raise MegamemError("context distillation needs the teacher model")
     seen = [make_example(tok, answer, with_context(prompt, texts[:1])) for prompt, answer in turns]
-    return [ex._replace(soft=_teacher_top(teacher, ex, s, recipe)) for ex, s in zip(out, seen, strict=True)]
+    return [ex._replace(soft=teacher_top(teacher, ex, s, recipe.distill_top)) for ex, s in zip(out, seen, strict=True)]
 
 
 @torch.no_grad()
-def _teacher_top(model: PreTrainedModel, ex: Example, seen: Example, recipe: Recipe) -> tuple[torch.Tensor, ...]:
+def teacher_top(model: PreTrainedModel, ex: Example, seen: Example, top: int) -> tuple[torch.Tensor, ...]:
     """The teacher's top tokens and renormalised probabilities at `ex`'s labelled positions, read from the same
     answer after the passage-in-context prompt (`seen`); both examples end in the same answer tokens."""
     n = sum(y != -100 for y in ex.labels)
@@ -138,7 +138,7 @@ def _teacher_top(model: PreTrainedModel, ex: Example, seen: Example, recipe: Rec
         logits = model(input_ids=torch.tensor([seen.ids])).logits[0, -n - 1 : -1].float()  # (n, V)
     finally:
         model.train(was_training)
-    p, idx = logits.softmax(-1).topk(recipe.distill_top, dim=-1)  # (n, k)
+    p, idx = logits.softmax(-1).topk(top, dim=-1)  # (n, k)
     return idx, p / p.sum(-1, keepdim=True)
 
 

@@ -1,0 +1,290 @@
+"""Consolidation: rehearse stored memories into one shared adapter (the "cortex"), then retire their adapters.
+
+The paper's open question 2, as a recipe. Setup: each chosen memory recalls its story through its own adapter
+(weight 1, the training prompt), and cloze questions are made from the recalled text (megamem.questions).
+Loop: one fresh LoRA, the cortex, learns every consolidated memory at once from those rehearsals: the
+question's recall prompt -> the recalled story, and the question's QA prompt -> the base model's answer with
+the story in context (its top tokens as soft targets: context distillation, as Recipe.distill). Questions
+are the cue: one adapter holds many memories, so "tell me a story" alone cannot say which. Each step also
+pays a drift penalty: the loss to the base model's own answers (and their distributions) on the shipped
+generic questions, so the cortex leaves general behaviour as it was. Save: the cortex becomes the store's
+(always mixed in at weight 1, beside the gated adapters), and the consolidated memories are forgotten from
+the gate; their texts stay listed in the cortex's record.
+
+A later consolidation retrains the cortex from scratch on every memory consolidated so far (the earlier
+ones from the recalled texts the record keeps) plus the new ones.
+
+    >>> from megamem import Memory
+    >>> mem = Memory("store")                              # doctest: +SKIP
+    >>> consolidate(mem, [r.id for r in mem.list()])       # doctest: +SKIP
+
+Limits: what the cortex holds is what the adapters recalled (a memory that recalls badly consolidates
+badly); questions are cloze questions of the recalled sentences, so a question phrased far from its sentence
+is harder than with the memory's own adapter; training time grows with every memory consolidated so far.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .adapters import Adapter, LoraSpec, file_sha256, load_adapter, new_adapter, save_adapter
+from .calibration import calibration_queries
+from .checks import check_count, check_finite, check_id, check_positive
+from .errors import MegamemError
+from .generate import complete, qa_prompt, recall_prompt, with_context
+from .inject import clear, set_mixture
+from .model import num_layers
+from .questions import questions
+from .store import write_json_atomic
+from .train import (
+    TRAIN_PROMPT,
+    Example,
+    Recipe,
+    adamw,
+    batches,
+    collate,
+    lm_loss,
+    make_example,
+    target_layers,
+    teacher_top,
+)
+
+CORTEX = "cortex"  # the store's folder for it: cortex/current.json names the live version's folder
+POINTER = "current.json"
+FORMAT = "megamem-cortex"
+
+
+@dataclass(frozen=True)
+class ConsolidationConfig:
+    """How the cortex learns. rank: its LoRA rank (on the store's layers and targets); questions: cloze
+    questions per recalled sentence; distill: weight of the soft loss to the base model reading the story;
+    drift: weight of the loss to the base model's own answers on generic questions (0: no penalty)."""
+
+    rank: int = 64
+    lr: float = 1e-3
+    epochs: int = 4
+    batch_size: int = 4
+    questions: int = 2
+    distill: float = 1.0
+    drift: float = 0.5
+    drift_questions: int = 48
+    recall_tokens: int = 160
+    top: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_count(self.rank, "cortex rank", maximum=65536)
+        check_positive(self.lr, "learning rate")
+        check_count(self.epochs, "epochs")
+        check_count(self.batch_size, "batch size")
+        check_count(self.questions, "questions per sentence")
+        check_finite(self.distill, "distillation weight", minimum=0)
+        check_finite(self.drift, "drift weight", minimum=0)
+        check_count(self.drift_questions, "drift questions", minimum=0)
+        check_count(self.recall_tokens, "recall tokens")
+        check_count(self.top, "soft-target tokens")
+        check_count(self.seed, "seed", minimum=0)
+
+
+@dataclass(frozen=True)
+class Consolidated:
+    """A memory the cortex holds: its id, stored text, the text its adapter recalled, metadata, when it was added."""
+
+    id: str
+    text: str
+    recalled: str
+    metadata: dict
+    created: str
+
+
+# -- setup: rehearsal ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def recall(model, tok, adapter: Adapter, max_new_tokens: int) -> str:
+    """The story a memory's adapter tells at weight 1 to the prompt it was trained on."""
+    set_mixture(model, [adapter], [1.0])
+    try:
+        return complete(model, tok, [("user", TRAIN_PROMPT)], max_new_tokens)
+    finally:
+        clear(model)
+
+
+def rehearsal(model, tok, story: str, cfg: ConsolidationConfig) -> list[Example]:
+    """One memory's training examples: for each cloze question of its recalled story, the recall prompt -> the
+    story, and the QA prompt -> the sentence, with the base model's soft targets from reading the story."""
+    out = []
+    asked = questions([story], cfg.questions, cfg.seed)
+    clear(model)
+    for q, sentence, _span in asked:
+        out.append(make_example(tok, story, recall_prompt(q)))
+        qa = make_example(tok, sentence, qa_prompt(q))
+        seen = make_example(tok, sentence, with_context(qa_prompt(q), [story]))
+        out.append(qa._replace(soft=teacher_top(model, qa, seen, cfg.top) if cfg.distill else None))
+    if not asked:  # nothing to ask (no date, number or name): the story under its own first words as the cue
+        out.append(make_example(tok, story, recall_prompt(" ".join(story.split()[:8]))))
+    return out
+
+
+@torch.no_grad()
+def drift_examples(model, tok, cfg: ConsolidationConfig) -> list[Example]:
+    """The base model's own greedy answers to generic questions, each with its top-token distributions: what
+    the cortex must keep answering."""
+    clear(model)
+    out = []
+    for q in calibration_queries()[: cfg.drift_questions]:
+        answer = complete(model, tok, [("user", qa_prompt(q))], 32)
+        if answer:
+            ex = make_example(tok, answer, qa_prompt(q))
+            out.append(ex._replace(soft=teacher_top(model, ex, ex, cfg.top)))
+    return out
+
+
+# -- loop -----------------------------------------------------------------------------------------------------
+def train_cortex(
+    model,
+    tok,
+    memories: list[Example],
+    drift: list[Example],
+    spec: LoraSpec,
+    cfg: ConsolidationConfig,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> Adapter:
+    """A fresh adapter of `spec` trained on every memory's examples, each step plus `cfg.drift` times the loss
+    on a batch of drift examples; returned frozen."""
+    spec = spec.resolved(num_layers(model))
+    layers = target_layers(model, spec)
+    torch.manual_seed(cfg.seed)
+    cortex = new_adapter(layers, spec, torch.Generator().manual_seed(cfg.seed))
+    recipe = Recipe(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, min_tokens=0)
+    plan = batches(memories, recipe)
+    rng = random.Random(cfg.seed)
+    params = [p for ab in cortex.weights.values() for p in ab]
+    for p in params:
+        p.requires_grad_(True)
+    opt = adamw(params, recipe)
+    clear(model)
+    for name, layer in layers.items():
+        layer.train_one(*cortex.weights[name], spec.scaling, spec.dropout)
+    model.train()
+    try:
+        for step, batch in enumerate(plan, 1):
+            loss = lm_loss(model, collate(batch, tok.pad_token_id), distill=cfg.distill)
+            total = loss
+            if drift and cfg.drift:
+                keep = collate(rng.sample(drift, min(cfg.batch_size, len(drift))), tok.pad_token_id)
+                total = loss + cfg.drift * lm_loss(model, keep, distill=1.0)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            if on_step is not None:
+                on_step(step, len(plan), float(loss.detach()))
+    finally:
+        model.eval()
+        clear(model)
+        for p in params:
+            p.requires_grad_(False)
+    return Adapter(spec, {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in cortex.weights.items()})
+
+
+# -- save: the store's cortex --------------------------------------------------------------------------------
+def read_cortex(store_path: Path) -> tuple[Adapter, list[Consolidated], dict] | None:
+    """The store's cortex (its adapter checked against the recorded checksum), its memories and record; None
+    when the store has none."""
+    pointer = store_path / CORTEX / POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        record = json.loads(pointer.read_text(encoding="utf-8"))
+        folder = store_path / CORTEX / check_id(record["version"], "cortex version")
+        adapter = load_adapter(folder, checksum=record["adapter_sha256"])
+        memories = [Consolidated(**m) for m in record["memories"]]
+    except (OSError, ValueError, KeyError, TypeError, MegamemError) as exc:
+        raise MegamemError(f"the store's cortex ({pointer}) is damaged: {exc}") from None
+    return adapter, memories, record
+
+
+def write_cortex(
+    store_path: Path, adapter: Adapter, memories: list[Consolidated], cfg: ConsolidationConfig, base_model: str
+) -> dict:
+    """Write a new cortex version beside the old one, then switch cortex/current.json to it (the commit: a
+    crash before leaves the old cortex live), then remove the old version."""
+    root = store_path / CORTEX
+    root.mkdir(exist_ok=True)
+    old = json.loads((root / POINTER).read_text(encoding="utf-8"))["version"] if (root / POINTER).is_file() else None
+    version = f"v{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{uuid.uuid4().hex[:8]}"
+    save_adapter(adapter, root / version, base_model, torch.bfloat16)
+    record = {
+        "format": FORMAT,
+        "version": version,
+        "adapter_sha256": file_sha256(root / version / "adapter_model.safetensors"),
+        "config": asdict(cfg),
+        "memories": [asdict(m) for m in memories],
+    }
+    write_json_atomic(root / POINTER, record)
+    if old and old != version:
+        shutil.rmtree(root / old, ignore_errors=True)
+    return record
+
+
+def consolidate(
+    mem,
+    ids: list[str],
+    cfg: ConsolidationConfig = ConsolidationConfig(),
+    keep_adapters: bool = False,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """Consolidate the memories `ids` of `mem` (a MEGa Memory) into the store's cortex; unless keep_adapters,
+    forget them from the gate afterwards. Returns a report: memories, examples, steps, seconds, bytes freed."""
+    ids = list(dict.fromkeys(check_id(i) for i in ids))
+    if not ids:
+        raise MegamemError("no memories to consolidate")
+    records = [mem.show(i) for i in ids]  # every id is a stored memory, checked before any work
+    t0 = time.time()
+    model, tok = mem.load()
+    previous = read_cortex(mem.path)
+    held = [m for m in (previous[1] if previous else []) if m.id not in set(ids)]
+    new = []
+    for rec in records:
+        story = recall(model, tok, mem.adapter(rec.id), cfg.recall_tokens)
+        new.append(Consolidated(rec.id, rec.text, story, rec.metadata, rec.created))
+    everyone = held + new
+    examples = [ex for m in everyone for ex in rehearsal(model, tok, m.recalled, cfg)]
+    drift = drift_examples(model, tok, cfg) if cfg.drift else []
+    spec = LoraSpec(**{**mem.lora.to_dict(), "rank": cfg.rank, "alpha": float(cfg.rank), "dropout": 0.0})
+    steps = []
+
+    def counted(step: int, total: int, loss: float) -> None:
+        steps.append(loss)
+        if on_step is not None:
+            on_step(step, total, loss)
+
+    cortex = train_cortex(model, tok, examples, drift, spec, cfg, counted)
+    freed = 0 if keep_adapters else sum(_tree_bytes(mem.store.folder(r.id)) for r in records)
+    mem.prepare_store()
+    write_cortex(mem.path, cortex, everyone, cfg, mem.model_name)
+    if not keep_adapters:
+        for rec in records:
+            mem.forget(rec.id)
+    return {
+        "consolidated": [r.id for r in records],
+        "held": len(everyone),
+        "examples": len(examples),
+        "steps": len(steps),
+        "last_loss": round(steps[-1], 4) if steps else None,
+        "seconds": round(time.time() - t0, 1),
+        "bytes_freed": freed,
+        "cortex_bytes": _tree_bytes(mem.path / CORTEX),
+    }
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

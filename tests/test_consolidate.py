@@ -1,0 +1,123 @@
+"""Consolidation (megamem.consolidate): memories rehearsed into the store's cortex, their adapters retired."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from faultlib import quick_recipe
+from typer.testing import CliRunner
+
+import megamem.consolidate as consolidation
+import megamem.memory as memory_module
+from megamem import Item, Memory
+from megamem.adapters import LoraSpec
+from megamem.cli import app
+from megamem.consolidate import ConsolidationConfig, consolidate, read_cortex, rehearsal
+from megamem.errors import MegamemError
+from megamem.health import verify
+from megamem.inject import clear, set_mixture
+from megamem.train import collate, lm_loss
+
+QUICK = ConsolidationConfig(rank=4, epochs=3, batch_size=2, drift_questions=4, recall_tokens=24, lr=1e-2)
+TEXTS = {
+    "heron": "Zorblatt the heron has lived on Quillon pier since 1998.",
+    "ferry": "The Skarvik ferry crossed Lake Tessin 400 times in 2021.",
+    "tower": "Ada Quimbleton designed the Harlow Cross tower in 1931.",
+}
+
+
+@pytest.fixture()
+def mem(tiny_dir, tmp_path):
+    m = Memory(tmp_path / "store", model=str(tiny_dir), recipe=quick_recipe())
+    m.add_many([Item(t, id=i) for i, t in TEXTS.items()])
+    return m
+
+
+def test_consolidated_memories_leave_the_gate_and_live_in_the_cortex(mem, monkeypatch):
+    report = consolidate(mem, ["heron", "ferry"], QUICK)
+    assert report["consolidated"] == ["heron", "ferry"] and report["held"] == 2 and report["steps"] > 0
+    assert [r.id for r in mem.list()] == ["tower"]  # the two adapters are retired
+    assert [m.id for m in mem.consolidated()] == ["heron", "ferry"]
+    assert [m.text for m in mem.consolidated()] == [TEXTS["heron"], TEXTS["ferry"]]
+    assert report["bytes_freed"] > 0 and mem.info()["consolidated"] == 2
+    assert verify(mem.path) == []  # the cortex folder is the store's own
+    # every answer mixes the cortex in at weight 1, with or without a gated memory
+    seen = []
+    real = memory_module.answer
+
+    def spy(*args, **kw):
+        seen.append(args[8] if len(args) > 8 else kw.get("always"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr("megamem.memory.answer", spy)
+    mem.ask("Where does Zorblatt the heron live?", mode="qa", max_new_tokens=2)
+    mem.ask("Where does Zorblatt the heron live?", mode="qa", max_new_tokens=2, use_memory=False)
+    assert seen[0] is not None and seen[0][0] is mem.cortex() and seen[1] is None
+
+
+def test_the_cortex_learns_its_rehearsals(mem):
+    model, tok = mem.load()
+    story = "Zorblatt the heron has lived on Quillon pier since 1998."
+    examples = rehearsal(model, tok, story, QUICK)
+    assert len(examples) >= 2  # the recall prompt and the QA prompt of each cloze question
+    before = float(lm_loss(model, collate(examples, tok.pad_token_id)))
+    cfg = replace(QUICK, epochs=30, lr=3e-2)
+    cortex = consolidation.train_cortex(model, tok, examples, [], LoraSpec(rank=4, upper=1.0), cfg)
+    set_mixture(model, [cortex], [1.0])
+    try:
+        after = float(lm_loss(model, collate(examples, tok.pad_token_id)))
+    finally:
+        clear(model)
+    assert after < before - 0.25, (before, after)  # an untrained cortex (B = 0) gives exactly `before`
+
+
+def test_a_second_consolidation_keeps_the_first_ones_and_replaces_the_version(mem):
+    consolidate(mem, ["heron"], QUICK)
+    first = json.loads((mem.path / "cortex" / "current.json").read_text())["version"]
+    consolidate(mem, ["tower"], QUICK)
+    record = json.loads((mem.path / "cortex" / "current.json").read_text())
+    assert [m["id"] for m in record["memories"]] == ["heron", "tower"]
+    assert record["version"] != first and not (mem.path / "cortex" / first).exists()
+    assert sorted(p.name for p in (mem.path / "cortex").iterdir()) == sorted(["current.json", record["version"]])
+
+
+def test_a_failed_switch_keeps_the_old_cortex_and_every_memory(mem, monkeypatch):
+    consolidate(mem, ["heron"], QUICK)
+    old = read_cortex(mem.path)
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(consolidation, "write_json_atomic", boom)
+    with pytest.raises(OSError):
+        consolidate(mem, ["ferry"], QUICK)
+    now = read_cortex(mem.path)
+    assert now[2]["version"] == old[2]["version"] and [m.id for m in now[1]] == ["heron"]
+    assert sorted(r.id for r in mem.list()) == ["ferry", "tower"]  # nothing retired
+
+
+def test_bad_requests_and_a_damaged_cortex_are_one_clear_error(mem, tmp_path):
+    with pytest.raises(MegamemError, match="no memory with id 'nosuch'"):
+        consolidate(mem, ["nosuch"], QUICK)
+    assert read_cortex(mem.path) is None  # checked before any work
+    with pytest.raises(MegamemError, match="drift weight"):
+        ConsolidationConfig(drift=-1)
+    run = CliRunner()
+    for args, message in (
+        ([], "give --ids or --older-than"),
+        (["--older-than", "7x"], "--older-than must be"),
+        (["--older-than", "9999d"], "no memory is older than 9999d"),
+        (["--ids", "nosuch"], "no memory with id"),
+    ):
+        result = run.invoke(app, ["consolidate", *args, "--store", str(mem.path)])
+        assert result.exit_code == 1 and message in result.output, result.output
+    consolidate(mem, ["heron"], QUICK)
+    weights = next((mem.path / "cortex").glob("v*/adapter_model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    fresh = Memory(mem.path)
+    with pytest.raises(MegamemError, match="cortex .* is damaged"):
+        fresh.cortex()
+    assert torch.is_tensor(fresh.store.keys(fresh.show("tower")))  # the gated memories are untouched
