@@ -151,3 +151,34 @@ def test_top_k_and_dense_gate(store):
     assert set(weights) == {"heron", "pim"} and weights["heron"] > 0.9 > weights["pim"]
     assert sum(weights.values()) == pytest.approx(1.0)
     assert sorted(gate("--top-k", "0")) == ["heron", "pim"]  # 0: the dense gate mixes every memory
+
+
+def test_int8_store_and_export_from_the_command_line(tmp_path, tiny_dir):
+    path = tmp_path / "int8"
+    r = run(
+        "add",
+        "The Skarvik ferry crosses Lake Tessin.",
+        "--id",
+        "ferry",
+        "--epochs",
+        "1",
+        "--adapter-dtype",
+        "int8",
+        "--store",
+        path,
+        "--model",
+        tiny_dir,
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(run("info", "--store", path, "--json").stdout)["adapter_dtype"] == "int8"
+    r = run("export", "ferry", "--out", tmp_path / "peft", "--store", path, "--json")
+    assert r.exit_code == 0 and (tmp_path / "peft" / "adapter_model.safetensors").is_file(), r.output
+    for args, message in (
+        (["export", "nosuch", "--out", tmp_path / "other"], "no memory with id"),
+        (["export", "ferry", "--out", tmp_path / "peft"], "not an empty folder"),
+        (["export", "ferry", "--out", tmp_path / "x", "--dtype", "int4"], "export dtype"),
+        (["add", "more", "--adapter-dtype", "int4"], "unknown adapter dtype"),
+        (["add", "more", "--adapter-dtype", "float32"], "built with adapter_dtype"),
+    ):
+        r = run(*args, "--store", path)
+        assert r.exit_code == 1 and message in r.output, r.output
