@@ -253,6 +253,10 @@ def ask(
     no_null: Annotated[
         bool, typer.Option("--no-null", help="No null memory: every question goes to some memory (the paper's gate).")
     ] = False,
+    lexical: Annotated[
+        float | None,
+        typer.Option("--lexical", help="Re-rank the gate's candidates with BM25 at this weight (0.3; docs/scale.md)."),
+    ] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Longest answer in tokens, at least 1 (qa 64, recall 256).")
     ] = None,
@@ -265,7 +269,9 @@ def ask(
     try:
         if top_k is not None and top_k < 0:
             raise MegamemError(f"--top-k must be 0 (dense) or more, got {top_k}")
-        gate = with_overrides(mem.gate, top_k=top_k or None, beta=beta, threshold=threshold, null_rate=null_rate)
+        gate = with_overrides(
+            mem.gate, top_k=top_k or None, beta=beta, threshold=threshold, null_rate=null_rate, lexical=lexical
+        )
         if top_k == 0:
             gate = replace(gate, top_k=None)
         if no_null:

@@ -33,6 +33,9 @@ class GateConfig:
     top_k: int | None = 4
     threshold: float | None = None
     null_rate: float | None = 0.01
+    # lexical: weight of BM25 (scaled by the best candidate's) added to the cosine of the top LEXICAL_CANDIDATES
+    # memories that pass the null memory (megamem.lexical); 0: off. Routing at 10^4-10^5 memories: docs/scale.md
+    lexical: float = 0.0
 
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "dot"):
@@ -42,6 +45,7 @@ class GateConfig:
         check_finite(self.beta, "gate beta", minimum=0, maximum=1e6)  # beta * score must stay finite
         if self.threshold is not None:
             check_finite(self.threshold, "gate threshold")
+        check_finite(self.lexical, "gate lexical weight", minimum=0, maximum=10)
         if self.null_rate is not None:
             check_finite(self.null_rate, "gate null rate", minimum=0)
             if self.null_rate >= 1:

@@ -25,6 +25,7 @@ from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject_for
 from .items import Answer, Item
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
+from .lexical import LexicalIndex
 from .memoryllm.store import PoolMemory, is_pool_store
 from .model import DEFAULT_MODEL, load_model
 from .store import MemoryDamaged, Record, Store, default_store_path
@@ -37,6 +38,7 @@ ADAPTER_DTYPE = "bfloat16"
 # "int8" (a store option) halves that again, recall and QA unchanged (docs/performance.md section 4; docs/scale.md);
 # PEFT loads such an adapter after `megamem export` (Memory.export)
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "int8")
+LEXICAL_CANDIDATES = 32  # the cosine's top memories the lexical score re-ranks (benchmarks/routing.py: rerank top-32)
 BACKENDS = ("mega", "memoryllm")  # MEGa's gated adapters (this class), MemoryLLM's pool (memoryllm.store)
 
 
@@ -107,6 +109,7 @@ class Memory:
         self._keys: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
         self._exact_max_keys = exact_max_keys
         self._indexes: dict[str, KeyIndex] = {}  # by similarity; kept in step with _keys
+        self._lexical: LexicalIndex | None = None  # BM25 over each memory's texts, in _keys order (built on use)
         self._null_best: dict[tuple, torch.Tensor] = {}  # by (similarity, scope): each calibration query's best
         self._damaged: dict[str, str] = {}  # memory id -> why, for memories skipped since the last change
         self._superseded: set[str] = set()  # memories a stored newer one replaces (derived with the keys)
@@ -173,6 +176,7 @@ class Memory:
 
     def _invalidate(self) -> None:
         self._keys = None
+        self._lexical = None
         self._indexes = {}
         self._null_best = {}
         self._adapters.clear()
@@ -506,6 +510,9 @@ class Memory:
         )
         for index in self._indexes.values():
             index.add(k, n)
+        if self._lexical is not None:
+            rec = self.store.get(memory_id)
+            self._lexical.add(" ".join([rec.text, *rec.metadata.get("paraphrases", [])]))
         self._null_best = {}  # derived from every key: taken again when next needed
 
     def key_index(self, similarity: str) -> KeyIndex:
@@ -569,7 +576,30 @@ class Memory:
         for i, memory_id in enumerate(ids):
             if memory_id in out or (only is not None and memory_id not in only):
                 scores[i] = float("-inf")
+        if cfg.lexical:
+            self._add_lexical(question, scores, cfg, only)
         return scores
+
+    def _add_lexical(self, question: str, scores: torch.Tensor, cfg: GateConfig, only) -> None:
+        """Add cfg.lexical * BM25 / (the best candidate's BM25) to the cosine's top LEXICAL_CANDIDATES memories
+        that pass the null memory (in place): the lexical score re-ranks what the embedding proposes and never
+        lets a memory in that the null memory keeps out (megamem.lexical)."""
+        floor = self.null_score(cfg, only)
+        live = torch.isfinite(scores) & (scores >= floor if floor is not None else True)
+        if not bool(live.any()):
+            return
+        masked = torch.where(live, scores, torch.tensor(float("-inf")))
+        cand = masked.topk(min(LEXICAL_CANDIDATES, int(live.sum()))).indices.tolist()
+        if self._lexical is None:
+            self._lexical = LexicalIndex(
+                [
+                    " ".join([r.text, *r.metadata.get("paraphrases", [])])
+                    for r in map(self.store.get, self._all_keys()[0])
+                ]
+            )
+        lex = torch.tensor(self._lexical.scores(question, cand))
+        if float(lex.max()) > 0:
+            scores[cand] += cfg.lexical * lex / lex.max()
 
     def search(self, query: str, only: frozenset[str] | None = None, limit: int = 10) -> list[tuple[str, float]]:
         """The memories closest to a query by the gate's score (no softmax, no null memory), best first: (memory
