@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--memories", type=int, default=25, help="first N records of each partition")
     ap.add_argument("--epochs", type=int, default=ConsolidationConfig.epochs)
     ap.add_argument("--drift", type=float, default=ConsolidationConfig.drift)
+    ap.add_argument("--questions", type=int, default=ConsolidationConfig.questions, help="cloze questions a sentence")
     ap.add_argument("--general", type=int, default=120, help="general questions asked (of the shipped 280)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale" / "consolidate.json")
     args = ap.parse_args()
@@ -110,12 +111,18 @@ def main() -> None:
     shutil.copytree(args.store, work)
     mem = Memory(work)
     adapters_bytes = sum(p.stat().st_size for p in (work / "memories").rglob("*") if p.is_file())
-    # before: the memories' own adapters; the base model's general ability
-    before = qa_and_recall(mem, records)
+    # before: the memories' own adapters (kept beside the store: they depend only on it); the base model's
+    # general ability
+    saved = args.store.with_name(args.store.name + "-before.json")
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+    else:
+        before = qa_and_recall(mem, records)
+        saved.write_text(json.dumps(before))
     base = general(mem, with_cortex=False, limit=args.general)
     print(json.dumps({"before": before}), flush=True)
     # consolidate every memory, then the same measures with the cortex alone
-    cfg = ConsolidationConfig(epochs=args.epochs, drift=args.drift)
+    cfg = ConsolidationConfig(epochs=args.epochs, drift=args.drift, questions=args.questions)
     report = consolidate(mem, [r.id for r in mem.list()], cfg)
     print(json.dumps({"consolidate": report}), flush=True)
     after = qa_and_recall(mem, records)
