@@ -37,25 +37,24 @@ from pathlib import Path
 
 import torch
 
-from .adapters import Adapter, LoraSpec, file_sha256, load_adapter, new_adapter, save_adapter
+from .adapters import Adapter, LoraSpec, file_sha256, load_adapter, save_adapter
 from .calibration import calibration_queries
 from .checks import check_count, check_finite, check_id, check_positive
 from .errors import MegamemError
 from .generate import complete, qa_prompt, recall_prompt, with_context
 from .inject import clear, set_mixture
-from .model import num_layers
 from .questions import questions
 from .store import write_json_atomic
 from .train import (
     TRAIN_PROMPT,
     Example,
     Recipe,
-    adamw,
-    batches,
+    attach_fresh,
     collate,
+    fit_examples,
+    frozen,
     lm_loss,
     make_example,
-    target_layers,
     teacher_top,
 )
 
@@ -160,39 +159,22 @@ def train_cortex(
 ) -> Adapter:
     """A fresh adapter of `spec` trained on every memory's examples, each step plus `cfg.drift` times the loss
     on a batch of drift examples; returned frozen."""
-    spec = spec.resolved(num_layers(model))
-    layers = target_layers(model, spec)
-    torch.manual_seed(cfg.seed)
-    cortex = new_adapter(layers, spec, torch.Generator().manual_seed(cfg.seed))
-    recipe = Recipe(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, min_tokens=0)
-    plan = batches(memories, recipe)
+    cortex = attach_fresh(model, spec, cfg.seed)
+    recipe = Recipe(
+        lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, min_tokens=0, distill=cfg.distill
+    )
     rng = random.Random(cfg.seed)
-    params = [p for ab in cortex.weights.values() for p in ab]
-    for p in params:
-        p.requires_grad_(True)
-    opt = adamw(params, recipe)
-    clear(model)
-    for name, layer in layers.items():
-        layer.train_one(*cortex.weights[name], spec.scaling, spec.dropout)
-    model.train()
+
+    def drift_loss() -> torch.Tensor:
+        keep = collate(rng.sample(drift, min(cfg.batch_size, len(drift))), tok.pad_token_id)
+        return cfg.drift * lm_loss(model, keep, distill=1.0)
+
     try:
-        for step, batch in enumerate(plan, 1):
-            loss = lm_loss(model, collate(batch, tok.pad_token_id), distill=cfg.distill)
-            total = loss
-            if drift and cfg.drift:
-                keep = collate(rng.sample(drift, min(cfg.batch_size, len(drift))), tok.pad_token_id)
-                total = loss + cfg.drift * lm_loss(model, keep, distill=1.0)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            if on_step is not None:
-                on_step(step, len(plan), float(loss.detach()))
+        params = [p for ab in cortex.weights.values() for p in ab]
+        fit_examples(model, tok, memories, params, recipe, drift_loss if drift and cfg.drift else None, on_step)
     finally:
-        model.eval()
         clear(model)
-        for p in params:
-            p.requires_grad_(False)
-    return Adapter(spec, {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in cortex.weights.items()})
+    return frozen(cortex)
 
 
 # -- save: the store's cortex --------------------------------------------------------------------------------

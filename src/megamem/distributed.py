@@ -55,9 +55,8 @@ class Learner:
         from .keys import compute_keys
         from .train import train_adapter
 
-        adapter = train_adapter(self.model, self.tok, texts, self.lora, self.recipe)
-        frozen = Adapter(adapter.spec, {n: (a.detach(), b.detach()) for n, (a, b) in adapter.weights.items()})
-        return frozen, compute_keys(self.key_function, texts, self.model, self.tok)
+        adapter = train_adapter(self.model, self.tok, texts, self.lora, self.recipe)  # returned frozen
+        return adapter, compute_keys(self.key_function, texts, self.model, self.tok)
 
     def pid(self) -> int:
         return os.getpid()

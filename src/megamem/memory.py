@@ -511,8 +511,7 @@ class Memory:
         for index in self._indexes.values():
             index.add(k, n)
         if self._lexical is not None:
-            rec = self.store.get(memory_id)
-            self._lexical.add(" ".join([rec.text, *rec.metadata.get("paraphrases", [])]))
+            self._lexical.add(lexical_document(self.store.get(memory_id)))
         self._null_best = {}  # derived from every key: taken again when next needed
 
     def key_index(self, similarity: str) -> KeyIndex:
@@ -591,12 +590,7 @@ class Memory:
         masked = torch.where(live, scores, torch.tensor(float("-inf")))
         cand = masked.topk(min(LEXICAL_CANDIDATES, int(live.sum()))).indices.tolist()
         if self._lexical is None:
-            self._lexical = LexicalIndex(
-                [
-                    " ".join([r.text, *r.metadata.get("paraphrases", [])])
-                    for r in map(self.store.get, self._all_keys()[0])
-                ]
-            )
+            self._lexical = LexicalIndex([lexical_document(self.store.get(i)) for i in self._all_keys()[0]])
         lex = torch.tensor(self._lexical.scores(question, cand))
         if float(lex.max()) > 0:
             scores[cand] += cfg.lexical * lex / lex.max()
@@ -662,6 +656,11 @@ class Memory:
 
 
 REPLACES = "megamem.replaces"  # the metadata key of the ids a memory replaces (keys 'megamem.*' are reserved)
+
+
+def lexical_document(record: Record) -> str:
+    """What the gate's lexical score reads of a memory: its text and its stored paraphrases."""
+    return " ".join([record.text, *record.metadata.get("paraphrases", [])])
 
 
 def superseded(records: list[Record]) -> set[str]:

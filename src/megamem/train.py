@@ -260,11 +260,24 @@ def fit(
     `texts` are trained on as given: callers pick each memory's share with `recipe.select`. A distilling
     recipe's teacher is the model as fit finds it: with a fresh adapter (B = 0) in place, the base model.
     """
+    fit_examples(model, tok, examples(tok, texts, recipe, model), params, recipe, penalty, on_step)
+
+
+def fit_examples(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    exs: list[Example],
+    params: list[torch.Tensor],
+    recipe: Recipe,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> None:
+    """fit's loop over examples made already (the consolidation's rehearsals are not a memory's texts)."""
     torch.manual_seed(recipe.seed)
     for p in params:
         p.requires_grad_(True)
     opt = adamw(params, recipe)
-    plan = batches(examples(tok, texts, recipe, model), recipe)
+    plan = batches(exs, recipe)
     was_training = model.training
     model.train()
     try:
@@ -298,19 +311,25 @@ def train_adapter(
     """
     if not texts:
         raise MegamemError("no text to learn")
-    spec = spec.resolved(num_layers(model))
-    layers = target_layers(model, spec)
-    torch.manual_seed(recipe.seed)
-    adapter = new_adapter(layers, spec, torch.Generator().manual_seed(recipe.seed))
-    clear(model)
-    for name, layer in layers.items():
-        layer.train_one(*adapter.weights[name], spec.scaling, spec.dropout)
+    adapter = attach_fresh(model, spec, recipe.seed)
     try:
         params = [p for ab in adapter.weights.values() for p in ab]
         fit(model, tok, recipe.select(texts), params, recipe, on_step=on_step)
     finally:
         clear(model)
     return frozen(adapter)
+
+
+def attach_fresh(model: PreTrainedModel, spec: LoraSpec, seed: int) -> Adapter:
+    """A fresh adapter of `spec` (resolved for the model; seeded), alone in the model's gated layers for training."""
+    spec = spec.resolved(num_layers(model))
+    layers = target_layers(model, spec)
+    torch.manual_seed(seed)
+    adapter = new_adapter(layers, spec, torch.Generator().manual_seed(seed))
+    clear(model)
+    for name, layer in layers.items():
+        layer.train_one(*adapter.weights[name], spec.scaling, spec.dropout)
+    return adapter
 
 
 def train_adapters_batched(
