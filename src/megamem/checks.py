@@ -148,3 +148,8 @@ def printable_line(text: str) -> str:
 def _short_repr(value: object, n: int = 60) -> str:
     r = ascii(value)
     return r if len(r) <= n else r[: n - 1] + "…"
+
+
+def first_of(bad: list[str]) -> MegamemError:
+    """The error for a batch with bad items: the first one's message and how many more there are."""
+    return MegamemError(bad[0] + (f" (and {len(bad) - 1} more bad)" if len(bad) > 1 else ""))

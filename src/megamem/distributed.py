@@ -99,7 +99,7 @@ def add_many_ray(
 
     workers: actors to start (default: as many as the cluster's CPUs allow at `threads` each). Every item is
     checked first, as Memory.add_many does; nothing is sent to the cluster if one is bad (unless keep_going)."""
-    from .checks import check_count
+    from .checks import check_count, first_of
 
     workers = None if workers is None else check_count(workers, "workers", maximum=4096)
     threads = check_count(threads, "threads per worker", maximum=1024)
@@ -108,7 +108,7 @@ def add_many_ray(
     ray = _ray()
     _, bad = mem.check(items)  # the cheap checks, before a cluster starts
     if bad and not keep_going:
-        raise MegamemError(bad[0] + (f" (and {len(bad) - 1} more bad)" if len(bad) > 1 else ""))
+        raise first_of(bad)
     started = connect(address, None if workers is None else workers * threads)
     try:
         checked = mem.validate(items, keep_going)  # and every text's fit to the model's context

@@ -16,7 +16,7 @@ import torch
 from .adapters import Adapter, LoraSpec, save_adapter
 from .calibration import best_scores, calibration_keys
 from .calibration import null_score as calibrated_null_score
-from .checks import check_count, check_id, check_metadata, check_text, check_texts
+from .checks import check_count, check_id, check_metadata, check_text, check_texts, first_of
 from .consolidate import CORTEX, POINTER, Consolidated, read_cortex
 from .errors import MegamemError
 from .gate import GateConfig, gate_weights
@@ -258,7 +258,7 @@ class Memory:
         good ones only (the bad ones' messages go to `warnings`). Loads the model to check each text fits."""
         good, bad = self.check(items)
         if bad and not keep_going:
-            raise MegamemError(bad[0] + (f" (and {len(bad) - 1} more bad)" if len(bad) > 1 else ""))
+            raise first_of(bad)
         for message in bad:
             self._warn(f"skipped {message}")
         if not good:
