@@ -433,6 +433,88 @@ def consolidate(
 
 
 @app.command()
+def merge(
+    ids: Annotated[list[str] | None, typer.Argument(help="Memories to merge (two or more).")] = None,
+    new_id: Annotated[str | None, typer.Option("--id", help="The merged memory's id (default: a new one).")] = None,
+    suggest: Annotated[
+        bool,
+        typer.Option("--suggest", help="Only list groups that look like one subject, and merged ones that diverged."),
+    ] = False,
+    cosine: Annotated[float, typer.Option(help="--suggest: least best key cosine of a pair.")] = 0.6,
+    names: Annotated[float, typer.Option(help="--suggest: least name overlap of a pair.")] = 0.5,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Learn memories about one subject into one adapter (their texts joined), then forget them (docs/scale.md)."""
+    from .merge import check_ids, diverged, subjects
+    from .merge import merge as run
+
+    path = store or default_store_path()
+    _mega_only(path, "merge")
+    if suggest == bool(ids):
+        _fail("give two or more memory ids, or --suggest")
+    if not suggest:
+        try:
+            check_ids(list(ids))
+        except MegamemError as exc:
+            _fail(str(exc))
+    mem = _open(store, create=False)
+    try:
+        if suggest:
+            data = {
+                "subjects": subjects(mem, cosine, names),
+                "diverged": [{"id": i, "groups": g} for i, g in diverged(mem, cosine, names)],
+            }
+        else:
+            with _progress(as_json) as bar:
+                task = bar.add_task(f"merging {len(ids)}", total=None, loss=0.0)
+                rec = run(
+                    mem, list(ids), new_id, on_step=lambda s, n, loss: bar.update(task, completed=s, total=n, loss=loss)
+                )
+            data = {"id": rec.id, "members": [m["id"] for m in rec.metadata["megamem.merged"]]}
+    except MegamemError as exc:
+        _warn(mem)
+        _fail(str(exc))
+    _warn(mem)
+
+    def human() -> None:
+        if not suggest:
+            out.print(f"merged {', '.join(data['members'])} into {data['id']}", markup=False)
+            return
+        for g in data["subjects"]:
+            out.print("one subject: " + " ".join(g), markup=False)
+        for d in data["diverged"]:
+            out.print(f"diverged: {d['id']} -> " + " | ".join(" ".join(g) for g in d["groups"]), markup=False)
+        if not data["subjects"] and not data["diverged"]:
+            out.print("nothing to merge or split", markup=False)
+
+    _emit(as_json, data, human)
+
+
+@app.command()
+def split(
+    memory_id: Annotated[str, typer.Argument(help="A merged memory.")], store: StoreOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Store a merged memory's members again, each in its own adapter, then forget the merged one."""
+    from .merge import split as run
+
+    path = store or default_store_path()
+    _mega_only(path, "split")
+    mem = _open(store, create=False)
+    try:
+        mem.show(memory_id)  # a memory that is not there: an error before the progress bar
+        with _progress(as_json) as bar:
+            task = bar.add_task(f"splitting {memory_id}", total=None, loss=0.0)
+            recs = run(mem, memory_id, on_step=lambda s, n, loss: bar.update(task, completed=s, total=n, loss=loss))
+    except MegamemError as exc:
+        _warn(mem)
+        _fail(str(exc))
+    _warn(mem)
+    data = {"split": memory_id, "ids": [r.id for r in recs]}
+    _emit(as_json, data, lambda: out.print(f"split {memory_id} into {', '.join(data['ids'])}", markup=False))
+
+
+@app.command()
 def forget(
     memory_id: Annotated[str, typer.Argument(help="Memory id.")], store: StoreOpt = None, as_json: JsonOpt = False
 ) -> None:

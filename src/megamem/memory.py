@@ -214,6 +214,8 @@ class Memory:
         good, bad = [], []
         self._sync()
         seen: dict[str, str] = {}
+        given = any(item.id is not None for item in items)
+        replaced = superseded(self.store.records()) if given and self.store is not None else set()
         for n, item in enumerate(items, 1):
             where = item.origin or (f"memory {n}" if len(items) > 1 else "memory")
             try:
@@ -234,6 +236,11 @@ class Memory:
                         raise MegamemError(f"{where}: id {item.id!r} is used twice (also by {seen[item.id]})")
                     if self.store is not None and self.store.get(item.id, missing_ok=True) is not None:
                         raise MegamemError(f"{where}: a memory with id {item.id!r} already exists")
+                    if item.id in replaced:  # the gate would leave it out from the start
+                        raise MegamemError(
+                            f"{where}: id {item.id!r} is one a stored memory replaces (or holds, merged); "
+                            "choose another id"
+                        )
                     seen[item.id] = where
             except MegamemError as exc:
                 bad.append(str(exc))
@@ -333,14 +340,15 @@ class Memory:
                     on_stored(records[-1])
         return records
 
-    def commit(self, item: Item, adapter: Adapter, keys: torch.Tensor) -> Record:
+    def commit(self, item: Item, adapter: Adapter, keys: torch.Tensor, note_updates: bool = True) -> Record:
         """Store one learned memory (an item add_many or a cluster worker trained) and route to it from now on.
-        The item must have passed `validate` and the store be prepared (`prepare_store`)."""
+        The item must have passed `validate` and the store be prepared (`prepare_store`). note_updates: warn of
+        stored memories it may update (megamem.updates), unless it names what it replaces."""
         meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else dict(item.metadata)
         meta.update({k: v for k, v in item.reserved.items() if k.startswith("megamem.")})
         if item.replaces:
             meta[REPLACES] = list(item.replaces)
-        else:
+        elif note_updates:
             self._note_likely_updates(item, keys)
         record = self.store.add(item.text, adapter, keys, meta, item.id)
         self._append_keys(record.id, keys)

@@ -1,0 +1,243 @@
+"""Merging memories about one subject into one adapter, and splitting them again (the paper's open question 3).
+
+Merge: the members' texts, joined in order with a blank line between, become one memory's passage (its
+paraphrase k joins the members' paraphrase k, where they have one), learned into one new adapter by the
+store's recipe; its keys are the keys of every member's texts as well as the joined ones, so a question
+worded like any member still finds it. The merged record keeps every member (id, text, paraphrases,
+metadata) under 'megamem.merged', and `replaces` them, so from its commit on the gate routes to it alone;
+the members are forgotten after that. A crash in between leaves the members stored but superseded: nothing
+is lost, and forgetting them (or the merged memory) by hand finishes or undoes it.
+
+Split: the members come back as they were (their ids, texts and metadata), each re-learned into its own
+adapter, and the merged memory is forgotten after the last one is committed (a crash in between: both
+stored, the merged one still preferred).
+
+Which memories are one subject: `subjects` groups memories whose keys are close and that name the same
+things (megamem.updates' test, with a looser name overlap by default), and `diverged` names merged memories
+whose members no longer pass it at the given thresholds (a split candidate). Both only suggest.
+
+    >>> from megamem import Memory
+    >>> mem = Memory("store")                              # doctest: +SKIP
+    >>> merged = merge(mem, ["ada-1", "ada-2"])            # doctest: +SKIP
+    >>> split(mem, merged.id)                              # doctest: +SKIP
+
+Limits: the joined text must fit the model's context as one training example; a member's id is free while
+it is merged (so `replaces` cannot name it: split first); merge and split re-learn, at the cost of an add.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .checks import check_finite, check_id
+from .errors import MegamemError
+from .items import Item
+from .keys import compute_keys
+from .store import Record
+from .train import check_fits, train_adapter
+from .updates import name_overlap
+
+if TYPE_CHECKING:
+    from .memory import Memory
+
+MERGED = "megamem.merged"  # metadata: the members a merged memory holds, each as it was stored
+REPLACES = "megamem.replaces"  # as memory.REPLACES (not imported: memory imports this module's callers)
+SEPARATOR = "\n\n"
+SUBJECT_COSINE = 0.6  # updates.LIKELY_COSINE: close keys...
+SUBJECT_NAMES = 0.5  # ...and half the names of the one naming fewer (looser than an update's 0.67)
+
+
+def member(record: Record) -> dict:
+    """What a merged memory keeps of one member: enough to store it again exactly as it was."""
+    meta = dict(record.metadata)
+    paraphrases = meta.pop("paraphrases", [])
+    replaces = meta.pop(REPLACES, [])
+    reserved = {k: meta.pop(k) for k in list(meta) if k.startswith("megamem.")}
+    return {
+        "id": record.id,
+        "text": record.text,
+        "paraphrases": paraphrases,
+        "metadata": meta,
+        "reserved": reserved,
+        "replaces": replaces,
+    }
+
+
+def members(record: Record) -> list[dict]:
+    """The members a stored memory stands for: its own if merged, else itself alone."""
+    held = record.metadata.get(MERGED)
+    return [dict(m) for m in held] if held else [member(record)]
+
+
+def joined(parts: list[dict]) -> tuple[str, list[str]]:
+    """(passage, paraphrases) of a merged memory: the members' texts joined, and their paraphrase k joined for
+    every k any member has (a member without one gives its text)."""
+    text = SEPARATOR.join(m["text"] for m in parts)
+    n = max(len(m["paraphrases"]) for m in parts)
+    paras = [
+        SEPARATOR.join(m["paraphrases"][k] if k < len(m["paraphrases"]) else m["text"] for m in parts) for k in range(n)
+    ]
+    return text, paras
+
+
+def check_ids(ids: object) -> None:
+    """Two or more well-formed, distinct memory ids, or an error saying what is wrong (nothing loaded)."""
+    if not isinstance(ids, (list, tuple)) or len(ids) < 2:
+        raise MegamemError("merge needs two or more memory ids")
+    for i in ids:
+        check_id(i, "merge id")
+    if len(set(ids)) != len(ids):
+        raise MegamemError("merge: a memory id is given twice")
+
+
+def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | None = None, on_step=None) -> Record:
+    """Learn the memories `ids` (two or more; merged ones count as their members) into one memory, then forget
+    them. Everything is checked before anything is learned; the merged memory is committed before any
+    member is forgotten."""
+    check_ids(ids)
+    mem._sync()
+    if mem.store is None:
+        raise MegamemError(f"no memory with id {ids[0]!r} in {mem.path}")
+    records = [mem.show(i) for i in ids]  # an error naming the first that is not stored
+    mem._all_keys()  # derives which memories are superseded
+    superseded = mem._superseded
+    for r in records:
+        if r.id in superseded:
+            raise MegamemError(f"memory {r.id!r} is replaced by a newer one; merge that one instead")
+    reserved = [
+        {k: v for k, v in r.metadata.items() if k.startswith("megamem.") and k not in (MERGED, REPLACES)}
+        for r in records
+    ]
+    if any(x != reserved[0] for x in reserved):
+        raise MegamemError("merge: the memories belong to different namespaces or jobs")
+    parts = [m for r in records for m in members(r)]
+    text, paras = joined(parts)
+    # what the members replaced stays replaced; the members themselves are replaced by the merged memory
+    replaced = [*ids, *dict.fromkeys(o for m in parts for o in m["replaces"] if o not in ids)]
+    item = Item(text, paras, dict(metadata or {}), id, replaces=replaced, reserved={**reserved[0], MERGED: parts})
+    good, bad = mem.check([Item(text, paras, item.metadata, id)])  # text, metadata and id, as an add checks them
+    if bad:
+        raise MegamemError(f"merge: {bad[0]}")
+    model, tok = mem.load()
+    check_fits(tok, model, text, "the merged text")
+    for p in paras:
+        check_fits(tok, model, p, "a merged paraphrase")
+    item = Item(good[0].text, good[0].paraphrases, good[0].metadata, id, replaces=replaced, reserved=item.reserved)
+    texts = [text, *paras]
+    adapter = train_adapter(model, tok, texts, mem.lora, mem.recipe, on_step)
+    every = list(dict.fromkeys([*texts, *(t for m in parts for t in (m["text"], *m["paraphrases"]))]))
+    keys = compute_keys(mem.key_function, every, model, tok)
+    mem.prepare_store()
+    record = mem.commit(item, adapter, keys, note_updates=False)
+    for r in records:
+        mem.forget(r.id)
+    return record
+
+
+def split(mem: Memory, memory_id: str, on_step=None) -> list[Record]:
+    """Store a merged memory's members again, each learned into its own adapter, then forget the merged one."""
+    record = mem.show(memory_id)
+    parts = record.metadata.get(MERGED)
+    if not parts:
+        raise MegamemError(f"memory {memory_id!r} is not a merged memory")
+    taken = [m["id"] for m in parts if mem.store.get(m["id"], missing_ok=True) is not None]
+    if taken:
+        raise MegamemError(f"split: memory {taken[0]!r} is stored again already; forget it or the merged memory")
+    model, tok = mem.load()
+    for m in parts:
+        for t in (m["text"], *m["paraphrases"]):
+            check_fits(tok, model, t, f"member {m['id']!r}")
+    mem.prepare_store()
+    records = []
+    for m in parts:
+        # a member's own replaces come back with it as metadata, unchecked: the ids it names are forgotten or
+        # superseded (an add would refuse them); and no "may update" note: its siblings are its own subject
+        reserved = {**m["reserved"], **({REPLACES: m["replaces"]} if m["replaces"] else {})}
+        item = Item(m["text"], m["paraphrases"], m["metadata"], m["id"], reserved=reserved)
+        texts = [item.text, *item.paraphrases]
+        adapter = train_adapter(model, tok, texts, mem.lora, mem.recipe, on_step)
+        keys = compute_keys(mem.key_function, texts, model, tok)
+        records.append(mem.commit(item, adapter, keys, note_updates=False))
+    mem.forget(memory_id)
+    return records
+
+
+def subjects(mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT_NAMES) -> list[list[str]]:
+    """Groups of two or more stored memories that look like one subject: a chain of pairs with best key cosine
+    >= `cosine` and name overlap >= `names` (updates.name_overlap). Largest group first."""
+    check_finite(cosine, "cosine", minimum=-1)
+    check_finite(names, "names", minimum=0)
+    mem._sync()
+    if mem.store is None:
+        return []
+    ids, keys, owner = mem._all_keys()
+    texts = {r.id: r.text for r in mem.list()}
+    live = [n for n, i in enumerate(ids) if i not in mem._superseded and i in texts]
+    best = best_cosines(keys, owner, len(ids))
+    groups = linked(
+        len(live), lambda a, b: _same(best[live[a], live[b]], texts[ids[live[a]]], texts[ids[live[b]]], cosine, names)
+    )
+    found = [[ids[live[n]] for n in g] for g in groups if len(g) > 1]
+    return sorted(found, key=lambda g: (-len(g), g[0]))
+
+
+def diverged(
+    mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT_NAMES
+) -> list[tuple[str, list[list[str]]]]:
+    """Merged memories whose members no longer form one subject at these thresholds: (id, the member ids in the
+    groups they fall into), a split candidate each."""
+    out = []
+    for r in mem.list():
+        parts = r.metadata.get(MERGED)
+        if not parts:
+            continue
+        model, tok = mem.load() if mem.key_function == "activation" else (None, None)
+        keys = [compute_keys(mem.key_function, [m["text"], *m["paraphrases"]], model, tok) for m in parts]
+        owner = torch.cat([torch.full((len(k),), n) for n, k in enumerate(keys)])
+        best = best_cosines(torch.cat(keys), owner, len(parts))
+        groups = linked(
+            len(parts),
+            lambda a, b, best=best, parts=parts: _same(best[a, b], parts[a]["text"], parts[b]["text"], cosine, names),
+        )
+        if len(groups) > 1:
+            out.append((r.id, [[parts[n]["id"] for n in g] for g in groups]))
+    return out
+
+
+def _same(best: torch.Tensor, a: str, b: str, cosine: float, names: float) -> bool:
+    return float(best) >= cosine and name_overlap(a, b) >= names
+
+
+def linked(n: int, link) -> list[list[int]]:
+    """The connected groups of 0..n-1 where link(a, b) joins a < b (union-find), each in index order."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a in range(n):
+        for b in range(a + 1, n):
+            if root(a) != root(b) and link(a, b):
+                parent[root(a)] = root(b)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def best_cosines(keys: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, n) the best cosine between any key of memory i and any key of memory j, from keys (K, d) and owner
+    (K,), the memory index of each key."""
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    sims = unit @ unit.T  # (K, K)
+    out = torch.full((n, n), -1.0)
+    for i in range(n):
+        rows = sims[owner == i]  # (k_i, K)
+        if len(rows):
+            out[i] = out[i].scatter_reduce(0, owner, rows.max(dim=0).values, reduce="amax")
+    return out
