@@ -166,7 +166,8 @@ def split(mem: Memory, memory_id: str, on_step=None) -> list[Record]:
 
 def subjects(mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT_NAMES) -> list[list[str]]:
     """Groups of two or more stored memories that look like one subject: a chain of pairs with best key cosine
-    >= `cosine` and name overlap >= `names` (updates.name_overlap). Largest group first."""
+    >= `cosine` and name overlap >= `names` (updates.name_overlap). Largest group first. Cost: one pass of
+    every key against every key, a memory at a time (a minute or so at 10,000 memories)."""
     check_finite(cosine, "cosine", minimum=-1)
     check_finite(names, "names", minimum=0)
     mem._sync()
@@ -175,11 +176,16 @@ def subjects(mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT
     ids, keys, owner = mem._all_keys()
     texts = {r.id: r.text for r in mem.list()}
     live = [n for n, i in enumerate(ids) if i not in mem._superseded and i in texts]
-    best = best_cosines(keys, owner, len(ids))
-    groups = linked(
-        len(live), lambda a, b: _same(best[live[a], live[b]], texts[ids[live[a]]], texts[ids[live[b]]], cosine, names)
-    )
-    found = [[ids[live[n]] for n in g] for g in groups if len(g) > 1]
+    keep = torch.zeros(len(ids), dtype=torch.bool)
+    keep[live] = True
+    rows = keep[owner]  # (K,) the keys of live memories
+    at = {n: m for m, n in enumerate(live)}
+    pairs = [
+        (at[a], at[b])
+        for a, b in close_pairs(keys[rows], owner[rows], len(ids), cosine)
+        if name_overlap(texts[ids[a]], texts[ids[b]]) >= names
+    ]
+    found = [[ids[live[n]] for n in g] for g in linked(len(live), pairs) if len(g) > 1]
     return sorted(found, key=lambda g: (-len(g), g[0]))
 
 
@@ -196,22 +202,31 @@ def diverged(
         model, tok = mem.load() if mem.key_function == "activation" else (None, None)
         keys = [compute_keys(mem.key_function, [m["text"], *m["paraphrases"]], model, tok) for m in parts]
         owner = torch.cat([torch.full((len(k),), n) for n, k in enumerate(keys)])
-        best = best_cosines(torch.cat(keys), owner, len(parts))
-        groups = linked(
-            len(parts),
-            lambda a, b, best=best, parts=parts: _same(best[a, b], parts[a]["text"], parts[b]["text"], cosine, names),
-        )
+        pairs = [
+            (a, b)
+            for a, b in close_pairs(torch.cat(keys), owner, len(parts), cosine)
+            if name_overlap(parts[a]["text"], parts[b]["text"]) >= names
+        ]
+        groups = linked(len(parts), pairs)
         if len(groups) > 1:
             out.append((r.id, [[parts[n]["id"] for n in g] for g in groups]))
     return out
 
 
-def _same(best: torch.Tensor, a: str, b: str, cosine: float, names: float) -> bool:
-    return float(best) >= cosine and name_overlap(a, b) >= names
+def close_pairs(keys: torch.Tensor, owner: torch.Tensor, n: int, cosine: float) -> list[tuple[int, int]]:
+    """Pairs a < b of memories (0..n-1) whose best key cosine is >= `cosine`, from keys (K, d) and owner (K,),
+    the memory of each key. One memory's keys against all at a time: (k_i, K) in memory, never (K, K)."""
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    out = []
+    for a in owner.unique().tolist():
+        sims = unit[owner == a] @ unit.T  # (k_a, K)
+        best = torch.full((n,), -2.0).scatter_reduce(0, owner, sims.max(dim=0).values, reduce="amax")  # (n,)
+        out += [(a, b) for b in torch.nonzero(best >= cosine).flatten().tolist() if b > a]
+    return out
 
 
-def linked(n: int, link) -> list[list[int]]:
-    """The connected groups of 0..n-1 where link(a, b) joins a < b (union-find), each in index order."""
+def linked(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
+    """The connected groups of 0..n-1 that `pairs` join (union-find), each in index order."""
     parent = list(range(n))
 
     def root(i: int) -> int:
@@ -220,24 +235,9 @@ def linked(n: int, link) -> list[list[int]]:
             i = parent[i]
         return i
 
-    for a in range(n):
-        for b in range(a + 1, n):
-            if root(a) != root(b) and link(a, b):
-                parent[root(a)] = root(b)
+    for a, b in pairs:
+        parent[root(a)] = root(b)
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(root(i), []).append(i)
     return list(groups.values())
-
-
-def best_cosines(keys: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    """(n, n) the best cosine between any key of memory i and any key of memory j, from keys (K, d) and owner
-    (K,), the memory index of each key."""
-    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-    sims = unit @ unit.T  # (K, K)
-    out = torch.full((n, n), -1.0)
-    for i in range(n):
-        rows = sims[owner == i]  # (k_i, K)
-        if len(rows):
-            out[i] = out[i].scatter_reduce(0, owner, rows.max(dim=0).values, reduce="amax")
-    return out
