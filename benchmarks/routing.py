@@ -201,6 +201,13 @@ def rerank(cos: torch.Tensor, lex: torch.Tensor, lam: float, candidates: int) ->
     return out
 
 
+def rerank_names(cos: torch.Tensor, lex: torch.Tensor, cover: torch.Tensor, lam: float, mu: float, candidates: int):
+    """The re-rank plus mu * name coverage on the same candidates: what the product's gate does with
+    GateConfig(lexical=lam, names=mu) (Memory._add_lexical)."""
+    out = rerank(cos, lex, lam, candidates)
+    return torch.where(torch.isfinite(out), out + mu * cover, out)
+
+
 def accuracy(scores: torch.Tensor, gold: torch.Tensor) -> tuple[float, float]:
     """(top-1, top-4) share of questions whose gold memory is ranked first / among the first four."""
     top4 = scores.topk(min(4, scores.shape[1]), dim=1).indices
@@ -307,6 +314,12 @@ def main() -> None:
             lam2, mu = max(
                 grid, key=lambda lm: accuracy(hybrid(cos[tn], lex[tn], lm[0]) + lm[1] * cover[tn], gold_all[tn])[0]
             )
+            lam3, mu3 = max(
+                grid,
+                key=lambda lm: accuracy(
+                    rerank_names(cos[tn], lex[tn], cover[tn], lm[0], lm[1], args.candidates), gold_all[tn]
+                )[0],
+            )
             scorers = {
                 "cosine": (cos, exact_ms),
                 "dot": (dot, exact_ms),
@@ -314,6 +327,10 @@ def main() -> None:
                 f"hybrid lam={best_lam:g}": (hybrid(cos, lex, best_lam), exact_ms + bm25_ms),
                 f"rerank top-{args.candidates}": (rerank(cos, lex, best_lam, args.candidates), exact_ms),
                 f"hybrid lam={lam2:g} + names mu={mu:g}": (hybrid(cos, lex, lam2) + mu * cover, exact_ms + bm25_ms),
+                f"rerank top-{args.candidates} lam={lam3:g} + names mu={mu3:g}": (
+                    rerank_names(cos, lex, cover, lam3, mu3, args.candidates),
+                    exact_ms,
+                ),
             }
             ev = ~tune & naming
             for name, (scores, ms) in scorers.items():

@@ -63,3 +63,30 @@ def test_the_gate_adds_bm25_to_its_candidates_and_never_overrides_the_null_memor
     assert mem.scores(q, replace(mem.gate, lexical=0.3)).shape[0] == 4
     with pytest.raises(MegamemError, match="lexical"):
         GateConfig(lexical=-1.0)
+
+
+def test_coverage_is_the_share_of_the_questions_names_and_numbers():
+    index = LexicalIndex(["The Kelvoran ferry left Port Zask in 2020.", "The Brisby ferry left Port Zask in 2021."])
+    q = "When did the Kelvoran ferry leave Port Zask in 2020?"  # names Kelvoran, Port, Zask and the number 2020
+    assert index.coverage(q, [0, 1]) == [1.0, 0.5]
+    assert index.coverage("when did it leave?", [0, 1]) == [0.0, 0.0]  # names nothing: no say
+
+
+def test_the_gate_adds_name_coverage_to_its_candidates(tiny_dir, tmp_path):
+    mem = Memory(tmp_path / "store", model=str(tiny_dir), recipe=quick_recipe())
+    mem.add_many(
+        [
+            Item("The Kelvoran ferry leaves Port Zask at dawn every day.", id="kelvoran"),
+            Item("The Brisby ferry leaves Port Zask at noon every day.", id="brisby"),
+        ]
+    )
+    q = "When does the Kelvoran ferry leave Port Zask?"
+    plain = mem.scores(q)
+    named = mem.scores(q, replace(mem.gate, names=0.3))
+    ids = mem._all_keys()[0]
+    gain = {i: float(named[n] - plain[n]) for n, i in enumerate(ids)}
+    assert gain["kelvoran"] == pytest.approx(0.3) and gain["brisby"] == pytest.approx(0.2)  # 2 of its 3 names
+    off = "What is the capital of France?"
+    assert mem.route(off, replace(mem.gate, names=0.3)) == []  # the null memory still decides
+    with pytest.raises(MegamemError, match="names"):
+        GateConfig(names=-1.0)

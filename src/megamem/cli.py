@@ -257,6 +257,10 @@ def ask(
         float | None,
         typer.Option("--lexical", help="Re-rank the gate's candidates with BM25 at this weight (0.3; docs/scale.md)."),
     ] = None,
+    names: Annotated[
+        float | None,
+        typer.Option("--names", help="Add the share of the question's names the candidate holds at this weight (0.3)."),
+    ] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Longest answer in tokens, at least 1 (qa 64, recall 256).")
     ] = None,
@@ -270,7 +274,13 @@ def ask(
         if top_k is not None and top_k < 0:
             raise MegamemError(f"--top-k must be 0 (dense) or more, got {top_k}")
         gate = with_overrides(
-            mem.gate, top_k=top_k or None, beta=beta, threshold=threshold, null_rate=null_rate, lexical=lexical
+            mem.gate,
+            top_k=top_k or None,
+            beta=beta,
+            threshold=threshold,
+            null_rate=null_rate,
+            lexical=lexical,
+            names=names,
         )
         if top_k == 0:
             gate = replace(gate, top_k=None)

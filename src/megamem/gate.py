@@ -36,6 +36,9 @@ class GateConfig:
     # lexical: weight of BM25 (scaled by the best candidate's) added to the cosine of the top LEXICAL_CANDIDATES
     # memories that pass the null memory (megamem.lexical); 0: off. Routing at 10^4-10^5 memories: docs/scale.md
     lexical: float = 0.0
+    # names: weight of the share of the question's names and numbers a candidate's texts contain, added to the
+    # same candidates (megamem.lexical coverage); 0: off
+    names: float = 0.0
 
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "dot"):
@@ -46,6 +49,7 @@ class GateConfig:
         if self.threshold is not None:
             check_finite(self.threshold, "gate threshold")
         check_finite(self.lexical, "gate lexical weight", minimum=0, maximum=10)
+        check_finite(self.names, "gate names weight", minimum=0, maximum=10)
         if self.null_rate is not None:
             check_finite(self.null_rate, "gate null rate", minimum=0)
             if self.null_rate >= 1:

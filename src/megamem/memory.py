@@ -583,14 +583,14 @@ class Memory:
         for i, memory_id in enumerate(ids):
             if memory_id in out or (only is not None and memory_id not in only):
                 scores[i] = float("-inf")
-        if cfg.lexical:
+        if cfg.lexical or cfg.names:
             self._add_lexical(question, scores, cfg, only)
         return scores
 
     def _add_lexical(self, question: str, scores: torch.Tensor, cfg: GateConfig, only) -> None:
-        """Add cfg.lexical * BM25 / (the best candidate's BM25) to the cosine's top LEXICAL_CANDIDATES memories
-        that pass the null memory (in place): the lexical score re-ranks what the embedding proposes and never
-        lets a memory in that the null memory keeps out (megamem.lexical)."""
+        """Add cfg.lexical * BM25 / (the best candidate's BM25) and cfg.names * name coverage to the cosine's top
+        LEXICAL_CANDIDATES memories that pass the null memory (in place): the lexical scores re-rank what the
+        embedding proposes and never let a memory in that the null memory keeps out (megamem.lexical)."""
         floor = self.null_score(cfg, only)
         live = torch.isfinite(scores) & (scores >= floor if floor is not None else True)
         if not bool(live.any()):
@@ -599,9 +599,12 @@ class Memory:
         cand = masked.topk(min(LEXICAL_CANDIDATES, int(live.sum()))).indices.tolist()
         if self._lexical is None:
             self._lexical = LexicalIndex([lexical_document(self.store.get(i)) for i in self._all_keys()[0]])
-        lex = torch.tensor(self._lexical.scores(question, cand))
-        if float(lex.max()) > 0:
-            scores[cand] += cfg.lexical * lex / lex.max()
+        if cfg.lexical:
+            lex = torch.tensor(self._lexical.scores(question, cand))
+            if float(lex.max()) > 0:
+                scores[cand] += cfg.lexical * lex / lex.max()
+        if cfg.names:
+            scores[cand] += cfg.names * torch.tensor(self._lexical.coverage(question, cand))
 
     def search(self, query: str, only: frozenset[str] | None = None, limit: int = 10) -> list[tuple[str, float]]:
         """The memories closest to a query by the gate's score (no softmax, no null memory), best first: (memory

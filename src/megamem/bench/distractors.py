@@ -23,31 +23,16 @@ the routing benchmark reports them apart.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
+from ..lexical import NUMBER, WORD, names
 from .data import Record
+
+__all__ = ["NUMBER", "anchors", "invented", "names", "near_duplicate"]
 
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "v", "z"]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou", "y"]
 _CODAS = ["", "", "n", "r", "s", "l", "th", "nd", "sk", "m", "x"]
-
-# Capitalised words that are not names: kept as they are in a near-duplicate.
-_COMMON = set(
-    "The A An It In On At By For From Of To As After Before During Since Until This That These Those He She They "
-    "His Her Its Their Our We I You There Here When While Where Which Who Whose What With Without Also However "
-    "Although But And Or Nor So Yet Following Born Prior Despite Upon Over Under Between Among Through Throughout "
-    "Along Across About Around Against Within Each Every Both Many Most Some Several Such Other Another Once "
-    "January February March April May June July August September October November December "
-    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-)
-_WORD = re.compile(r"\b[^\W\d_][\w'’-]*")  # a word starting with a letter, any script ("Ondřej")
-NUMBER = re.compile(r"\b\d+\b")
-
-
-def names(text: str) -> list[str]:
-    """The capitalised words of `text` that may be names (common sentence words like "The" left out)."""
-    return [w for w in _WORD.findall(text) if w[0].isupper() and w not in _COMMON]
 
 
 def anchors(question: str, passage: str) -> tuple[set[str], set[str]]:
@@ -98,7 +83,7 @@ def near_duplicate(record: Record, rng: random.Random, share: float = 0.5) -> tu
     num_map = {m: _shift_number(m, rng, numbers) for m in sorted(numbers)}
 
     def rewrite(text: str) -> str:
-        text = _WORD.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+        text = WORD.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
         return NUMBER.sub(lambda m: num_map.get(m.group(0), m.group(0)), text)
 
     out = [rewrite(t) for t in texts]
