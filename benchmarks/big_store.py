@@ -22,10 +22,9 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from common import command, machine, table
+from common import provenance, table
 
 from megamem import Item, Memory
 from megamem.bench.data import load_partition
@@ -117,9 +116,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
-        "command": command(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        **provenance(),
         "big store": {
             "memories": len(records),
             "wiki": len(wiki),

@@ -39,6 +39,17 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in ["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
+def provenance() -> dict:
+    """What every benchmark record starts with: the command that made it, when (UTC) and on what machine."""
+    from datetime import datetime, timezone
+
+    return {
+        "command": command(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+    }
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     """Median wall seconds of `repeats` calls (after one warm-up call)."""
     fn()

@@ -19,11 +19,10 @@ import json
 import shutil
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from common import command, machine, table
+from common import provenance, table
 
 from megamem import Item, Memory
 from megamem.bench.data import load_partition
@@ -130,9 +129,7 @@ def main() -> None:
     ref = make_reference(base["logprobs"])
     same = statistics.mean(a == b for a, b in zip(base["answers"], cortex["answers"], strict=True))
     result = {
-        "command": command(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        **provenance(),
         "memories": len(records),
         "learn s (50 adapters)": round(learn_s, 1),
         "before": before,

@@ -22,11 +22,10 @@ import re
 import shutil
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from common import command, machine, table
+from common import provenance, table
 
 from megamem import Item, Memory
 from megamem.bench.data import load_partition, partition_files
@@ -150,9 +149,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
-        "command": command(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        **provenance(),
         "partition": args.partition,
         "subjects": len(subs),
         "rows": rows,

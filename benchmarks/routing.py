@@ -29,12 +29,11 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import command, machine, table
+from common import provenance, table
 
 from megamem.bench.data import Record, load_partition, partition_files
 from megamem.bench.distractors import NUMBER, anchors, invented, names, near_duplicate
@@ -286,7 +285,7 @@ def main() -> None:
         limit = max(args.sizes) if view in ("passage", "paraphrases") else min(max(args.sizes), args.all_views_max)
         texts, owners = view_rows(pool[:limit], view)
         keys[view] = (cached_embeddings(args.cache, texts), torch.from_numpy(owners))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = provenance()
     rows = []
     # loop: each size, each set of views, each scorer
     for size in sorted(args.sizes):
@@ -376,7 +375,7 @@ def main() -> None:
     # save
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as f:
-        f.write(json.dumps({"command": command(), "date": stamp, "machine": machine()}) + "\n")
+        f.write(json.dumps(header) + "\n")
         for r in rows:
             f.write(json.dumps(r) + "\n")
     print(table([r for r in rows if "top-1" in r]))

@@ -41,7 +41,9 @@ def test_an_index_grown_one_memory_at_a_time_equals_one_built_at_once():
     assert LexicalIndex().scores("anything", [0]) == [0.0]
 
 
-def test_the_gate_adds_bm25_to_its_candidates_and_never_overrides_the_null_memory(tiny_dir, tmp_path):
+@pytest.fixture()
+def ferries(tiny_dir, tmp_path):
+    """Two ferries one name apart, and a memory about something else."""
     mem = Memory(tmp_path / "store", model=str(tiny_dir), recipe=quick_recipe())
     mem.add_many(
         [
@@ -50,6 +52,11 @@ def test_the_gate_adds_bm25_to_its_candidates_and_never_overrides_the_null_memor
             Item("Ada Quimbleton designed the Harlow Cross tower.", id="tower"),
         ]
     )
+    return mem
+
+
+def test_the_gate_adds_bm25_to_its_candidates_and_never_overrides_the_null_memory(ferries):
+    mem = ferries
     q = "When does the Kelvoran ferry leave Port Zask?"
     plain = mem.scores(q)
     lex = mem.scores(q, replace(mem.gate, lexical=0.3))
@@ -72,20 +79,15 @@ def test_coverage_is_the_share_of_the_questions_names_and_numbers():
     assert index.coverage("when did it leave?", [0, 1]) == [0.0, 0.0]  # names nothing: no say
 
 
-def test_the_gate_adds_name_coverage_to_its_candidates(tiny_dir, tmp_path):
-    mem = Memory(tmp_path / "store", model=str(tiny_dir), recipe=quick_recipe())
-    mem.add_many(
-        [
-            Item("The Kelvoran ferry leaves Port Zask at dawn every day.", id="kelvoran"),
-            Item("The Brisby ferry leaves Port Zask at noon every day.", id="brisby"),
-        ]
-    )
+def test_the_gate_adds_name_coverage_to_its_candidates(ferries):
+    mem = ferries
     q = "When does the Kelvoran ferry leave Port Zask?"
     plain = mem.scores(q)
     named = mem.scores(q, replace(mem.gate, names=0.3))
     ids = mem._all_keys()[0]
     gain = {i: float(named[n] - plain[n]) for n, i in enumerate(ids)}
     assert gain["kelvoran"] == pytest.approx(0.3) and gain["brisby"] == pytest.approx(0.2)  # 2 of its 3 names
+    assert gain["tower"] == 0.0  # names none of them
     off = "What is the capital of France?"
     assert mem.route(off, replace(mem.gate, names=0.3)) == []  # the null memory still decides
     with pytest.raises(MegamemError, match="names"):

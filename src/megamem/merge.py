@@ -35,6 +35,7 @@ from .checks import check_finite, check_id
 from .errors import MegamemError
 from .items import Item
 from .keys import compute_keys
+from .memory import REPLACES
 from .store import Record
 from .train import check_fits, train_adapter
 from .updates import name_overlap
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     from .memory import Memory
 
 MERGED = "megamem.merged"  # metadata: the members a merged memory holds, each as it was stored
-REPLACES = "megamem.replaces"  # as memory.REPLACES (not imported: memory imports this module's callers)
 SEPARATOR = "\n\n"
 SUBJECT_COSINE = 0.6  # updates.LIKELY_COSINE: close keys...
 SUBJECT_NAMES = 0.5  # ...and half the names of the one naming fewer (looser than an update's 0.67)
@@ -116,16 +116,13 @@ def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | N
     text, paras = joined(parts)
     # what the members replaced stays replaced; the members themselves are replaced by the merged memory
     replaced = [*ids, *dict.fromkeys(o for m in parts for o in m["replaces"] if o not in ids)]
-    item = Item(text, paras, dict(metadata or {}), id, replaces=replaced, reserved={**reserved[0], MERGED: parts})
-    good, bad = mem.check([Item(text, paras, item.metadata, id)])  # text, metadata and id, as an add checks them
-    if bad:
-        raise MegamemError(f"merge: {bad[0]}")
+    # text, metadata, id and fit to the model's context, as an add checks them
+    (good,) = mem.validate([Item(text, paras, dict(metadata or {}), id, origin="the merged memory")])
+    item = Item(
+        good.text, good.paraphrases, good.metadata, id, replaces=replaced, reserved={**reserved[0], MERGED: parts}
+    )
     model, tok = mem.load()
-    check_fits(tok, model, text, "the merged text")
-    for p in paras:
-        check_fits(tok, model, p, "a merged paraphrase")
-    item = Item(good[0].text, good[0].paraphrases, good[0].metadata, id, replaces=replaced, reserved=item.reserved)
-    texts = [text, *paras]
+    texts = [good.text, *good.paraphrases]
     adapter = train_adapter(model, tok, texts, mem.lora, mem.recipe, on_step)
     every = list(dict.fromkeys([*texts, *(t for m in parts for t in (m["text"], *m["paraphrases"]))]))
     keys = compute_keys(mem.key_function, every, model, tok)
@@ -195,11 +192,11 @@ def diverged(
     """Merged memories whose members no longer form one subject at these thresholds: (id, the member ids in the
     groups they fall into), a split candidate each."""
     out = []
+    model, tok = mem.load() if mem.key_function == "activation" else (None, None)
     for r in mem.list():
         parts = r.metadata.get(MERGED)
         if not parts:
             continue
-        model, tok = mem.load() if mem.key_function == "activation" else (None, None)
         keys = [compute_keys(mem.key_function, [m["text"], *m["paraphrases"]], model, tok) for m in parts]
         owner = torch.cat([torch.full((len(k),), n) for n, k in enumerate(keys)])
         pairs = [
