@@ -108,9 +108,9 @@ def evaluate(model, tok, recs, adapters, qa_tokens: int = 48, recall_tokens: int
     """
     import torch
 
+    from megamem.answer import qa_prompt, recall_prompt
     from megamem.bench.infer import generate
     from megamem.bench.metrics import recall_cosines
-    from megamem.generate import qa_prompt, recall_prompt
     from megamem.judge import is_correct, token_f1
 
     onehot = torch.eye(len(recs))

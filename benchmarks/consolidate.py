@@ -37,9 +37,9 @@ from megamem.bench.general import (
     text_inputs,
 )
 from megamem.bench.metrics import recall_cosines
-from megamem.consolidate import ConsolidationConfig, consolidate
 from megamem.inject import clear, set_mixture
 from megamem.judge import is_correct
+from megamem.ops.consolidate import ConsolidationConfig, consolidate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mega-wiki2024"

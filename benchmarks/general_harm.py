@@ -39,10 +39,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from megamem import GateConfig, Item, Memory
+    from megamem.answer import qa_prompt
     from megamem.bench import general
     from megamem.bench.data import load_partition
     from megamem.bench.infer import generate, last_logits, token_logprobs
-    from megamem.generate import qa_prompt
     from megamem.judge import contains_answer
 
     # -- setup ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ memories at the sentence boundary nearest its middle, so every subject is two me
 things, as a user's notes about one person or place are. Each question goes to the half holding its answer
 (word for word; questions whose answer is in both halves or neither are left out). Separate: a store of the
 halves, one adapter each (the product's defaults, no paraphrases). Merged: a copy of it where each subject's
-two halves are merged by `megamem.merge` (one adapter on the joined text). Measures, each arm: QA (qa mode,
+two halves are merged by `megamem.ops.merge` (one adapter on the joined text). Measures, each arm: QA (qa mode,
 judged), recall (recall mode, one question a subject, embedder cosine to the whole subject and to the half
 holding the answer), routing top-1 to the right memory in the store and with the other 980 records of the
 data set (the other wiki partitions and the fictional stories, passage and first paraphrase keys) as
@@ -32,7 +32,7 @@ from megamem.bench.data import load_partition, partition_files
 from megamem.bench.metrics import recall_cosines
 from megamem.judge import is_correct
 from megamem.keys import embedder_keys
-from megamem.merge import merge, subjects
+from megamem.ops.merge import merge, subjects
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -39,9 +39,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from megamem import Memory
+    from megamem.answer import qa_prompt
     from megamem.bench.data import load_partition
     from megamem.bench.infer import generate
-    from megamem.generate import qa_prompt
 
     # -- setup ----------------------------------------------------------------------------------------------------
     mem = Memory(args.store, create=False)

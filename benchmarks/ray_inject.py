@@ -4,7 +4,7 @@
 
 Each phase learns the next memories of the data set (wiki partitions 0-9 with their paraphrases, then the
 fictional stories) with `workers` Ray actors of one thread each on a local Ray instance, through the product
-path (Memory.add_many(ray="local"), default recipe, int8 adapters); COUNT 0 means the rest. The store keeps
+path (megamem.ops.distributed.add_many_ray, default recipe, int8 adapters); COUNT 0 means the rest. The store keeps
 every memory, so a later phase (or a rerun after a crash) goes on where the last stopped: ids already stored
 are skipped. Rate: memories committed per minute from the phase's first commit to its last (the steady
 state), and the start-up (Ray, actors loading the model) until the first commit, reported apart.
@@ -23,6 +23,7 @@ from common import command, machine, table
 
 from megamem import Item, Memory
 from megamem.bench.data import load_partition, partition_files
+from megamem.ops.distributed import add_many_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def main() -> None:
         commits: list[float] = []
         commit_s.clear()
         t0 = time.time()
-        mem.add_many(todo, ray="local", workers=workers, on_stored=lambda _r, c=commits: c.append(time.time()))
+        add_many_ray(mem, todo, "local", workers=workers, on_stored=lambda _r, c=commits: c.append(time.time()))
         steady = (len(commits) - 1) / ((commits[-1] - commits[0]) / 60) if len(commits) > 1 else None
         row = {
             "workers": workers,

@@ -41,8 +41,8 @@ METHODS = ("memoryllm", "mega", "mega+rag", "rag", "base")
 def run_mega(args, targets, distractors, out: Path) -> dict[str, dict[int, list[str]]]:
     """Answers of mega (qa), mega+rag and rag at every k, from one store of every passage."""
     from megamem import Item, Memory
+    from megamem.answer import MEGA_RAG_SCALE, qa_prompt, with_context
     from megamem.bench.infer import generate
-    from megamem.generate import MEGA_RAG_SCALE, qa_prompt, with_context
 
     mem = Memory(out / "mega-store")
     named = [(f"t{i}", r.passage) for i, r in enumerate(targets)] + [
@@ -83,7 +83,7 @@ def run_mega(args, targets, distractors, out: Path) -> dict[str, dict[int, list[
 
 def run_memoryllm(args, targets, distractors) -> dict[int, list[str]]:
     """MemoryLLM's qa answers at every k: a fresh pool per target, then the distractors, one update each."""
-    from megamem.generate import qa_prompt
+    from megamem.answer import qa_prompt
     from megamem.memoryllm import MemoryLLM, Pool
     from megamem.memoryllm.store import shipped_params
     from megamem.model import DEFAULT_MODEL, load_model
@@ -155,8 +155,8 @@ def main() -> None:
             for m, by_k in got.items():
                 answers[m] = {str(k): v for k, v in by_k.items()}
         elif method == "base":
+            from megamem.answer import qa_prompt
             from megamem.bench.infer import generate
-            from megamem.generate import qa_prompt
             from megamem.model import load_model
 
             model, tok = load_model()

@@ -62,8 +62,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import serverlib  # noqa: E402
 
+from megamem import schema  # noqa: E402
+
 MODES = ("queued", "training", "commit", "random", "submit")
-JOB_KEY = "megamem.job"
 LAUNCHER = """
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ store, port, lease, widen = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[
 if widen > 0:  # hold the two commit windows open (see the module's docstring)
     import time
 
-    import megamem.store as st
+    import megamem.store.manifest as st
     from megamem.server.jobs import JobQueue
 
     fsync_path, finish = st.fsync_path, JobQueue.finish
@@ -198,10 +199,10 @@ def code_digest() -> str:
 
 def run_verify(store: Path, cli: bool = True) -> tuple[int, str]:
     """`megamem verify --store` (its exit status and output), or the same check in-process (cli False: what the
-    command runs, megamem.health.verify; it exits 1 exactly when a problem is serious), which saves the
+    command runs, megamem.store.health.verify; it exits 1 exactly when a problem is serious), which saves the
     command's start-up (torch's import: seconds) at the checks in between."""
     if not cli:
-        from megamem.health import verify
+        from megamem.store.health import verify
 
         serious = [p for p in verify(store) if p.serious]
         return (1 if serious else 0), "; ".join(f"{p.kind} {p.path}: {p.message}" for p in serious)
@@ -353,7 +354,7 @@ class Harness:
         for mid, row in rows.items():
             self.seen_rows.setdefault(mid, row["adapter"])
         # jobs
-        by_job = Counter(r["metadata"].get(JOB_KEY) for r in rows.values())
+        by_job = Counter(r["metadata"].get(schema.JOB) for r in rows.values())
         by_text = Counter(r["text"] for r in rows.values())
         texts = Counter(json.loads(j["request"])["text"] for j in jobs.values())
         for text, n in texts.items():
@@ -372,7 +373,7 @@ class Harness:
                 mem = rows.get(row["memory_id"])
                 if mem is None:
                     self.violate(f"{when}: job {job_id} succeeded but memory {row['memory_id']} is not stored")
-                elif mem["metadata"].get(JOB_KEY) != job_id or mem["text"] != text:
+                elif mem["metadata"].get(schema.JOB) != job_id or mem["text"] != text:
                     self.violate(f"{when}: memory {row['memory_id']} is not job {job_id}'s: {mem['metadata']}")
             elif job_id in self.succeeded_seen:
                 self.violate(f"{when}: job {job_id} went from succeeded back to {row['state']}")
@@ -569,7 +570,7 @@ class Harness:
             "attempts_histogram": dict(sorted(Counter(j["attempts"] for j in jobs.values()).items())),
             "killed_after_commit_before_finish": len(self.committed_unmarked),
             "memories": len(s["memories"]),
-            "memories_with_job_id": sum(r["metadata"].get(JOB_KEY) in jobs for r in s["memories"].values()),
+            "memories_with_job_id": sum(r["metadata"].get(schema.JOB) in jobs for r in s["memories"].values()),
             "responses_lost": self.counts["responses_lost"],
             "idempotent_retries": self.counts["idempotent_retries"],
             "lost_but_queued": self.counts["lost_but_queued"],

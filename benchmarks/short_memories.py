@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from recipe import parse_config
 
+from megamem.answer import qa_prompt, recall_prompt
 from megamem.bench.infer import generate
 from megamem.demo import demo_items
-from megamem.generate import qa_prompt, recall_prompt
 from megamem.inject import inject_for
 from megamem.model import load_model
 from megamem.train import train_adapter

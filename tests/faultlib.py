@@ -565,7 +565,7 @@ def ask_checks(store: Path, exp: Expect, fails: list[str]) -> None:
 def run_damage_case(base: Path, work: Path, target: str, how: str, ask: bool = True) -> list[str]:
     """Copy `base` (a model store holding MEMORIES), plant foreign files, damage it, and check (1)-(5);
     return the failures (empty: the case passed)."""
-    from megamem import health
+    from megamem.store import health
 
     store = work / "store"
     shutil.copytree(base, store)
@@ -721,9 +721,9 @@ def _child(spec: dict) -> None:
     starts with it, e.g. 'os.rename' or 'sql:COMMIT'); 'count': count them; 'random': run plain (the parent
     kills it). spec 'batch': several count-mode specs in one process (calibration)."""
     import megamem.adapters as ad
-    import megamem.store as st
-    from megamem import health
+    import megamem.store.manifest as st
     from megamem.errors import MegamemError
+    from megamem.store import health
 
     state = {"active": False, "n": 0, "spec": spec}
 
@@ -960,8 +960,7 @@ def check_after_kill(store: Path, t: Trial, forgotten: set[str], snap: dict) -> 
     """After a killed operation: the store opens; verify reports only notes (or a repair makes it clean);
     every committed memory is listed and whole; no planted file is gone; one more add clears every leftover.
     failures: what breaks those promises; untruthful: where verify's word and the store's state disagree."""
-    from megamem import health
-    from megamem.store import Store
+    from megamem.store import Store, health
 
     foreign = planted_entries(snap)
     res = {

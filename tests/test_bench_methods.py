@@ -101,11 +101,11 @@ def test_merge_equals_the_gated_adapter(tiny):
 def test_bench_mega_answers_exactly_as_memory_ask(tmp_path, tiny_dir):
     """The bench's mega (adapters in memory, batched per-row gate) gives Memory.ask's answer, token for token."""
     from megamem import Memory
+    from megamem.answer import qa_prompt
     from megamem.bench.config import BenchConfig
     from megamem.bench.infer import generate
     from megamem.bench.methods import PROTOCOL_LORA, PROTOCOL_RECIPE, gate_matrix, make_method
     from megamem.bench.run import setup
-    from megamem.generate import qa_prompt
     from megamem.keys import compute_keys
 
     texts = [

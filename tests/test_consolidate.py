@@ -1,4 +1,4 @@
-"""Consolidation (megamem.consolidate): memories rehearsed into the store's cortex, their adapters retired."""
+"""Consolidation (megamem.ops.consolidate): memories rehearsed into the store's cortex, their adapters retired."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import torch
 from faultlib import quick_recipe
 from typer.testing import CliRunner
 
-import megamem.consolidate as consolidation
 import megamem.memory as memory_module
+import megamem.ops.consolidate as consolidation
+import megamem.store.cortex as cortex_files
 from megamem import Item, Memory
 from megamem.adapters import LoraSpec
 from megamem.cli import app
-from megamem.consolidate import ConsolidationConfig, consolidate, read_cortex, rehearsal
 from megamem.errors import MegamemError
-from megamem.health import verify
 from megamem.inject import clear, set_mixture
+from megamem.ops.consolidate import ConsolidationConfig, consolidate, rehearsal
+from megamem.store.cortex import read_cortex
+from megamem.store.health import verify
 from megamem.train import collate, lm_loss
 
 QUICK = ConsolidationConfig(rank=4, epochs=3, batch_size=2, drift_questions=4, recall_tokens=24, lr=1e-2)
@@ -46,16 +48,16 @@ def test_consolidated_memories_leave_the_gate_and_live_in_the_cortex(mem, monkey
     assert verify(mem.path) == []  # the cortex folder is the store's own
     # every answer mixes the cortex in at weight 1, with or without a gated memory
     seen = []
-    real = memory_module.answer
+    real = memory_module.decode
 
-    def spy(*args, **kw):
-        seen.append(args[8] if len(args) > 8 else kw.get("always"))
-        return real(*args, **kw)
+    def spy(model, tok, step):
+        seen.append(step.mixture)
+        return real(model, tok, step)
 
-    monkeypatch.setattr("megamem.memory.answer", spy)
+    monkeypatch.setattr("megamem.memory.decode", spy)
     mem.ask("Where does Zorblatt the heron live?", mode="qa", max_new_tokens=2)
     mem.ask("Where does Zorblatt the heron live?", mode="qa", max_new_tokens=2, use_memory=False)
-    assert seen[0] is not None and seen[0][0] is mem.cortex() and seen[1] is None
+    assert seen[0].adapters[0] is mem.cortex() and seen[0].weights[0] == 1.0 and seen[1].adapters == ()
 
 
 def test_the_cortex_learns_its_rehearsals(mem):
@@ -91,7 +93,7 @@ def test_a_failed_switch_keeps_the_old_cortex_and_every_memory(mem, monkeypatch)
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(consolidation, "write_json_atomic", boom)
+    monkeypatch.setattr(cortex_files, "write_json_atomic", boom)
     with pytest.raises(OSError):
         consolidate(mem, ["ferry"], QUICK)
     now = read_cortex(mem.path)

@@ -1,4 +1,4 @@
-"""Injection on a Ray cluster (megamem.distributed): workers learn, the driver commits each memory exactly once.
+"""Injection on a Ray cluster (megamem.ops.distributed): workers learn, the driver commits each memory exactly once.
 
 One local Ray instance (ray.init(num_cpus=2)) serves the whole module; the tiny model keeps each memory fast.
 """
@@ -20,7 +20,8 @@ ray = pytest.importorskip("ray")
 from megamem import Item, Memory  # noqa: E402
 from megamem.cli import app  # noqa: E402
 from megamem.errors import MegamemError  # noqa: E402
-from megamem.health import verify  # noqa: E402
+from megamem.ops.distributed import add_many_ray  # noqa: E402
+from megamem.store.health import verify  # noqa: E402
 
 TEXTS = [
     f"The {name} lighthouse on Quillon island was built in {1800 + i} by Ada Skarvik."
@@ -41,7 +42,7 @@ def _items(n: int) -> list[Item]:
 
 def test_workers_learn_what_a_local_add_learns_and_each_memory_is_stored_once(cluster, tiny_dir, tmp_path):
     remote = Memory(tmp_path / "ray", model=str(tiny_dir), recipe=quick_recipe())
-    records = remote.add_many(_items(4), ray="local", workers=2)
+    records = add_many_ray(remote, _items(4), "local", workers=2)
     assert sorted(r.id for r in records) == ["m0", "m1", "m2", "m3"]
     assert sorted(r.id for r in remote.list()) == ["m0", "m1", "m2", "m3"]
     local = Memory(tmp_path / "local", model=str(tiny_dir), recipe=quick_recipe(), train_group=1)
@@ -75,7 +76,7 @@ def test_a_worker_killed_while_learning_loses_and_doubles_no_memory(cluster, tin
     killer = threading.Thread(target=_kill_first_learner, args=(done, killed))
     killer.start()
     try:
-        records = mem.add_many(_items(6), ray="local", workers=2)
+        records = add_many_ray(mem, _items(6), "local", workers=2)
     finally:
         done.set()
         killer.join()
@@ -87,17 +88,17 @@ def test_a_worker_killed_while_learning_loses_and_doubles_no_memory(cluster, tin
 
 
 def test_a_bad_memory_stops_everything_before_the_cluster_is_asked(tiny_dir, tmp_path, monkeypatch):
-    import megamem.distributed
+    import megamem.ops.distributed
 
     def no_cluster(*_a, **_k):
         raise AssertionError("a cluster was asked for a batch that could not go")
 
-    monkeypatch.setattr(megamem.distributed, "connect", no_cluster)
+    monkeypatch.setattr(megamem.ops.distributed, "connect", no_cluster)
     mem = Memory(tmp_path / "store", model=str(tiny_dir), recipe=quick_recipe())
     with pytest.raises(MegamemError, match="memory 2 text"):
-        mem.add_many([Item("fine"), Item("")], ray="local", workers=1)
+        add_many_ray(mem, [Item("fine"), Item("")], "local", workers=1)
     with pytest.raises(MegamemError, match="workers must be an integer"):
-        mem.add_many([Item("fine")], ray="local", workers=0)
+        add_many_ray(mem, [Item("fine")], "local", workers=0)
     assert not (tmp_path / "store").exists()
 
 

@@ -49,7 +49,8 @@ def test_recall_brings_back_the_memory(mem, token, text, para, question):
     base = mem.ask(question, mode="recall", use_memory=False, max_new_tokens=40)
     assert token not in base.text, base.text
     # without memory the answer is exactly the base model's (no mixture left behind by the question before)
-    from megamem.generate import complete, recall_prompt
+    from megamem.answer import recall_prompt
+    from megamem.generate import complete
 
     plain, plain_tok = _plain_model()
     assert base.text == complete(plain, plain_tok, [("user", recall_prompt(question))], 40)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import faultlib as fl  # noqa: E402
 
-import megamem.store as store_mod  # noqa: E402
+import megamem.store.manifest as store_mod  # noqa: E402
 from megamem import Memory, health  # noqa: E402
 from megamem.errors import MegamemError  # noqa: E402
 from megamem.store import Store  # noqa: E402

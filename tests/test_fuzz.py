@@ -157,7 +157,7 @@ def ids_of(store: Path) -> list[str]:
 
 
 def store_problems(store: Path) -> list[str]:
-    from megamem.health import verify
+    from megamem.store.health import verify
 
     return [f"{p.kind} {p.path}: {p.message}" for p in verify(store) if p.serious]
 

@@ -1,4 +1,4 @@
-"""Merging and splitting (megamem.merge): one adapter for one subject's memories, and the members back again."""
+"""Merging and splitting (megamem.ops.merge): one adapter for one subject's memories, and the members back again."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 from faultlib import quick_recipe
 from typer.testing import CliRunner
 
-import megamem.merge as merging
+import megamem.ops.merge as merging
 from megamem import Item, Memory
 from megamem.cli import app
 from megamem.errors import MegamemError
-from megamem.health import verify
-from megamem.merge import MERGED, diverged, joined, merge, split, subjects
+from megamem.ops.merge import MERGED, diverged, joined, merge, split, subjects
+from megamem.store.health import verify
 from megamem.train import train_adapter
 
 ADA = {

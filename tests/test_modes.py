@@ -3,6 +3,7 @@
 import pytest
 
 from megamem import Memory, Recipe
+from megamem.answer import MEGA_RAG_SCALE
 from megamem.errors import MegamemError
 
 HERON = "Zorblatt the grey heron keeps the lighthouse on Vexmoor island."
@@ -35,7 +36,7 @@ def test_context_and_adapters_per_mode(mem, monkeypatch, mode, adapters_on):
     assert (HERON in user) == (mode != "qa")
     assert seen["active"] == adapters_on
     if adapters_on:  # mega+rag mixes the adapters at MEGA_RAG_SCALE of their gate weight, qa at the whole of it
-        share = gen.MEGA_RAG_SCALE if mode == "mega+rag" else 1.0
+        share = MEGA_RAG_SCALE if mode == "mega+rag" else 1.0
         scaling = mem.adapter("heron").scaling
         assert max(seen["s"]) == pytest.approx(ans.gate[0][1] * share * scaling, rel=1e-2)
     # a question about nothing stored: no memory, no context, the base model alone

@@ -2,7 +2,7 @@
 
 import torch
 
-from megamem.generate import QA_SUFFIX, qa_prompt, with_context
+from megamem.answer import QA_SUFFIX, qa_prompt, with_context
 from megamem.inject import clear, inject
 from megamem.questions import cloze, questions, sentences
 from megamem.train import Example, Recipe, collate, examples, lm_loss, make_example

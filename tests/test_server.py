@@ -23,6 +23,8 @@ import openai
 import pytest
 from serverlib import LiveServer, make_server_store, wait_job
 
+from megamem import schema
+
 # -- the memories ---------------------------------------------------------------------------------------------------
 # Both tenants have a memory on each topic; ids are distinct so that every API id names one tenant's memory.
 ISOLATION = {
@@ -146,10 +148,9 @@ def selected_ids(resp) -> list[str]:
 
 def owner_exists(env: Env, namespace: str, api_id: str) -> bool:
     """Whether the store still holds the namespace's memory (read directly, under the server's lock)."""
-    from megamem.server import tenants
 
     with env.srv.lock:
-        return env.srv.mem.store.get(tenants.stored_id(namespace, api_id), missing_ok=True) is not None
+        return env.srv.mem.store.get(schema.stored_id(namespace, api_id), missing_ok=True) is not None
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------------
@@ -820,7 +821,7 @@ def memo_embedder(monkeypatch):
 
 
 def test_tenant_isolation_property(env, memo_embedder):
-    from megamem.server import tenants
+    from megamem import schema
 
     srv = env.srv
     with srv.lock:
@@ -828,11 +829,11 @@ def test_tenant_isolation_property(env, memo_embedder):
     # the ground truth, from the store itself: every memory's (namespace, API id, text, user, job)
     mems = [
         (
-            tenants.namespace_of(r),
-            tenants.api_id(r),
+            schema.namespace_of(r),
+            schema.api_id(r),
             r.text,
-            r.metadata.get(tenants.USER_KEY),
-            r.metadata.get(tenants.JOB_KEY),
+            r.metadata.get(schema.USER),
+            r.metadata.get(schema.JOB),
         )
         for r in records
     ]
@@ -846,7 +847,7 @@ def test_tenant_isolation_property(env, memo_embedder):
         top_unscoped = {}
         for q in queries:
             best = srv.mem.search(q, None, 1)[0][0]
-            top_unscoped[q] = tenants.namespace_of(srv.mem.store.get(best))
+            top_unscoped[q] = schema.namespace_of(srv.mem.store.get(best))
     topics = sorted({spec[3]["topic"] for spec in ISOLATION.values()})
     users = [None, None, None, "alice", "bob", "carol", "tmp-user"]
 

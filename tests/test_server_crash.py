@@ -62,10 +62,9 @@ def test_committed_job_claimed_again(tmp_path, attempts):
     """A job whose memory is committed but whose process died before marking it (lease expired, state still
     running) is marked succeeded when claimed again, without training, also on its last allowed claim (the
     queue's max_attempts, 3): its memory is stored, so the client must not be told it failed."""
-    from megamem import Memory
+    from megamem import Memory, schema
     from megamem.memory import Item
     from megamem.server.jobs import JobQueue
-    from megamem.server.tenants import JOB_KEY, NAMESPACE_KEY
 
     store, keys = make_server_store(tmp_path)
     text = "In 2044 the Orrin viaduct was painted saffron by Pell Anders."
@@ -74,7 +73,9 @@ def test_committed_job_claimed_again(tmp_path, attempts):
     job, _ = queue.submit("acme", "acme--v1", request)
     queue.close()
     # what the worker's attempt number `attempts` did before it was killed: the memory, committed ...
-    item = Item(text, [], {}, "acme--v1", origin=f"job {job.id}", reserved={NAMESPACE_KEY: "acme", JOB_KEY: job.id})
+    item = Item(
+        text, [], {}, "acme--v1", origin=f"job {job.id}", reserved={schema.NAMESPACE: "acme", schema.JOB: job.id}
+    )
     Memory(store, recipe=quick_recipe()).add_many([item])
     # ... and the job still running under a lease that expired with its process
     db = sqlite3.connect(store / "manifest.sqlite")
@@ -87,5 +88,5 @@ def test_committed_job_claimed_again(tmp_path, attempts):
     with LiveServer(store, lease_s=3.0) as url:
         got = wait_job(url, keys["acme"], job.id, timeout=60)
     assert got["status"] == "succeeded", got
-    rows = [r for r in Memory(store).list() if r.metadata.get(JOB_KEY) == job.id]
+    rows = [r for r in Memory(store).list() if r.metadata.get(schema.JOB) == job.id]
     assert [r.id for r in rows] == ["acme--v1"]

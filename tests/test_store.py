@@ -63,7 +63,7 @@ KILL = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})
     from test_store import SETTINGS, _adapter
-    import megamem.store as st
+    import megamem.store.manifest as st
     where = sys.argv[1]
     if where == "files":      # die while writing the adapter files
         st.save_file = lambda *a, **k: os._exit(9)
@@ -104,7 +104,7 @@ def test_a_store_from_megamem_0_1_is_read_upgraded_and_repaired(tmp_path):
     from safetensors.torch import save_file
 
     from megamem.adapters import save_adapter
-    from megamem.health import repair, verify
+    from megamem.store.health import repair, verify
 
     path = tmp_path / "old"
     (path / "memories" / "m1").mkdir(parents=True)

@@ -15,11 +15,13 @@ from rich.table import Table
 from rich.text import Text
 from transformers.utils import logging as transformers_logging
 
+from . import schema
+from .backend import KINDS
 from .bench.methods import PROTOCOL_LORA
 from .checks import printable, printable_line
 from .errors import MegamemError
 from .inputs import read_jsonl, read_text_file
-from .memory import BACKENDS, Item, Memory, with_overrides
+from .memory import Item, Memory, with_overrides
 from .memoryllm.store import is_pool_store
 from .model import load_model
 from .store import Record, Store, default_store_path
@@ -154,8 +156,8 @@ def add(
         _fail("give exactly one of TEXT, --file or --jsonl")
     if recipe_name not in RECIPES:
         _fail(f"unknown recipe {recipe_name!r}; choose one of {', '.join(RECIPES)}")
-    if backend is not None and backend not in BACKENDS:
-        _fail(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend is not None and backend not in KINDS:
+        _fail(f"unknown backend {backend!r}; choose one of {', '.join(KINDS)}")
     pool_store = backend == "memoryllm" or (backend is None and is_pool_store(store or default_store_path()))
     if pool_store and (recipe_name != "fast" or epochs is not None or lr is not None or seed != 0):
         _fail("--recipe, --epochs, --lr and --seed train MEGa adapters; a MemoryLLM store trains nothing per memory")
@@ -209,7 +211,9 @@ def add(
                     stored.append(r)
                     bar.update(task, completed=len(stored))
 
-                mem.add_many(items, on_stored=on_stored, keep_going=keep_going, ray=ray, workers=workers)
+                from .ops.distributed import add_many_ray
+
+                add_many_ray(mem, items, ray, workers, keep_going=keep_going, on_stored=on_stored)
             else:
                 mem.add_many(
                     items, on_step=on_step, on_memory=on_memory, on_stored=stored.append, keep_going=keep_going
@@ -395,8 +399,8 @@ def consolidate(
     """Rehearse memories into the store's shared cortex adapter, then retire their own adapters."""
     from datetime import datetime, timedelta, timezone
 
-    from .consolidate import ConsolidationConfig
-    from .consolidate import consolidate as run
+    from .ops.consolidate import ConsolidationConfig
+    from .ops.consolidate import consolidate as run
 
     if (ids is None) == (older_than is None):
         _fail("give --ids or --older-than")
@@ -456,8 +460,8 @@ def merge(
     as_json: JsonOpt = False,
 ) -> None:
     """Learn memories about one subject into one adapter (their texts joined), then forget them (docs/scale.md)."""
-    from .merge import check_ids, diverged, subjects
-    from .merge import merge as run
+    from .ops.merge import check_ids, diverged, subjects
+    from .ops.merge import merge as run
 
     path = store or default_store_path()
     _mega_only(path, "merge")
@@ -506,7 +510,7 @@ def split(
     memory_id: Annotated[str, typer.Argument(help="A merged memory.")], store: StoreOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Store a merged memory's members again, each in its own adapter, then forget the merged one."""
-    from .merge import split as run
+    from .ops.merge import split as run
 
     path = store or default_store_path()
     _mega_only(path, "split")
@@ -554,7 +558,7 @@ def info(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 def verify(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Check every file of the store against its checksum; list every problem (exit 1 if there is one)."""
-    from .health import verify as verify_store
+    from .store.health import verify as verify_store
 
     path = store or default_store_path()
     _mega_only(path, "verify")
@@ -578,8 +582,8 @@ def verify(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 def repair(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Mend the store: rebuild a damaged manifest from the memory folders, re-list whole memories, move what
     fails its checksums to quarantine/ (nothing is deleted). Exit 1 if problems remain."""
-    from .health import repair as repair_store
-    from .health import verify as verify_store
+    from .store.health import repair as repair_store
+    from .store.health import verify as verify_store
 
     path = store or default_store_path()
     _mega_only(path, "repair")
@@ -670,7 +674,7 @@ def keys_create(
     from .server import tenants
 
     try:
-        tenants.check_namespace(namespace)
+        schema.check_namespace(namespace)
         db = _keys_db(store, create=True)
         key = tenants.create_key(db, namespace, admin, name)
     except MegamemError as exc:

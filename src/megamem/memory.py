@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from .adapters import Adapter, LoraSpec, save_adapter
+from .answer import DEFAULT_MODE, MIN_WEIGHT, MODES, Gated, check_mode, context, mixture, plan, run
+from .backend import CAPABILITIES, KINDS, MEGA, MEMORYLLM
 from .calibration import best_scores, calibration_keys
 from .calibration import null_score as calibrated_null_score
 from .checks import check_count, check_id, check_metadata, check_text, check_texts, first_of
-from .consolidate import CORTEX, POINTER, Consolidated, read_cortex
 from .errors import MegamemError
 from .gate import GateConfig, gate_weights
-from .generate import DEFAULT_MODE, answer, check_mode
+from .generate import decode
 from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject_for
 from .items import Answer, Item
@@ -28,7 +29,19 @@ from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
 from .lexical import LexicalIndex
 from .memoryllm.store import PoolMemory, is_pool_store
 from .model import DEFAULT_MODEL, load_model
+from .schema import (
+    DEFAULT_NAMESPACE,
+    PARAPHRASES,
+    REPLACES,
+    check_namespace,
+    check_user_fields,
+    owns,
+    replaced_by,
+    reserved_metadata,
+)
 from .store import MemoryDamaged, Record, Store, default_store_path
+from .store.cortex import Consolidated, read_cortex
+from .store.cortex import pointer as cortex_pointer
 from .train import Recipe, check_fits, train_adapter, train_adapters_batched
 from .updates import likely_update
 
@@ -39,7 +52,6 @@ ADAPTER_DTYPE = "bfloat16"
 # PEFT loads such an adapter after `megamem export` (Memory.export)
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "int8")
 LEXICAL_CANDIDATES = 32  # the cosine's top memories the lexical score re-ranks (benchmarks/routing.py: rerank top-32)
-BACKENDS = ("mega", "memoryllm")  # MEGa's gated adapters (this class), MemoryLLM's pool (memoryllm.store)
 
 
 class Memory:
@@ -57,14 +69,19 @@ class Memory:
     The object stays current: before it routes or lists it picks up other processes' adds and forgets.
     """
 
+    kind = MEGA
+    capabilities = frozenset(CAPABILITIES)  # every one (megamem.backend)
+    modes = MODES
+    default_mode = DEFAULT_MODE
+
     def __new__(cls, store: str | Path | None = None, *args, backend: str | None = None, **kw):
         """Memory(path, backend="memoryllm") (or a path holding such a store) is a MemoryLLM store instead."""
-        if backend not in (None, *BACKENDS):
-            raise MegamemError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend not in (None, *KINDS):
+            raise MegamemError(f"unknown backend {backend!r}; choose one of {', '.join(KINDS)}")
         path = Path(store) if store is not None else default_store_path()
-        if cls is Memory and (backend == "memoryllm" or (backend is None and is_pool_store(path))):
+        if cls is Memory and (backend == MEMORYLLM or (backend is None and is_pool_store(path))):
             return PoolMemory(path, *args, **kw)
-        if backend == "mega" and is_pool_store(path):
+        if backend == MEGA and is_pool_store(path):
             raise MegamemError(f"{path} is a MemoryLLM store, not a MEGa one")
         return super().__new__(cls)
 
@@ -114,9 +131,7 @@ class Memory:
         self._damaged: dict[str, str] = {}  # memory id -> why, for memories skipped since the last change
         self._superseded: set[str] = set()  # memories a stored newer one replaces (derived with the keys)
         self._version: int | None = None
-        self._cortex: Adapter | None = None
-        self._consolidated: list[Consolidated] = []
-        self._cortex_sig: tuple | None = None  # the cortex pointer file's (mtime, size, inode) when last read
+        self._cortexes: dict[str, tuple] = {}  # namespace -> (pointer's (mtime, size, inode), adapter, memories)
         self.store: Store | None = None
         if Store.exists(self.path):
             self._open()
@@ -221,14 +236,9 @@ class Memory:
             try:
                 text = check_text(item.text, f"{where} text")
                 paras = check_texts(item.paraphrases, f"{where} paraphrases")
-                meta = check_metadata(item.metadata, f"{where} metadata")
-                if any(k.startswith("megamem.") for k in meta):
-                    raise MegamemError(f"{where} metadata: keys starting with 'megamem.' are megamem's own")
-                if "paraphrases" in meta and paras:  # the stored paraphrases live under that key
-                    raise MegamemError(
-                        f"{where} metadata: the key 'paraphrases' holds the memory's paraphrases; give them as "
-                        "paraphrases, or name the metadata field otherwise"
-                    )
+                meta = check_user_fields(
+                    check_metadata(item.metadata, f"{where} metadata"), f"{where} metadata", bool(paras)
+                )
                 olds = self._check_replaces(item.replaces, where, seen)
                 if item.id is not None:
                     check_id(item.id, f"{where} id")
@@ -305,22 +315,12 @@ class Memory:
         on_memory: Callable[[int, int], None] | None = None,
         on_stored: Callable[[Record], None] | None = None,
         keep_going: bool = False,
-        ray: str | None = None,
-        workers: int | None = None,
     ) -> list[Record]:
         """Validate every item first (nothing is stored if one is bad, unless keep_going), then learn them
         `train_group` at a time and commit each as soon as its group is learned (a crash keeps those already
-        committed; `on_stored` hears of each).
-
-        ray: learn them on a Ray cluster instead ('local': a new one on this machine; 'auto': the running one;
-        or its address), `workers` actors of one thread each; this process still commits every memory
-        (megamem.distributed)."""
+        committed; `on_stored` hears of each). On a Ray cluster: megamem.ops.distributed.add_many_ray."""
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, Item) for i in items):
             raise MegamemError("add_many takes a list of Item")
-        if ray is not None:
-            from .distributed import add_many_ray
-
-            return add_many_ray(self, list(items), ray, workers, keep_going=keep_going, on_stored=on_stored)
         checked = self.validate(items, keep_going)
         model, tok = self.load()
         self.prepare_store()
@@ -344,8 +344,8 @@ class Memory:
         """Store one learned memory (an item add_many or a cluster worker trained) and route to it from now on.
         The item must have passed `validate` and the store be prepared (`prepare_store`). note_updates: warn of
         stored memories it may update (megamem.updates), unless it names what it replaces."""
-        meta = {**item.metadata, "paraphrases": item.paraphrases} if item.paraphrases else dict(item.metadata)
-        meta.update({k: v for k, v in item.reserved.items() if k.startswith("megamem.")})
+        meta = {**item.metadata, PARAPHRASES: item.paraphrases} if item.paraphrases else dict(item.metadata)
+        meta.update(reserved_metadata(item.reserved))
         if item.replaces:
             meta[REPLACES] = list(item.replaces)
         elif note_updates:
@@ -380,6 +380,11 @@ class Memory:
                 f"{item.id or 'the new memory'} may update memory {old!r} (key cosine {cos:.2f}, the same names); "
                 f"add it with replaces={old!r} (--replaces {old}) for the newer one to win"
             )
+
+    def owned_by(self, namespace: str) -> frozenset[str]:
+        """The ids of a namespace's memories (megamem.schema.owns)."""
+        check_namespace(namespace)
+        return frozenset(r.id for r in self.list() if owns(namespace, r))
 
     def forget(self, memory_id: str) -> Record:
         """Remove a memory for good."""
@@ -441,25 +446,31 @@ class Memory:
         save_adapter(adapter, out, self.model_name, getattr(torch, dtype))
         return out
 
-    def cortex(self) -> Adapter | None:
-        """The store's consolidated adapter (megamem.consolidate), mixed into every answer at weight 1; None when
-        nothing was consolidated. Re-read when another process replaces it."""
-        pointer = self.path / CORTEX / POINTER
+    def cortex(self, namespace: str = DEFAULT_NAMESPACE) -> Adapter | None:
+        """A namespace's consolidated adapter (megamem.ops.consolidate), mixed into its every answer at weight 1;
+        None when nothing was consolidated. Re-read when another process replaces it."""
+        return self._read_cortex(namespace)[1]
+
+    def consolidated(self, namespace: str = DEFAULT_NAMESPACE) -> list[Consolidated]:
+        """The memories a namespace's cortex holds (forgotten from the gate when they were consolidated), oldest
+        first."""
+        return list(self._read_cortex(namespace)[2])
+
+    def _read_cortex(self, namespace: str) -> tuple:
+        """(the pointer file's signature, adapter, memories) of a namespace's cortex, re-read when it changed."""
         try:
-            st = pointer.stat()
+            st = cortex_pointer(self.path, namespace).stat()
             sig = (st.st_mtime_ns, st.st_size, st.st_ino)
         except OSError:
             sig = None
-        if sig != self._cortex_sig:
-            found = read_cortex(self.path) if sig is not None else None
-            self._cortex, self._consolidated = (found[0], found[1]) if found else (None, [])
-            self._cortex_sig = sig
-        return self._cortex
-
-    def consolidated(self) -> list[Consolidated]:
-        """The memories the cortex holds (forgotten from the gate when they were consolidated), oldest first."""
-        self.cortex()
-        return list(self._consolidated)
+        cached = self._cortexes.get(namespace)
+        if cached is None or cached[0] != sig:
+            found = read_cortex(self.path, namespace) if sig is not None else None
+            cached = (sig, *(found[:2] if found else (None, [])))
+            if len(self._cortexes) > 64:  # one entry per namespace in use; drop the oldest
+                self._cortexes.pop(next(iter(self._cortexes)))
+            self._cortexes[namespace] = cached
+        return cached
 
     def adapter(self, memory_id: str) -> Adapter:
         """A memory's adapter, from a small LRU cache or from disk (checksum-verified; MemoryDamaged if not)."""
@@ -633,8 +644,11 @@ class Memory:
         gate: GateConfig | None = None,
         max_new_tokens: int | None = None,
         use_memory: bool = True,
+        namespace: str | None = None,
     ) -> Answer:
         """Answer a question with the gated mixture of memories (use_memory=False: the base model alone).
+        namespace: answer from that namespace's memories and cortex only (None: every memory, and the default
+        namespace's cortex).
 
         The default mode, mega+rag, answers with the gated adapters and the heaviest memory's text in context; it
         answered 0.653 of 300 questions of wiki partitions nobody tuned on, against 0.557 for plain RAG and 0.510
@@ -647,31 +661,47 @@ class Memory:
         check_mode(mode)
         if max_new_tokens is not None:
             check_count(max_new_tokens, "max new tokens")
+        only = None if namespace is None else self.owned_by(namespace)
+        g = self.gated(question, mode, gate, only, namespace or DEFAULT_NAMESPACE, use_memory)
+        model, tok = self.load()
+        reply = run(plan(question, mode, g.mixture, g.passages, max_new_tokens), lambda s: decode(model, tok, s))
+        routed = [(i, w) for i, _, w in g.routed]
+        return Answer(question, mode, reply.text, routed, reply.recall)
+
+    def gated(
+        self,
+        question: str,
+        mode: str = DEFAULT_MODE,
+        gate: GateConfig | None = None,
+        only: frozenset[str] | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        use_memory: bool = True,
+        min_weight: float = MIN_WEIGHT,
+    ) -> Gated:
+        """What the answer pipeline needs for one question in `mode` (megamem.answer): the gate, the mixture (the
+        namespace's cortex at weight 1 and the gated adapters) and the context. only: the memories that may take
+        part (a namespace's, a user's); use_memory=False: nothing at all, the base model alone.
+
+        A routed memory whose adapter fails its checksum is skipped (a warning; an error when strict) and the
+        gate is taken again without it, so one damaged memory never breaks questions about the others."""
+        check_mode(mode)
         while True:
-            routed = self.route(question, gate) if use_memory else []
+            routed = self.scored(question, gate, only) if use_memory and (only is None or only) else []
             try:
-                adapters = [self.adapter(i) for i, _ in routed]
+                adapters = [self.adapter(i) for i, _, _ in routed]
                 break
             except MemoryDamaged as exc:
                 self._skip(exc)
-        model, tok = self.load()
-        # rag, mega+rag: the heaviest memory's text in context (on wiki partitions 0-1, mega+rag with it answered
-        # 0.468 of 77 questions, with every gated memory's text 0.390: docs/results.md)
-        passages = [self.store.get(routed[0][0]).text] if routed and mode in ("rag", "mega+rag") else None
-        cortex = self.cortex()
-        always = [cortex] if cortex is not None and use_memory else None
-        text, recall = answer(
-            model, tok, question, mode, adapters, [w for _, w in routed], max_new_tokens, passages, always
-        )
-        return Answer(question, mode, text, routed, recall)
-
-
-REPLACES = "megamem.replaces"  # the metadata key of the ids a memory replaces (keys 'megamem.*' are reserved)
+        cortex = self.cortex(namespace) if use_memory else None
+        always = [cortex] if cortex is not None else []
+        mix = mixture(mode, adapters, [w for _, _, w in routed], always, min_weight)
+        texts = [self.store.get(i).text for i, _, _ in routed[:1]]
+        return Gated(routed, mix, context(mode, texts))
 
 
 def lexical_document(record: Record) -> str:
     """What the gate's lexical score reads of a memory: its text and its stored paraphrases."""
-    return " ".join([record.text, *record.metadata.get("paraphrases", [])])
+    return " ".join([record.text, *record.metadata.get(PARAPHRASES, [])])
 
 
 def superseded(records: list[Record]) -> set[str]:
@@ -679,7 +709,7 @@ def superseded(records: list[Record]) -> set[str]:
     wins; forgetting the newer one brings them back, since only stored memories' replacements count."""
     out: set[str] = set()
     for r in records:
-        out.update(r.metadata.get(REPLACES, []))
+        out.update(replaced_by(r.metadata))
     return out
 
 

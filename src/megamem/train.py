@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import Adapter, LoraSpec, new_adapter
+from .answer import qa_prompt, with_context
 from .checks import check_count, check_finite, check_positive
 from .errors import MegamemError
-from .generate import qa_prompt, with_context
 from .inject import clear, gated_layers, matches
 from .model import chat_ids, context_length, num_layers
 from .questions import questions

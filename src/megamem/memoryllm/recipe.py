@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..answer import qa_prompt, recall_prompt
 from ..bench.data import Record, load_partition
 from ..errors import MegamemError
-from ..generate import qa_prompt, recall_prompt
 from ..model import chat_ids
 from .model import MemoryLLM
 from .pool import advance

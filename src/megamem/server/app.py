@@ -2,7 +2,7 @@
 
 Built as a recipe: `Server` holds the parts (the serving Memory and its lock, the engine, the job queue and
 worker, the key table), `create_app` wires routes to them. Every route that touches a memory resolves the
-caller's namespace first and checks ownership (tenants.owns); the gate only ever scores the caller's memories.
+caller's namespace first and checks ownership (schema.owns); the gate only ever scores the caller's memories.
 Errors everywhere have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -25,9 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import schema
+from ..answer import MEGA_RAG_SCALE, qa_prompt, with_context
 from ..checks import check_metadata, check_text, check_texts
 from ..errors import MegamemError
-from ..generate import MEGA_RAG_SCALE, qa_prompt, with_context
 from ..memory import Item, Memory
 from ..model import chat_ids, context_length
 from ..store import Record
@@ -37,7 +38,7 @@ from .db import connect
 from .engine import END, Engine
 from .jobs import Conflict, Job, JobQueue, QueueFull, Worker
 from .schemas import AddMemory, ChatRequest, MemoryOptions, NewKey, Search
-from .tenants import AGENT_KEY, JOB_KEY, NAMESPACE_KEY, USER_KEY, Principal
+from .tenants import Principal
 
 log = logging.getLogger("megamem.server")
 MODEL_ALIAS = "megamem"
@@ -175,7 +176,7 @@ class Server:
         trainer = self._trainer
         rec = trainer.store.get(job.memory_id, missing_ok=True) if trainer.store is not None else None
         if rec is not None:  # (one this job committed is marked succeeded by JobQueue.claim, never handed here)
-            raise MegamemError(f"a memory with id {tenants.api_id(rec)!r} already exists")
+            raise MegamemError(f"a memory with id {schema.api_id(rec)!r} already exists")
         req = job.request
         item = Item(
             req["text"],
@@ -184,9 +185,9 @@ class Server:
             job.memory_id,
             origin=f"job {job.id}",
             replaces=req.get("replaces", []),
-            reserved={NAMESPACE_KEY: job.namespace, JOB_KEY: job.id}
-            | ({USER_KEY: req["user_id"]} if req.get("user_id") else {})
-            | ({AGENT_KEY: req["agent_id"]} if req.get("agent_id") else {}),
+            reserved={schema.NAMESPACE: job.namespace, schema.JOB: job.id}
+            | ({schema.USER: req["user_id"]} if req.get("user_id") else {})
+            | ({schema.AGENT: req["agent_id"]} if req.get("agent_id") else {}),
         )
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -206,18 +207,18 @@ class Server:
         filters: dict | None = None,
     ) -> list[Record]:
         """The caller's memories, narrowed by user, agent, ids and metadata filters (call under the lock)."""
-        wanted = {tenants.stored_id(p.namespace, i) for i in ids} if ids is not None else None
+        wanted = {schema.stored_id(p.namespace, i) for i in ids} if ids is not None else None
         out = []
         for r in self.mem.list():
-            if not tenants.owns(p.namespace, r):
+            if not schema.owns(p.namespace, r):
                 continue
-            if user_id is not None and r.metadata.get(USER_KEY) != user_id:
+            if user_id is not None and r.metadata.get(schema.USER) != user_id:
                 continue
-            if agent_id is not None and r.metadata.get(AGENT_KEY) != agent_id:
+            if agent_id is not None and r.metadata.get(schema.AGENT) != agent_id:
                 continue
             if wanted is not None and r.id not in wanted:
                 continue
-            if filters and not matches_filters(tenants.user_metadata(r), filters):
+            if filters and not matches_filters(schema.user_metadata(r.metadata), filters):
                 continue
             out.append(r)
         return out
@@ -225,11 +226,11 @@ class Server:
     def owned(self, p: Principal, memory_id: str) -> Record:
         """The caller's memory by API id, or 404 (another namespace's memory is as absent as a missing one)."""
         try:
-            api = tenants.check_api_id(memory_id)
+            api = schema.check_api_id(memory_id)
         except MegamemError:
             raise not_found("memory", memory_id) from None
-        rec = self.mem.store.get(tenants.stored_id(p.namespace, api), missing_ok=True) if self.mem.store else None
-        if rec is None or not tenants.owns(p.namespace, rec):
+        rec = self.mem.store.get(schema.stored_id(p.namespace, api), missing_ok=True) if self.mem.store else None
+        if rec is None or not schema.owns(p.namespace, rec):
             raise not_found("memory", memory_id)
         return rec
 
@@ -267,15 +268,15 @@ def check_filters(filters: object) -> dict:
 
 
 def memory_json(rec: Record) -> dict:
-    meta = tenants.user_metadata(rec)
+    meta = schema.user_metadata(rec.metadata)
     paraphrases = meta.pop("paraphrases", [])
     return {
-        "id": tenants.api_id(rec),
+        "id": schema.api_id(rec),
         "memory": rec.text,
         "paraphrases": paraphrases,
         "metadata": meta,
-        "user_id": rec.metadata.get(USER_KEY),
-        "agent_id": rec.metadata.get(AGENT_KEY),
+        "user_id": rec.metadata.get(schema.USER),
+        "agent_id": rec.metadata.get(schema.AGENT),
         "created_at": rec.created,
     }
 
@@ -284,7 +285,7 @@ def job_json(job: Job, worker: Worker | None) -> dict:
     step, total = worker.progress.get(job.id, (0, 0)) if worker is not None else (0, 0)
     return {
         "job_id": job.id,
-        "memory_id": job.memory_id.split(tenants.SEPARATOR, 1)[-1] if job.namespace != "default" else job.memory_id,
+        "memory_id": job.memory_id.split(schema.SEPARATOR, 1)[-1] if job.namespace != "default" else job.memory_id,
         "status": job.state,
         "attempts": job.attempts,
         "error": job.error,
@@ -421,7 +422,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
         x_megamem_namespace: Annotated[str | None, Header()] = None,
     ) -> Principal:
         if s.cfg.open_access:
-            return Principal(tenants.DEFAULT_NAMESPACE)
+            return Principal(schema.DEFAULT_NAMESPACE)
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise ApiError(401, "no API key: send Authorization: Bearer KEY", code="missing_api_key")
@@ -433,7 +434,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
             if not p.admin:
                 raise ApiError(403, "only an admin key may name another namespace", code="forbidden")
             try:
-                return replace(p, namespace=tenants.check_namespace(x_megamem_namespace))
+                return replace(p, namespace=schema.check_namespace(x_megamem_namespace))
             except MegamemError as exc:
                 raise invalid(exc, "X-Megamem-Namespace") from None
         return p
@@ -485,7 +486,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
             return []
         try:
             filters = check_filters(opts.filters) if opts.filters is not None else None
-            ids = [tenants.check_api_id(i) for i in opts.ids] if opts.ids is not None else None
+            ids = [schema.check_api_id(i) for i in opts.ids] if opts.ids is not None else None
         except MegamemError as exc:
             raise invalid(exc, "memory") from None
         with srv.lock:
@@ -567,7 +568,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
         )
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         selected = {
-            "selected": [{"id": tenants.api_id(r), "score": round(s, 6), "weight": round(w, 6)} for r, s, w in routed]
+            "selected": [{"id": schema.api_id(r), "score": round(s, 6), "weight": round(w, 6)} for r, s, w in routed]
         }
 
         def usage() -> dict:
@@ -646,13 +647,10 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
         try:
             text = check_text(text if text is not None else "", "text")
             paraphrases = check_texts(body.paraphrases, "paraphrases")
-            metadata = check_metadata(body.metadata)
-            if any(k.startswith("megamem.") for k in metadata):
-                raise MegamemError("metadata: keys starting with 'megamem.' are megamem's own")
-            if "paraphrases" in metadata:  # where megamem keeps them, and where memory_json reads them back
-                raise MegamemError("metadata: the key 'paraphrases' is the memory's paraphrases; use the field")
-            api = tenants.check_api_id(body.id) if body.id is not None else uuid.uuid4().hex[:24]
-            replaces = [tenants.check_api_id(i) for i in body.replaces]
+            # 'paraphrases' is refused even without paraphrases: memory_json reads the field back from that key
+            metadata = schema.check_user_fields(check_metadata(body.metadata), "metadata", paraphrases=True)
+            api = schema.check_api_id(body.id) if body.id is not None else uuid.uuid4().hex[:24]
+            replaces = [schema.check_api_id(i) for i in body.replaces]
             for t in [text, *paraphrases]:
                 check_fits(srv.engine.tok, srv.engine.model, t)
         except MegamemError as exc:
@@ -668,7 +666,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
                 "agent_id": body.agent_id,
                 "replaces": old,
             }
-            job, _ = srv.queue.submit(p.namespace, tenants.stored_id(p.namespace, api), request, idempotency_key)
+            job, _ = srv.queue.submit(p.namespace, schema.stored_id(p.namespace, api), request, idempotency_key)
         if srv.worker is not None:
             srv.worker.wake.set()
         return job_json(job, srv.worker) | {"job_id": job.id}
@@ -712,7 +710,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
         with srv.lock:
             rec = srv.owned(p, memory_id)
             srv.mem.forget(rec.id)
-        return {"id": tenants.api_id(rec), "deleted": True}
+        return {"id": schema.api_id(rec), "deleted": True}
 
     @app.delete("/v1/memories")
     def delete_memories(
@@ -728,7 +726,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
             gone = []
             for rec in srv.scope(p, user_id, agent_id):
                 srv.mem.forget(rec.id)
-                gone.append(tenants.api_id(rec))
+                gone.append(schema.api_id(rec))
         return {"deleted": gone}
 
     @app.post("/v1/memories/search")

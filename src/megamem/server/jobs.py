@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import schema
 from ..errors import MegamemError
 from .db import connect, write
 
@@ -148,7 +149,7 @@ class JobQueue:
         if row is None:
             return False
         try:
-            return json.loads(row[0]).get("megamem.job") == job.id
+            return json.loads(row[0]).get(schema.JOB) == job.id
         except (ValueError, AttributeError):
             return False
 

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .adapters import file_sha256
-from .errors import MegamemError
-from .store import (
+from ..adapters import file_sha256
+from ..errors import MegamemError
+from .files import fsync_path, write_json_atomic, writer_gone, writer_token
+from .manifest import (
     MANIFEST,
     MEMORY_FILE,
     ROOT_ENTRIES,
@@ -31,13 +32,9 @@ from .store import (
     Store,
     StoreDamaged,
     check_files,
-    fsync_path,
     init_manifest,
     read_memory_file,
     record_from_memory_file,
-    write_json_atomic,
-    writer_gone,
-    writer_token,
 )
 
 PROBLEMS = ("manifest", "settings", "missing", "corrupt", "orphan", "unknown")  # each makes verify fail

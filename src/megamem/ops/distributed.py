@@ -30,10 +30,10 @@ from dataclasses import replace
 
 import torch
 
-from .adapters import Adapter, LoraSpec
-from .errors import MegamemError
-from .items import Item
-from .store import Record
+from ..adapters import Adapter, LoraSpec
+from ..errors import MegamemError
+from ..items import Item
+from ..store import Record
 
 RETRIES = 3  # restarts of a dead worker and re-runs of its task, each
 
@@ -42,8 +42,8 @@ class Learner:
     """One worker slot: the base model with gated layers, loaded once; learns one memory per call."""
 
     def __init__(self, model: str, lora: LoraSpec, recipe, key_function: str, threads: int) -> None:
-        from .inject import inject_for
-        from .model import load_model
+        from ..nject import inject_for
+        from ..odel import load_model
 
         torch.set_num_threads(threads)
         self.lora, self.recipe, self.key_function = lora, recipe, key_function
@@ -52,8 +52,8 @@ class Learner:
 
     def learn(self, texts: list[str]) -> tuple[Adapter, torch.Tensor]:
         """(adapter, keys) of one memory: its text and paraphrases, learned and keyed as a local add does."""
-        from .keys import compute_keys
-        from .train import train_adapter
+        from ..eys import compute_keys
+        from ..rain import train_adapter
 
         adapter = train_adapter(self.model, self.tok, texts, self.lora, self.recipe)  # returned frozen
         return adapter, compute_keys(self.key_function, texts, self.model, self.tok)
@@ -99,7 +99,7 @@ def add_many_ray(
 
     workers: actors to start (default: as many as the cluster's CPUs allow at `threads` each). Every item is
     checked first, as Memory.add_many does; nothing is sent to the cluster if one is bad (unless keep_going)."""
-    from .checks import check_count, first_of
+    from ..checks import check_count, first_of
 
     workers = None if workers is None else check_count(workers, "workers", maximum=4096)
     threads = check_count(threads, "threads per worker", maximum=1024)

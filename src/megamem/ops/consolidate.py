@@ -25,27 +25,26 @@ is harder than with the memory's own adapter; training time grows with every mem
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from .adapters import Adapter, LoraSpec, file_sha256, load_adapter, save_adapter
-from .calibration import calibration_queries
-from .checks import check_count, check_finite, check_id, check_positive
-from .errors import MegamemError
-from .generate import complete, qa_prompt, recall_prompt, with_context
-from .inject import clear, set_mixture
-from .questions import questions
-from .store import write_json_atomic
-from .train import (
+from ..adapters import Adapter, LoraSpec
+from ..answer import qa_prompt, recall_prompt, with_context
+from ..calibration import calibration_queries
+from ..checks import check_count, check_finite, check_id, check_positive
+from ..errors import MegamemError
+from ..generate import complete
+from ..inject import clear, set_mixture
+from ..questions import questions
+from ..schema import namespace_of, owns
+from ..store.cortex import Consolidated, write_cortex
+from ..store.cortex import folder as cortex_folder
+from ..train import (
     TRAIN_PROMPT,
     Example,
     Recipe,
@@ -57,10 +56,6 @@ from .train import (
     make_example,
     teacher_top,
 )
-
-CORTEX = "cortex"  # the store's folder for it: cortex/current.json names the live version's folder
-POINTER = "current.json"
-FORMAT = "megamem-cortex"
 
 
 @dataclass(frozen=True)
@@ -93,17 +88,6 @@ class ConsolidationConfig:
         check_count(self.recall_tokens, "recall tokens")
         check_count(self.top, "soft-target tokens")
         check_count(self.seed, "seed", minimum=0)
-
-
-@dataclass(frozen=True)
-class Consolidated:
-    """A memory the cortex holds: its id, stored text, the text its adapter recalled, metadata, when it was added."""
-
-    id: str
-    text: str
-    recalled: str
-    metadata: dict
-    created: str
 
 
 # -- setup: rehearsal ---------------------------------------------------------------------------------------
@@ -177,46 +161,6 @@ def train_cortex(
     return frozen(cortex)
 
 
-# -- save: the store's cortex --------------------------------------------------------------------------------
-def read_cortex(store_path: Path) -> tuple[Adapter, list[Consolidated], dict] | None:
-    """The store's cortex (its adapter checked against the recorded checksum), its memories and record; None
-    when the store has none."""
-    pointer = store_path / CORTEX / POINTER
-    if not pointer.is_file():
-        return None
-    try:
-        record = json.loads(pointer.read_text(encoding="utf-8"))
-        folder = store_path / CORTEX / check_id(record["version"], "cortex version")
-        adapter = load_adapter(folder, checksum=record["adapter_sha256"])
-        memories = [Consolidated(**m) for m in record["memories"]]
-    except (OSError, ValueError, KeyError, TypeError, MegamemError) as exc:
-        raise MegamemError(f"the store's cortex ({pointer}) is damaged: {exc}") from None
-    return adapter, memories, record
-
-
-def write_cortex(
-    store_path: Path, adapter: Adapter, memories: list[Consolidated], cfg: ConsolidationConfig, base_model: str
-) -> dict:
-    """Write a new cortex version beside the old one, then switch cortex/current.json to it (the commit: a
-    crash before leaves the old cortex live), then remove the old version."""
-    root = store_path / CORTEX
-    root.mkdir(exist_ok=True)
-    old = json.loads((root / POINTER).read_text(encoding="utf-8"))["version"] if (root / POINTER).is_file() else None
-    version = f"v{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{uuid.uuid4().hex[:8]}"
-    save_adapter(adapter, root / version, base_model, torch.bfloat16)
-    record = {
-        "format": FORMAT,
-        "version": version,
-        "adapter_sha256": file_sha256(root / version / "adapter_model.safetensors"),
-        "config": asdict(cfg),
-        "memories": [asdict(m) for m in memories],
-    }
-    write_json_atomic(root / POINTER, record)
-    if old and old != version:
-        shutil.rmtree(root / old, ignore_errors=True)
-    return record
-
-
 def consolidate(
     mem,
     ids: list[str],
@@ -224,16 +168,24 @@ def consolidate(
     keep_adapters: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict:
-    """Consolidate the memories `ids` of `mem` (a MEGa Memory) into the store's cortex; unless keep_adapters,
-    forget them from the gate afterwards. Returns a report: memories, examples, steps, seconds, bytes freed."""
+    """Consolidate the memories `ids` of `mem` (a MEGa Memory) into their namespace's cortex (they must all be
+    one namespace's); unless keep_adapters, forget them from the gate afterwards. Returns a report: memories,
+    examples, steps, seconds, bytes freed."""
     ids = list(dict.fromkeys(check_id(i) for i in ids))
     if not ids:
         raise MegamemError("no memories to consolidate")
     records = [mem.show(i) for i in ids]  # every id is a stored memory, checked before any work
+    namespace = namespace_of(records[0])
+    other = next((r for r in records if not owns(namespace, r)), None)
+    if other is not None or not owns(namespace, records[0]):
+        odd = other or records[0]
+        raise MegamemError(
+            f"consolidate: memory {odd.id!r} is not namespace {namespace!r}'s; a cortex holds one namespace's "
+            "memories, so consolidate each namespace's apart"
+        )
     t0 = time.time()
     model, tok = mem.load()
-    previous = read_cortex(mem.path)
-    held = [m for m in (previous[1] if previous else []) if m.id not in set(ids)]
+    held = [m for m in mem.consolidated(namespace) if m.id not in set(ids)]
     new = []
     for rec in records:
         story = recall(model, tok, mem.adapter(rec.id), cfg.recall_tokens)
@@ -252,11 +204,12 @@ def consolidate(
     cortex = train_cortex(model, tok, examples, drift, spec, cfg, counted)
     freed = 0 if keep_adapters else sum(_tree_bytes(mem.store.folder(r.id)) for r in records)
     mem.prepare_store()
-    write_cortex(mem.path, cortex, everyone, cfg, mem.model_name)
+    write_cortex(mem.path, cortex, everyone, asdict(cfg), mem.model_name, namespace)
     if not keep_adapters:
         for rec in records:
             mem.forget(rec.id)
     return {
+        "namespace": namespace,
         "consolidated": [r.id for r in records],
         "held": len(everyone),
         "examples": len(examples),
@@ -264,7 +217,7 @@ def consolidate(
         "last_loss": round(steps[-1], 4) if steps else None,
         "seconds": round(time.time() - t0, 1),
         "bytes_freed": freed,
-        "cortex_bytes": _tree_bytes(mem.path / CORTEX),
+        "cortex_bytes": _tree_bytes(cortex_folder(mem.path, namespace)),
     }
 
 

@@ -31,19 +31,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checks import check_finite, check_id
-from .errors import MegamemError
-from .items import Item
-from .keys import compute_keys
-from .memory import REPLACES
-from .store import Record
-from .train import check_fits, train_adapter
-from .updates import name_overlap
+from ..checks import check_finite, check_id
+from ..errors import MegamemError
+from ..items import Item
+from ..keys import compute_keys
+from ..schema import MERGED, PARAPHRASES, REPLACES, is_reserved
+from ..store import Record
+from ..train import check_fits, train_adapter
+from ..updates import name_overlap
 
 if TYPE_CHECKING:
-    from .memory import Memory
+    from ..memory import Memory
 
-MERGED = "megamem.merged"  # metadata: the members a merged memory holds, each as it was stored
 SEPARATOR = "\n\n"
 SUBJECT_COSINE = 0.6  # updates.LIKELY_COSINE: close keys...
 SUBJECT_NAMES = 0.5  # ...and half the names of the one naming fewer (looser than an update's 0.67)
@@ -52,9 +51,9 @@ SUBJECT_NAMES = 0.5  # ...and half the names of the one naming fewer (looser tha
 def member(record: Record) -> dict:
     """What a merged memory keeps of one member: enough to store it again exactly as it was."""
     meta = dict(record.metadata)
-    paraphrases = meta.pop("paraphrases", [])
+    paraphrases = meta.pop(PARAPHRASES, [])
     replaces = meta.pop(REPLACES, [])
-    reserved = {k: meta.pop(k) for k in list(meta) if k.startswith("megamem.")}
+    reserved = {k: meta.pop(k) for k in list(meta) if is_reserved(k)}
     return {
         "id": record.id,
         "text": record.text,
@@ -107,8 +106,7 @@ def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | N
         if r.id in superseded:
             raise MegamemError(f"memory {r.id!r} is replaced by a newer one; merge that one instead")
     reserved = [
-        {k: v for k, v in r.metadata.items() if k.startswith("megamem.") and k not in (MERGED, REPLACES)}
-        for r in records
+        {k: v for k, v in r.metadata.items() if is_reserved(k) and k not in (MERGED, REPLACES)} for r in records
     ]
     if any(x != reserved[0] for x in reserved):
         raise MegamemError("merge: the memories belong to different namespaces or jobs")
