@@ -27,8 +27,8 @@ from pathlib import Path
 from common import provenance, table
 
 from megamem import Item, Memory
-from megamem.bench.data import load_partition
 from megamem.bench.metrics import recall_cosines
+from megamem.datasets import load_partition
 from megamem.judge import is_correct
 
 ROOT = Path(__file__).resolve().parents[1]

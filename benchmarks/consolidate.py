@@ -25,7 +25,6 @@ import torch
 from common import provenance, table
 
 from megamem import Item, Memory
-from megamem.bench.data import load_partition
 from megamem.bench.general import (
     bucketed_kl,
     make_reference,
@@ -37,6 +36,7 @@ from megamem.bench.general import (
     text_inputs,
 )
 from megamem.bench.metrics import recall_cosines
+from megamem.datasets import load_partition
 from megamem.inject import clear, set_mixture
 from megamem.judge import is_correct
 from megamem.ops.consolidate import ConsolidationConfig, consolidate

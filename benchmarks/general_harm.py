@@ -41,8 +41,8 @@ def main() -> None:
     from megamem import GateConfig, Item, Memory
     from megamem.answer import qa_prompt
     from megamem.bench import general
-    from megamem.bench.data import load_partition
     from megamem.bench.infer import generate, last_logits, token_logprobs
+    from megamem.datasets import load_partition
     from megamem.judge import contains_answer
 
     # -- setup ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from common import evaluate, layers_text, table, write_section
 
 from megamem.adapters import LoraSpec, new_adapter
-from megamem.bench.data import load_partition
+from megamem.datasets import load_partition
 from megamem.inject import clear, inject_for
 from megamem.model import load_model, num_layers
 from megamem.train import Recipe, adamw, batches, make_example, train_adapter, train_adapters_batched

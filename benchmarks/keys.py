@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from megamem.bench.data import load_partition
+from megamem.datasets import load_partition
 from megamem.gate import GateConfig, gate_weights
 from megamem.index import KeyIndex
 from megamem.keys import compute_keys

@@ -28,8 +28,8 @@ import torch
 from common import provenance, table
 
 from megamem import Item, Memory
-from megamem.bench.data import load_partition, partition_files
 from megamem.bench.metrics import recall_cosines
+from megamem.datasets import load_partition, partition_files
 from megamem.judge import is_correct
 from megamem.keys import embedder_keys
 from megamem.ops.merge import merge, subjects

@@ -40,8 +40,8 @@ def main() -> None:
 
     from megamem import Memory
     from megamem.answer import qa_prompt
-    from megamem.bench.data import load_partition
     from megamem.bench.infer import generate
+    from megamem.datasets import load_partition
 
     # -- setup ----------------------------------------------------------------------------------------------------
     mem = Memory(args.store, create=False)

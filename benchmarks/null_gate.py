@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    from megamem.bench.data import load_partition
+    from megamem.datasets import load_partition
     from megamem.keys import compute_keys
     from megamem.memory import default_gate
 

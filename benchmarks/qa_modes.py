@@ -75,9 +75,9 @@ def main() -> None:
 
     from megamem import Item, Memory
     from megamem.answer import MEGA_RAG_SCALE, qa_prompt, recall_prompt, with_context
-    from megamem.bench.data import load_partition
     from megamem.bench.infer import generate
     from megamem.bench.metrics import qa_scores
+    from megamem.datasets import load_partition
 
     if args.scale is None:
         args.scale = MEGA_RAG_SCALE

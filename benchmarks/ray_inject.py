@@ -22,7 +22,7 @@ from pathlib import Path
 from common import command, machine, table
 
 from megamem import Item, Memory
-from megamem.bench.data import load_partition, partition_files
+from megamem.datasets import load_partition, partition_files
 from megamem.ops.distributed import add_many_ray
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import torch
 from common import evaluate, table, write_section
 
 from megamem.adapters import LoraSpec
-from megamem.bench.data import load_partition
+from megamem.datasets import load_partition
 from megamem.inject import inject_for
 from megamem.model import load_model
 from megamem.train import Recipe, batches, make_example, train_adapter

@@ -129,8 +129,8 @@ def main() -> None:
     args.ks = [int(k) for k in args.ks.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    from megamem.bench.data import load_partition
     from megamem.bench.metrics import qa_scores
+    from megamem.datasets import load_partition
 
     # -- setup -----------------------------------------------------------------------------------------
     targets = load_partition(DATA, args.target_partition, args.targets)

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from common import provenance, table
 
-from megamem.bench.data import Record, load_partition, partition_files
 from megamem.bench.distractors import NUMBER, anchors, invented, names, near_duplicate
+from megamem.datasets import Record, load_partition, partition_files
 from megamem.index import KeyIndex
 from megamem.keys import embedder_keys
 from megamem.questions import sentences

@@ -20,7 +20,7 @@ import torch
 from common import evaluate, table, write_section
 
 from megamem.adapters import Adapter, LoraSpec, save_adapter
-from megamem.bench.data import load_partition
+from megamem.datasets import load_partition
 from megamem.inject import inject_for
 from megamem.model import load_model, num_layers
 from megamem.train import Recipe, train_adapter, train_adapters_batched

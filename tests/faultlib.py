@@ -167,9 +167,12 @@ def json_or_none(text: str):
 
 
 # -- stores ---------------------------------------------------------------------------------------------------
-def make_tiny_model(folder: Path, context: int = 96) -> Path:
+def make_tiny_model(folder: Path, context: int = 96, tied: bool = True, init: float = 0.02) -> Path:
     """The tests' tiny model (tests/conftest.py `tiny_dir`): a 2-layer random Llama with the default model's
-    tokenizer and chat template, `context` tokens long (96; the server's tests need room for a conversation)."""
+    tokenizer and chat template, `context` tokens long (96; the server's tests need room for a conversation).
+    tied=False gives it its own random output head (init: the weights' std): the tied one greedily repeats the
+    prompt's last token ("\n") whatever the prompt or mixture, the untied one answers gibberish that depends on
+    both (what a test comparing two decoders' texts needs)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -185,7 +188,8 @@ def make_tiny_model(folder: Path, context: int = 96) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=context,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
+        initializer_range=init,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,

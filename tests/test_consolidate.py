@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import megamem.memory as memory_module
 import megamem.ops.consolidate as consolidation
 import megamem.store.cortex as cortex_files
-from megamem import Item, Memory
+from megamem import Item, Memory, schema
 from megamem.adapters import LoraSpec
 from megamem.cli import app
 from megamem.errors import MegamemError
@@ -123,3 +123,31 @@ def test_bad_requests_and_a_damaged_cortex_are_one_clear_error(mem, tmp_path):
     with pytest.raises(MegamemError, match="cortex .* is damaged"):
         fresh.cortex()
     assert torch.is_tensor(fresh.store.keys(fresh.show("tower")))  # the gated memories are untouched
+
+
+def test_a_namespaces_memories_consolidate_into_its_own_cortex(mem, monkeypatch):
+    """A tenant's cortex is mixed into that tenant's answers only, and consolidating never mixes namespaces."""
+    acme = {schema.NAMESPACE: "acme"}
+    mem.add_many(
+        [Item(TEXTS["tower"], id="acme--tower", reserved=acme), Item("Bo sings.", id="acme--bo", reserved=acme)]
+    )
+    with pytest.raises(MegamemError, match="'acme--tower' is in namespace 'acme', not 'default'"):
+        consolidate(mem, ["heron", "acme--tower"], QUICK)
+    report = consolidate(mem, ["acme--tower"], QUICK)
+    assert report["namespace"] == "acme" and (mem.path / "cortex" / "acme" / "current.json").is_file()
+    assert mem.cortex() is None and mem.consolidated() == []  # the default namespace has none
+    assert [m.id for m in mem.consolidated("acme")] == ["acme--tower"] and mem.info()["consolidated"] == 1
+    seen = []
+    real = memory_module.decode
+
+    def spy(model, tok, step):
+        seen.append(step.mixture.adapters)
+        return real(model, tok, step)
+
+    monkeypatch.setattr("megamem.memory.decode", spy)
+    for namespace in ("acme", None, "globex"):
+        mem.ask("Who designed the Harlow Cross tower?", mode="qa", max_new_tokens=2, namespace=namespace)
+    cortex = mem.cortex("acme")
+    assert cortex is not None and seen[0][0] is cortex
+    assert all(a is not cortex for a in seen[1]) and all(a is not cortex for a in seen[2])
+    assert verify(mem.path) == []

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from megamem.bench.data import Record
 from megamem.bench.distractors import NUMBER, anchors, invented, names, near_duplicate
+from megamem.datasets import Record
 
 RECORD = Record(
     passage="The 2024 Rwanda Challenger II was a tennis tournament played on clay courts in Kigali, Rwanda, "

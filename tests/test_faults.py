@@ -24,9 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faultlib as fl  # noqa: E402
 
 import megamem.store.manifest as store_mod  # noqa: E402
-from megamem import Memory, health  # noqa: E402
+from megamem import Memory  # noqa: E402
 from megamem.errors import MegamemError  # noqa: E402
-from megamem.store import Store  # noqa: E402
+from megamem.store import (
+    Store,  # noqa: E402
+    health,  # noqa: E402
+)
 
 AS_ROOT = fl.is_root()
 CI_TRIALS = 16  # four rounds of add / add-many / forget / repair (each repair damage once)

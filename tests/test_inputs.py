@@ -55,8 +55,8 @@ def no_training(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("training started before the input was checked")
 
-    monkeypatch.setattr("megamem.memory.train_adapter", boom)
-    monkeypatch.setattr("megamem.memory.train_adapters_batched", boom)
+    monkeypatch.setattr("megamem.learn.train_adapter", boom)
+    monkeypatch.setattr("megamem.learn.train_adapters_batched", boom)
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,7 @@ def test_the_gate_adds_bm25_to_its_candidates_and_never_overrides_the_null_memor
     q = "When does the Kelvoran ferry leave Port Zask?"
     plain = mem.scores(q)
     lex = mem.scores(q, replace(mem.gate, lexical=0.3))
-    ids = mem._all_keys()[0]
+    ids = mem.keys().ids
     gain = {i: float(lex[n] - plain[n]) for n, i in enumerate(ids)}
     assert gain["kelvoran"] == pytest.approx(0.3)  # the best BM25 among the candidates gets the full weight
     assert 0 < gain["brisby"] < 0.3  # shares "ferry", "Port", "Zask", not the name
@@ -84,7 +84,7 @@ def test_the_gate_adds_name_coverage_to_its_candidates(ferries):
     q = "When does the Kelvoran ferry leave Port Zask?"
     plain = mem.scores(q)
     named = mem.scores(q, replace(mem.gate, names=0.3))
-    ids = mem._all_keys()[0]
+    ids = mem.keys().ids
     gain = {i: float(named[n] - plain[n]) for n, i in enumerate(ids)}
     assert gain["kelvoran"] == pytest.approx(0.3) and gain["brisby"] == pytest.approx(0.2)  # 2 of its 3 names
     assert gain["tower"] == 0.0  # names none of them

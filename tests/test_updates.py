@@ -49,7 +49,7 @@ def test_without_replaces_both_are_mixed_and_a_likely_update_is_named(mem):
 
 
 def test_replacing_an_unknown_memory_is_refused_before_training(mem, monkeypatch):
-    monkeypatch.setattr("megamem.memory.train_adapter", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr("megamem.learn.train_adapter", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(MegamemError, match="replaces 'nope', which is not a stored memory"):
         mem.add(NEW, replaces="nope")
     with pytest.raises(MegamemError, match="megamem's own"):

@@ -7,10 +7,14 @@ Ctrl-C while the command line starts up then ends in one clear line, not a trace
 from __future__ import annotations
 
 import importlib
+from importlib import metadata as _metadata
 from typing import TYPE_CHECKING
 
 __all__ = ["Answer", "GateConfig", "Item", "LoraSpec", "MegamemError", "Memory", "Recipe"]
-__version__ = "0.2.0"
+try:  # the one place the version is kept: the package's metadata (pyproject.toml)
+    __version__ = _metadata.version("megamem")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _WHERE = {
     "Answer": "items",

@@ -21,7 +21,7 @@ Capabilities (a backend lists the ones it has in `capabilities`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -49,16 +49,13 @@ class Backend(Protocol):
     model_name: str
     warnings: list[str]  # what it skipped or noticed, newest last
 
-    def check(self, items: list[Item]) -> tuple[list[Item], list[str]]: ...
+    def check(self, items: list[Item]) -> tuple[list[Item], list[str]]:
+        """Cleaned copies of the good items and one message a bad one, before anything loads."""
 
-    def add_many(
-        self,
-        items: list[Item],
-        on_step: Callable[[int, int, float], None] | None = None,
-        on_memory: Callable[[int, int], None] | None = None,
-        on_stored: Callable | None = None,
-        keep_going: bool = False,
-    ) -> list: ...
+    def add_many(self, items: list[Item], **progress) -> list:
+        """Learn or write items, each committed as soon as it is done. progress: on_step (step, total, loss),
+        on_memory (index, count), on_stored (record) (megamem.items' OnStep, OnMemory, OnStored), keep_going
+        (skip bad items instead of refusing the batch)."""
 
     def ask(
         self, question: str, mode: str = ..., gate=None, max_new_tokens: int | None = None, use_memory: bool = True

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+# progress callbacks every backend's add takes: a step learned (step, total, loss), a memory begun (index, count),
+# a memory stored (its record)
+OnStep = Callable[[int, int, float], None] | None
+OnMemory = Callable[[int, int], None] | None
+OnStored = Callable[[object], None] | None
 
 
 @dataclass

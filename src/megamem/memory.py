@@ -7,7 +7,7 @@ Memory ties the parts together in the one direction data flows: text -> keys + a
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,19 +16,19 @@ import torch
 from .adapters import Adapter, LoraSpec, save_adapter
 from .answer import DEFAULT_MODE, MIN_WEIGHT, MODES, Gated, check_mode, context, mixture, plan, run
 from .backend import CAPABILITIES, KINDS, MEGA, MEMORYLLM
-from .calibration import best_scores, calibration_keys
-from .calibration import null_score as calibrated_null_score
+from .calibration import calibration_keys
 from .checks import check_count, check_id, check_metadata, check_text, check_texts, first_of
 from .errors import MegamemError
 from .gate import GateConfig, gate_weights
 from .generate import decode
 from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject_for
-from .items import Answer, Item
+from .items import Answer, Item, OnMemory, OnStep, OnStored
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
-from .lexical import LexicalIndex
+from .learn import learn
 from .memoryllm.store import PoolMemory, is_pool_store
 from .model import DEFAULT_MODEL, load_model
+from .routing import KeyTable, Routing, superseded
 from .schema import (
     DEFAULT_NAMESPACE,
     PARAPHRASES,
@@ -36,13 +36,13 @@ from .schema import (
     check_namespace,
     check_user_fields,
     owns,
-    replaced_by,
     reserved_metadata,
 )
 from .store import MemoryDamaged, Record, Store, default_store_path
 from .store.cortex import Consolidated, read_cortex
+from .store.cortex import namespaces as cortex_namespaces
 from .store.cortex import pointer as cortex_pointer
-from .train import Recipe, check_fits, train_adapter, train_adapters_batched
+from .train import Recipe, check_fits
 from .updates import likely_update
 
 # Adapters are stored in bfloat16: half the bytes of float32 with recall and QA unchanged at every rank
@@ -51,7 +51,6 @@ ADAPTER_DTYPE = "bfloat16"
 # "int8" (a store option) halves that again, recall and QA unchanged (docs/performance.md section 4; docs/scale.md);
 # PEFT loads such an adapter after `megamem export` (Memory.export)
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "int8")
-LEXICAL_CANDIDATES = 32  # the cosine's top memories the lexical score re-ranks (benchmarks/routing.py: rerank top-32)
 
 
 class Memory:
@@ -121,16 +120,10 @@ class Memory:
         self._given_gate = gate
         self._model = None
         self._tok = None
-        self._adapters: OrderedDict[str, Adapter] = OrderedDict()
+        self._adapters: OrderedDict[tuple[str, str], Adapter] = OrderedDict()  # (id, adapter sha256) -> adapter
         self._adapter_cache = adapter_cache
-        self._keys: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
         self._exact_max_keys = exact_max_keys
-        self._indexes: dict[str, KeyIndex] = {}  # by similarity; kept in step with _keys
-        self._lexical: LexicalIndex | None = None  # BM25 over each memory's texts, in _keys order (built on use)
-        self._null_best: dict[tuple, torch.Tensor] = {}  # by (similarity, scope): each calibration query's best
-        self._damaged: dict[str, str] = {}  # memory id -> why, for memories skipped since the last change
-        self._superseded: set[str] = set()  # memories a stored newer one replaces (derived with the keys)
-        self._version: int | None = None
+        self.routing = Routing(None, exact_max_keys, self._damaged_found)  # the gate's derived state (routing.py)
         self._cortexes: dict[str, tuple] = {}  # namespace -> (pointer's (mtime, size, inode), adapter, memories)
         self.store: Store | None = None
         if Store.exists(self.path):
@@ -164,7 +157,7 @@ class Memory:
     def _open(self) -> None:
         self.store = Store(self.path, self._given)
         self._settings = self.store.settings()
-        self._version = self.store.data_version()
+        self.routing = Routing(self.store, self._exact_max_keys, self._damaged_found)
         if hasattr(self, "model_name"):  # opened after construction: a store another process created
             self._apply_settings()
         self._report_unknown()
@@ -184,18 +177,7 @@ class Memory:
             if Store.exists(self.path):
                 self._open()
             return
-        version = self.store.data_version()
-        if version != self._version:
-            self._version = version
-            self._invalidate()
-
-    def _invalidate(self) -> None:
-        self._keys = None
-        self._lexical = None
-        self._indexes = {}
-        self._null_best = {}
-        self._adapters.clear()
-        self._damaged = {}
+        self.routing.sync()
 
     # -- model ---------------------------------------------------------------------------------
     def load(self) -> tuple:
@@ -212,7 +194,7 @@ class Memory:
         paraphrases: Iterable[str] = (),
         metadata: dict | None = None,
         id: str | None = None,
-        on_step: Callable[[int, int, float], None] | None = None,
+        on_step: OnStep = None,
         replaces: str | list[str] | None = None,
     ) -> Record:
         """Learn one memory (the text plus any paraphrases) into a new adapter and store it. replaces: the id(s)
@@ -302,7 +284,7 @@ class Memory:
         if self.store is None:
             self.load()  # a store is only created for a model that loads
             self.store = Store(self.path, self._settings)
-            self._version = self.store.data_version()
+            self.routing = Routing(self.store, self._exact_max_keys, self._damaged_found)
         self.store.writable()
         for note in self.store.notices:
             self._warn(note)
@@ -311,9 +293,9 @@ class Memory:
     def add_many(
         self,
         items: list[Item],
-        on_step: Callable[[int, int, float], None] | None = None,
-        on_memory: Callable[[int, int], None] | None = None,
-        on_stored: Callable[[Record], None] | None = None,
+        on_step: OnStep = None,
+        on_memory: OnMemory = None,
+        on_stored: OnStored = None,
         keep_going: bool = False,
     ) -> list[Record]:
         """Validate every item first (nothing is stored if one is bad, unless keep_going), then learn them
@@ -322,20 +304,36 @@ class Memory:
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, Item) for i in items):
             raise MegamemError("add_many takes a list of Item")
         checked = self.validate(items, keep_going)
-        model, tok = self.load()
         self.prepare_store()
+        return self.learn(checked, on_step, on_memory, on_stored)
+
+    def learn(
+        self,
+        items: list[Item],
+        on_step: OnStep = None,
+        on_memory: OnMemory = None,
+        on_stored: OnStored = None,
+        note_updates: bool = True,
+        key_texts: list[list[str]] | None = None,
+        group: int | None = None,
+    ) -> list[Record]:
+        """Learn items that passed `validate` (or an operation's own checks) into the prepared store, `train_group`
+        at a time, committing each as soon as its group is learned: the one path every memory takes in
+        (megamem.learn). key_texts: each item's key texts, where they are more than its own (a merged memory).
+        note_updates: warn of stored memories an item may update (see commit). group: memories trained together
+        (default train_group; 1 learns each exactly as a single add does)."""
+        model, tok = self.load()
+        size = group or self.train_group
         records = []
-        for start in range(0, len(checked), self.train_group):
-            group = checked[start : start + self.train_group]
+        for start in range(0, len(items), size):
+            batch = items[start : start + size]
             if on_memory is not None:
-                on_memory(start, len(checked))
-            texts = [[item.text, *item.paraphrases] for item in group]
-            if len(group) == 1:
-                adapters = [train_adapter(model, tok, texts[0], self.lora, self.recipe, on_step)]
-            else:
-                adapters = train_adapters_batched(model, tok, texts, self.lora, self.recipe, on_step)
-            for item, item_texts, adapter in zip(group, texts, adapters, strict=True):
-                records.append(self.commit(item, adapter, compute_keys(self.key_function, item_texts, model, tok)))
+                on_memory(start, len(items))
+            texts = [[item.text, *item.paraphrases] for item in batch]
+            keyed = key_texts[start : start + size] if key_texts is not None else None
+            learned = learn(model, tok, texts, self.lora, self.recipe, self.key_function, on_step, keyed)
+            for item, one in zip(batch, learned, strict=True):
+                records.append(self.commit(item, one.adapter, one.keys, note_updates))
                 if on_stored is not None:
                     on_stored(records[-1])
         return records
@@ -351,21 +349,19 @@ class Memory:
         elif note_updates:
             self._note_likely_updates(item, keys)
         record = self.store.add(item.text, adapter, keys, meta, item.id)
-        self._append_keys(record.id, keys)
-        self._superseded |= set(item.replaces)
+        self.routing.add(record, keys)
         return record
 
     def likely_updates(self, text: str, keys: torch.Tensor | None = None) -> list[tuple[str, float]]:
         """Stored memories that `text` probably updates (close keys and the same names: megamem.updates), with
         their best key cosine, closest first. keys: the text's keys, if already computed."""
         text = check_text(text)
-        ids = self._all_keys()[0]
+        ids = self.routing.table().ids
         if not ids:
             return []
         if keys is None:
-            model, tok = self.load() if self.key_function == "activation" else (None, None)
-            keys = compute_keys(self.key_function, [text], model, tok)
-        index = self.key_index("cosine")
+            keys = self._query_keys([text])
+        index = self.routing.index("cosine")
         best = torch.stack([index.exact_scores(k) for k in keys]).max(dim=0).values  # (n,) over the text's keys
         order = torch.argsort(best, descending=True)[:8].tolist()
         out = []
@@ -396,8 +392,8 @@ class Memory:
         rec = store.forget(memory_id)
         for note in store.notices:
             self._warn(note)
-        self._invalidate()
-        self._version = store.data_version()
+        self.routing.invalidate()
+        self.routing.version = store.data_version()
         return rec
 
     # -- reading -------------------------------------------------------------------------------
@@ -426,7 +422,7 @@ class Memory:
             "store": str(self.path),
             "memories": len(recs),
             "bytes": self.store.size_bytes() if self.store is not None else 0,
-            "consolidated": len(self.consolidated()),
+            "consolidated": sum(len(self.consolidated(ns)) for ns in cortex_namespaces(self.path)),
             **(self.store.settings() if self.store is not None else self._settings),
         }
 
@@ -473,94 +469,57 @@ class Memory:
         return cached
 
     def adapter(self, memory_id: str) -> Adapter:
-        """A memory's adapter, from a small LRU cache or from disk (checksum-verified; MemoryDamaged if not)."""
-        if memory_id in self._adapters:
-            self._adapters.move_to_end(memory_id)
-            return self._adapters[memory_id]
-        adapter = self.store.adapter(self.store.get(memory_id))
+        """A memory's adapter, from a small LRU cache or from disk (checksum-verified; MemoryDamaged if not). The
+        cache is keyed by the adapter's checksum, so it never serves an adapter the store no longer holds (an id
+        forgotten and added again elsewhere) and needs no invalidation."""
+        rec = self.store.get(memory_id)
+        key = (rec.id, rec.adapter_sha256)
+        if key in self._adapters:
+            self._adapters.move_to_end(key)
+            return self._adapters[key]
+        adapter = self.store.adapter(rec)
         if self._adapter_cache:
-            self._adapters[memory_id] = adapter
+            self._adapters[key] = adapter
         while len(self._adapters) > self._adapter_cache:
             self._adapters.popitem(last=False)
         return adapter
 
-    def _skip(self, exc: MemoryDamaged) -> None:
-        """Leave a damaged memory out of every gate from now on, with a warning (or fail, when strict)."""
+    def _damaged_found(self, exc: MemoryDamaged) -> None:
+        """A damaged memory is left out of every gate from now on (routing.mark_damaged), with a warning; or an
+        error when strict."""
         if self.strict:
             raise MegamemError(f"{exc} (strict mode; `megamem verify` lists every problem)")
-        self._damaged[exc.memory_id] = str(exc)
         self._warn(f"{exc}; skipped (`megamem verify` and `megamem repair` mend the store)")
 
-    def _all_keys(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        if self._keys is None:
-            recs = self.store.records() if self.store is not None else []
-            ids, keys, owners = [], [], []
-            for r in recs:
-                try:
-                    k = self.store.keys(r)
-                except MemoryDamaged as exc:
-                    self._skip(exc)
-                    continue
-                keys.append(k.float())
-                owners.append(torch.full((k.shape[0],), len(ids)))
-                ids.append(r.id)
-            self._superseded = superseded(recs)
-            dims = {int(k.shape[1]) for k in keys}
-            if len(dims) > 1:
-                raise MegamemError(f"the store's key files hold keys of different sizes {sorted(dims)}")
-            self._keys = (
-                ids,
-                torch.cat(keys) if keys else torch.zeros(0, 1),
-                torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long),
-            )
-        return self._keys
+    def _query_keys(self, texts: list[str]) -> torch.Tensor:
+        """(n, d) keys of texts by the store's key function (the model is loaded only for activation keys)."""
+        model, tok = self.load() if self.key_function == "activation" else (None, None)
+        return compute_keys(self.key_function, texts, model, tok)
 
-    def _append_keys(self, memory_id: str, keys: torch.Tensor) -> None:
-        """Extend the cached key matrix (and any built index) with a new memory instead of re-reading the store."""
-        if self._keys is None:
-            return
-        ids, all_keys, owners = self._keys
-        n = len(ids)
-        k = keys.float()
-        self._keys = (
-            [*ids, memory_id],
-            torch.cat([all_keys, k]) if n else k,
-            torch.cat([owners, torch.full((k.shape[0],), n, dtype=owners.dtype)]),
-        )
-        for index in self._indexes.values():
-            index.add(k, n)
-        if self._lexical is not None:
-            self._lexical.add(lexical_document(self.store.get(memory_id)))
-        self._null_best = {}  # derived from every key: taken again when next needed
+    def keys(self) -> KeyTable:
+        """Every stored memory's keys, current with the store (routing.KeyTable: ids, keys, owners)."""
+        self._sync()
+        return self.routing.table()
+
+    def superseded(self) -> set[str]:
+        """The stored memories a stored newer one replaces (the gate leaves them out), current with the store."""
+        self._sync()
+        return set(self.routing.superseded)
 
     def key_index(self, similarity: str) -> KeyIndex:
-        """The gate's scorer for a similarity over every stored key (cached; extended as memories are added)."""
-        if similarity not in self._indexes:
-            ids, keys, owners = self._all_keys()
-            self._indexes[similarity] = KeyIndex(keys, owners, len(ids), similarity, self._exact_max_keys)
-        return self._indexes[similarity]
+        """The gate's scorer for a similarity over every stored key (routing.Routing.index)."""
+        return self.routing.index(similarity)
 
     def null_score(self, gate: GateConfig | None = None, only: frozenset[str] | None = None) -> float | None:
         """The null memory's score for this store and gate (megamem.calibration), None when the gate has no null
-        memory or the store holds no memory. only: calibrate on those memories' keys alone (a namespace's:
-        another tenant's memories then never move this one's threshold)."""
+        memory or no memory is in scope. only: calibrate on those memories' keys alone (a namespace's)."""
         cfg = gate or self.gate
-        ids = self._all_keys()[0]
-        if cfg.null_rate is None or not ids or (only is not None and not only & set(ids)):
-            return None
-        cache = (cfg.similarity, only)
-        if cache not in self._null_best:
+
+        def calibration() -> torch.Tensor:
             model, tok = self.load() if self.key_function == "activation" else (None, None)
-            cal = calibration_keys(self.key_function, self.model_name, model, tok)
-            index = self.key_index(cfg.similarity)
-            queries = index.prepare_query(cal)  # (C, dim), normalised for cosine like the keys
-            keys = index.keys
-            if only is not None:
-                keys = keys[torch.isin(index.owners, torch.tensor([i for i, m in enumerate(ids) if m in only]))]
-            if len(self._null_best) > 64:  # one entry per namespace in use; drop the oldest
-                self._null_best.pop(next(iter(self._null_best)))
-            self._null_best[cache] = best_scores(queries, keys)
-        return calibrated_null_score(self._null_best[cache], cfg.null_rate)
+            return calibration_keys(self.key_function, self.model_name, model, tok)
+
+        return self.routing.null_score(cfg, only, calibration)
 
     def scored(
         self, question: str, gate: GateConfig | None = None, only: frozenset[str] | None = None
@@ -570,7 +529,7 @@ class Memory:
         the others are never scored into the softmax, so they can never weigh in."""
         question = check_text(question, "question")
         self._sync()
-        ids = self._all_keys()[0]
+        ids = self.routing.table().ids
         if not ids:
             return []
         scores = self.scores(question, gate, only)
@@ -581,48 +540,17 @@ class Memory:
 
     def scores(self, question: str, gate: GateConfig | None = None, only: frozenset[str] | None = None) -> torch.Tensor:
         """(n,) every stored memory's score for a question (-inf: takes no part: superseded, damaged, outside
-        `only`, or not among the index's candidates in a large store)."""
-        ids = self._all_keys()[0]
-        model, tok = self.load() if self.key_function == "activation" else (None, None)
-        q = compute_keys(self.key_function, [question], model, tok)[0]
+        `only`, or not among the index's candidates in a large store; routing.Routing.scores)."""
         cfg = gate or self.gate
-        # the recency rule: a memory that a stored newer one replaces takes no part (nor does a damaged one)
-        out = self._superseded | set(self._damaged)
-        # a scope scores every key exactly: the index's candidates could all lie outside it
-        top_k = None if cfg.top_k is None or only is not None else cfg.top_k + len(out)
-        scores = self.key_index(cfg.similarity).scores(q, top_k).clone()
-        for i, memory_id in enumerate(ids):
-            if memory_id in out or (only is not None and memory_id not in only):
-                scores[i] = float("-inf")
-        if cfg.lexical or cfg.names:
-            self._add_lexical(question, scores, cfg, only)
-        return scores
-
-    def _add_lexical(self, question: str, scores: torch.Tensor, cfg: GateConfig, only) -> None:
-        """Add cfg.lexical * BM25 / (the best candidate's BM25) and cfg.names * name coverage to the cosine's top
-        LEXICAL_CANDIDATES memories that pass the null memory (in place): the lexical scores re-rank what the
-        embedding proposes and never let a memory in that the null memory keeps out (megamem.lexical)."""
-        floor = self.null_score(cfg, only)
-        live = torch.isfinite(scores) & (scores >= floor if floor is not None else True)
-        if not bool(live.any()):
-            return
-        masked = torch.where(live, scores, torch.tensor(float("-inf")))
-        cand = masked.topk(min(LEXICAL_CANDIDATES, int(live.sum()))).indices.tolist()
-        if self._lexical is None:
-            self._lexical = LexicalIndex([lexical_document(self.store.get(i)) for i in self._all_keys()[0]])
-        if cfg.lexical:
-            lex = torch.tensor(self._lexical.scores(question, cand))
-            if float(lex.max()) > 0:
-                scores[cand] += cfg.lexical * lex / lex.max()
-        if cfg.names:
-            scores[cand] += cfg.names * torch.tensor(self._lexical.coverage(question, cand))
+        q = self._query_keys([question])[0]
+        return self.routing.scores(q, question, cfg, only, lambda: self.null_score(cfg, only))
 
     def search(self, query: str, only: frozenset[str] | None = None, limit: int = 10) -> list[tuple[str, float]]:
         """The memories closest to a query by the gate's score (no softmax, no null memory), best first: (memory
         id, score) for up to `limit` of them. only: the memories to rank (a namespace's)."""
         query = check_text(query, "query")
         self._sync()
-        ids = self._all_keys()[0]
+        ids = self.routing.table().ids
         if not ids:
             return []
         scores = self.scores(query, replace(self.gate, top_k=None), only)
@@ -691,26 +619,12 @@ class Memory:
                 adapters = [self.adapter(i) for i, _, _ in routed]
                 break
             except MemoryDamaged as exc:
-                self._skip(exc)
+                self.routing.mark_damaged(exc)
         cortex = self.cortex(namespace) if use_memory else None
         always = [cortex] if cortex is not None else []
         mix = mixture(mode, adapters, [w for _, _, w in routed], always, min_weight)
         texts = [self.store.get(i).text for i, _, _ in routed[:1]]
         return Gated(routed, mix, context(mode, texts))
-
-
-def lexical_document(record: Record) -> str:
-    """What the gate's lexical score reads of a memory: its text and its stored paraphrases."""
-    return " ".join([record.text, *record.metadata.get(PARAPHRASES, [])])
-
-
-def superseded(records: list[Record]) -> set[str]:
-    """The memories that a stored memory replaces (Item.replaces): the gate leaves them out, so the newer fact
-    wins; forgetting the newer one brings them back, since only stored memories' replacements count."""
-    out: set[str] = set()
-    for r in records:
-        out.update(replaced_by(r.metadata))
-    return out
 
 
 def default_gate(key_function: str) -> GateConfig:

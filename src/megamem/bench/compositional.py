@@ -16,10 +16,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..datasets import Record, load_partition
 from ..errors import MegamemError
 from ..keys import compute_keys
 from .config import BenchConfig, check_config, validate
-from .data import Record, load_partition
 from .methods import Method, Seen, gate_matrix, make_method
 from .metrics import qa_scores
 from .report import ordered

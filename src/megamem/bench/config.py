@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..adapters import LoraSpec
+from ..datasets import partition_files
 from ..errors import MegamemError
-from .data import partition_files
 from .methods import DEFAULT_LR, METHODS, PROTOCOL_LORA, method_spec
 from .runlog import folder_lock
 

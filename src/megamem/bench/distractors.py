@@ -25,8 +25,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..datasets import Record
 from ..lexical import NUMBER, WORD, names
-from .data import Record
 
 __all__ = ["NUMBER", "anchors", "invented", "names", "near_duplicate"]
 

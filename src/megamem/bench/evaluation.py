@@ -8,13 +8,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..calibration import calibration_keys, store_null_score
+from ..datasets import Record, load_partition
 from ..errors import MegamemError
 from ..gate import GateConfig
 from ..keys import compute_keys, embedder_keys
 from ..model import DEFAULT_MODEL
 from . import general
 from .config import BenchConfig
-from .data import Record, load_partition
 from .infer import generate, token_logprobs
 from .methods import Method, Seen, Shared, method_spec
 from .metrics import cosine_matrix, llm_judge, qa_scores, random_pair_floor

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..answer import qa_prompt, recall_prompt
-from ..bench.data import Record, load_partition
+from ..datasets import Record, load_partition
 from ..errors import MegamemError
 from ..model import chat_ids
 from .model import MemoryLLM

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +32,7 @@ from ..backend import MEMORYLLM
 from ..checks import check_count, check_id, check_metadata, check_text
 from ..errors import MegamemError
 from ..gate import GateConfig
-from ..items import Answer, Item
+from ..items import Answer, Item, OnMemory, OnStep, OnStored
 from ..model import DEFAULT_MODEL, load_model
 from ..store import Store, write_atomic, write_json_atomic
 from .model import MemoryConfig, MemoryLLM
@@ -228,9 +228,9 @@ class PoolMemory:
     def add_many(
         self,
         items: list[Item],
-        on_step: Callable[[int, int, float], None] | None = None,
-        on_memory: Callable[[int, int], None] | None = None,
-        on_stored: Callable[[PoolRecord], None] | None = None,
+        on_step: OnStep = None,
+        on_memory: OnMemory = None,
+        on_stored: OnStored = None,
         keep_going: bool = False,
     ) -> list[PoolRecord]:
         """Write memories in order, each committed (the pool file replaced) before the next begins."""

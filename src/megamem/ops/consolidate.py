@@ -176,13 +176,12 @@ def consolidate(
         raise MegamemError("no memories to consolidate")
     records = [mem.show(i) for i in ids]  # every id is a stored memory, checked before any work
     namespace = namespace_of(records[0])
-    other = next((r for r in records if not owns(namespace, r)), None)
-    if other is not None or not owns(namespace, records[0]):
-        odd = other or records[0]
-        raise MegamemError(
-            f"consolidate: memory {odd.id!r} is not namespace {namespace!r}'s; a cortex holds one namespace's "
-            "memories, so consolidate each namespace's apart"
-        )
+    for r in records:
+        if not owns(namespace, r):
+            raise MegamemError(
+                f"consolidate: memory {r.id!r} is in namespace {namespace_of(r)!r}, not {namespace!r} like "
+                f"{records[0].id!r}; a cortex holds one namespace's memories, so consolidate each namespace apart"
+            )
     t0 = time.time()
     model, tok = mem.load()
     held = [m for m in mem.consolidated(namespace) if m.id not in set(ids)]

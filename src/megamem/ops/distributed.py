@@ -42,8 +42,8 @@ class Learner:
     """One worker slot: the base model with gated layers, loaded once; learns one memory per call."""
 
     def __init__(self, model: str, lora: LoraSpec, recipe, key_function: str, threads: int) -> None:
-        from ..nject import inject_for
-        from ..odel import load_model
+        from ..inject import inject_for
+        from ..model import load_model
 
         torch.set_num_threads(threads)
         self.lora, self.recipe, self.key_function = lora, recipe, key_function
@@ -51,12 +51,12 @@ class Learner:
         inject_for(self.model, lora)
 
     def learn(self, texts: list[str]) -> tuple[Adapter, torch.Tensor]:
-        """(adapter, keys) of one memory: its text and paraphrases, learned and keyed as a local add does."""
-        from ..eys import compute_keys
-        from ..rain import train_adapter
+        """(adapter, keys) of one memory: its text and paraphrases, learned and keyed as a local add does
+        (megamem.learn)."""
+        from ..learn import learn
 
-        adapter = train_adapter(self.model, self.tok, texts, self.lora, self.recipe)  # returned frozen
-        return adapter, compute_keys(self.key_function, texts, self.model, self.tok)
+        (one,) = learn(self.model, self.tok, [texts], self.lora, self.recipe, self.key_function)
+        return one.adapter, one.keys
 
     def pid(self) -> int:
         return os.getpid()

@@ -37,7 +37,7 @@ from ..items import Item
 from ..keys import compute_keys
 from ..schema import MERGED, PARAPHRASES, REPLACES, is_reserved
 from ..store import Record
-from ..train import check_fits, train_adapter
+from ..train import check_fits
 from ..updates import name_overlap
 
 if TYPE_CHECKING:
@@ -96,12 +96,8 @@ def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | N
     them. Everything is checked before anything is learned; the merged memory is committed before any
     member is forgotten."""
     check_ids(ids)
-    mem._sync()
-    if mem.store is None:
-        raise MegamemError(f"no memory with id {ids[0]!r} in {mem.path}")
     records = [mem.show(i) for i in ids]  # an error naming the first that is not stored
-    mem._all_keys()  # derives which memories are superseded
-    superseded = mem._superseded
+    superseded = mem.superseded()
     for r in records:
         if r.id in superseded:
             raise MegamemError(f"memory {r.id!r} is replaced by a newer one; merge that one instead")
@@ -119,13 +115,10 @@ def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | N
     item = Item(
         good.text, good.paraphrases, good.metadata, id, replaces=replaced, reserved={**reserved[0], MERGED: parts}
     )
-    model, tok = mem.load()
     texts = [good.text, *good.paraphrases]
-    adapter = train_adapter(model, tok, texts, mem.lora, mem.recipe, on_step)
     every = list(dict.fromkeys([*texts, *(t for m in parts for t in (m["text"], *m["paraphrases"]))]))
-    keys = compute_keys(mem.key_function, every, model, tok)
     mem.prepare_store()
-    record = mem.commit(item, adapter, keys, note_updates=False)
+    (record,) = mem.learn([item], on_step, note_updates=False, key_texts=[every])
     for r in records:
         mem.forget(r.id)
     return record
@@ -145,18 +138,20 @@ def split(mem: Memory, memory_id: str, on_step=None) -> list[Record]:
         for t in (m["text"], *m["paraphrases"]):
             check_fits(tok, model, t, f"member {m['id']!r}")
     mem.prepare_store()
-    records = []
-    for m in parts:
-        # a member's own replaces come back with it as metadata, unchecked: the ids it names are forgotten or
-        # superseded (an add would refuse them); and no "may update" note: its siblings are its own subject
-        reserved = {**m["reserved"], **({REPLACES: m["replaces"]} if m["replaces"] else {})}
-        item = Item(m["text"], m["paraphrases"], m["metadata"], m["id"], reserved=reserved)
-        texts = [item.text, *item.paraphrases]
-        adapter = train_adapter(model, tok, texts, mem.lora, mem.recipe, on_step)
-        keys = compute_keys(mem.key_function, texts, model, tok)
-        records.append(mem.commit(item, adapter, keys, note_updates=False))
+    # a member's own replaces come back with it as metadata, unchecked: the ids it names are forgotten or
+    # superseded (an add would refuse them); and no "may update" note: its siblings are its own subject
+    items = [
+        Item(m["text"], m["paraphrases"], m["metadata"], m["id"], reserved={**m["reserved"], **replacing(m)})
+        for m in parts
+    ]
+    records = mem.learn(items, on_step, note_updates=False, group=1)  # each exactly as a fresh add learns it
     mem.forget(memory_id)
     return records
+
+
+def replacing(member: dict) -> dict:
+    """A member's own replaces, as the reserved metadata it is stored again with."""
+    return {REPLACES: member["replaces"]} if member["replaces"] else {}
 
 
 def subjects(mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT_NAMES) -> list[list[str]]:
@@ -165,12 +160,10 @@ def subjects(mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT
     every key against every key, a memory at a time (a minute or so at 10,000 memories)."""
     check_finite(cosine, "cosine", minimum=-1)
     check_finite(names, "names", minimum=0)
-    mem._sync()
-    if mem.store is None:
-        return []
-    ids, keys, owner = mem._all_keys()
+    ids, keys, owner = mem.keys()
     texts = {r.id: r.text for r in mem.list()}
-    live = [n for n, i in enumerate(ids) if i not in mem._superseded and i in texts]
+    out = mem.superseded()
+    live = [n for n, i in enumerate(ids) if i not in out and i in texts]
     keep = torch.zeros(len(ids), dtype=torch.bool)
     keep[live] = True
     rows = keep[owner]  # (K,) the keys of live memories

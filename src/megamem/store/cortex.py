@@ -53,6 +53,15 @@ def pointer(store_path: Path, namespace: str = DEFAULT_NAMESPACE) -> Path:
     return folder(store_path, namespace) / POINTER
 
 
+def namespaces(store_path: Path) -> list[str]:
+    """The namespaces that have a cortex in the store (the default one first)."""
+    root = Path(store_path) / CORTEX
+    found = [DEFAULT_NAMESPACE] if (root / POINTER).is_file() else []
+    if root.is_dir():
+        found += sorted(p.name for p in root.iterdir() if "-" not in p.name and (p / POINTER).is_file())
+    return found
+
+
 def read_cortex(
     store_path: Path, namespace: str = DEFAULT_NAMESPACE
 ) -> tuple[Adapter, list[Consolidated], dict] | None:

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import MegamemError
+from .errors import MegamemError
 
 
 @dataclass
