@@ -6,7 +6,6 @@ Memory ties the parts together in the one direction data flows: text -> keys + a
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -14,10 +13,11 @@ from pathlib import Path
 import torch
 
 from .adapters import Adapter, LoraSpec, save_adapter
+from .admission import check_items, fitting_items
 from .answer import DEFAULT_MODE, MIN_WEIGHT, MODES, Gated, check_mode, context, mixture, plan, run
 from .backend import CAPABILITIES, KINDS, MEGA, MEMORYLLM
 from .calibration import calibration_keys
-from .checks import check_count, check_id, check_metadata, check_text, check_texts, first_of
+from .checks import check_count, check_id, check_text, first_of
 from .errors import MegamemError
 from .gate import GateConfig, gate_weights
 from .generate import decode
@@ -28,21 +28,20 @@ from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
 from .learn import learn
 from .memoryllm.store import PoolMemory, is_pool_store
 from .model import DEFAULT_MODEL, load_model
-from .routing import KeyTable, Routing, superseded
+from .routing import KeyTable, Routing
 from .schema import (
     DEFAULT_NAMESPACE,
     PARAPHRASES,
     REPLACES,
     check_namespace,
-    check_user_fields,
     owns,
     reserved_metadata,
 )
 from .store import MemoryDamaged, Record, Store, default_store_path
-from .store.cortex import Consolidated, read_cortex
+from .store.caches import AdapterCache, CortexCache
+from .store.cortex import Consolidated
 from .store.cortex import namespaces as cortex_namespaces
-from .store.cortex import pointer as cortex_pointer
-from .train import Recipe, check_fits
+from .train import Recipe
 from .updates import likely_update
 
 # Adapters are stored in bfloat16: half the bytes of float32 with recall and QA unchanged at every rank
@@ -120,11 +119,10 @@ class Memory:
         self._given_gate = gate
         self._model = None
         self._tok = None
-        self._adapters: OrderedDict[tuple[str, str], Adapter] = OrderedDict()  # (id, adapter sha256) -> adapter
-        self._adapter_cache = adapter_cache
+        self._adapters = AdapterCache(adapter_cache)
         self._exact_max_keys = exact_max_keys
         self.routing = Routing(None, exact_max_keys, self._damaged_found)  # the gate's derived state (routing.py)
-        self._cortexes: dict[str, tuple] = {}  # namespace -> (pointer's (mtime, size, inode), adapter, memories)
+        self._cortexes = CortexCache(self.path)
         self.store: Store | None = None
         if Store.exists(self.path):
             self._open()
@@ -207,50 +205,9 @@ class Memory:
 
     def check(self, items: list[Item]) -> tuple[list[Item], list[str]]:
         """Check every item without loading anything: cleaned copies of the good ones, and one message a bad one
-        (naming it). Ids must be unique in the batch and new to the store."""
-        good, bad = [], []
+        (naming it). Ids must be unique in the batch and new to the store (megamem.admission)."""
         self._sync()
-        seen: dict[str, str] = {}
-        given = any(item.id is not None for item in items)
-        replaced = superseded(self.store.records()) if given and self.store is not None else set()
-        for n, item in enumerate(items, 1):
-            where = item.origin or (f"memory {n}" if len(items) > 1 else "memory")
-            try:
-                text = check_text(item.text, f"{where} text")
-                paras = check_texts(item.paraphrases, f"{where} paraphrases")
-                meta = check_user_fields(
-                    check_metadata(item.metadata, f"{where} metadata"), f"{where} metadata", bool(paras)
-                )
-                olds = self._check_replaces(item.replaces, where, seen)
-                if item.id is not None:
-                    check_id(item.id, f"{where} id")
-                    if item.id in seen:
-                        raise MegamemError(f"{where}: id {item.id!r} is used twice (also by {seen[item.id]})")
-                    if self.store is not None and self.store.get(item.id, missing_ok=True) is not None:
-                        raise MegamemError(f"{where}: a memory with id {item.id!r} already exists")
-                    if item.id in replaced:  # the gate would leave it out from the start
-                        raise MegamemError(
-                            f"{where}: id {item.id!r} is one a stored memory replaces (or holds, merged); "
-                            "choose another id"
-                        )
-                    seen[item.id] = where
-            except MegamemError as exc:
-                bad.append(str(exc))
-                continue
-            good.append(Item(text, paras, meta, item.id, item.origin, olds, dict(item.reserved)))
-        return good, bad
-
-    def _check_replaces(self, replaces: object, where: str, earlier: dict[str, str]) -> list[str]:
-        """The ids a new memory replaces: stored memories, or memories earlier in the same batch."""
-        if isinstance(replaces, str) or not isinstance(replaces, (list, tuple)):
-            raise MegamemError(f"{where}: replaces must be a list of memory ids")
-        out = []
-        for old in replaces:
-            check_id(old, f"{where} replaces id")
-            if old not in earlier and (self.store is None or self.store.get(old, missing_ok=True) is None):
-                raise MegamemError(f"{where} replaces {old!r}, which is not a stored memory")
-            out.append(old)
-        return out
+        return check_items(items, self.store)
 
     def validate(self, items: list[Item], keep_going: bool = False) -> list[Item]:
         """Cleaned copies of `items`, or an error naming the first bad one (nothing is stored). keep_going: the
@@ -263,18 +220,9 @@ class Memory:
         if not good:
             raise MegamemError("no memories to add" if not bad else "no memory left to add")
         model, tok = self.load()
-        fitting = []
-        for n, item in enumerate(good, 1):
-            where = item.origin or (f"memory {n}" if len(good) > 1 else "memory")
-            try:
-                for t in [item.text, *item.paraphrases]:
-                    check_fits(tok, model, t, where)
-            except MegamemError as exc:
-                if not keep_going:
-                    raise
-                self._warn(f"skipped {exc}")
-                continue
-            fitting.append(item)
+        fitting, unfit = fitting_items(good, model, tok, keep_going)
+        for message in unfit:
+            self._warn(f"skipped {message}")
         if not fitting:
             raise MegamemError("no memory left to add")
         return fitting
@@ -445,44 +393,16 @@ class Memory:
     def cortex(self, namespace: str = DEFAULT_NAMESPACE) -> Adapter | None:
         """A namespace's consolidated adapter (megamem.ops.consolidate), mixed into its every answer at weight 1;
         None when nothing was consolidated. Re-read when another process replaces it."""
-        return self._read_cortex(namespace)[1]
+        return self._cortexes.get(namespace)[0]
 
     def consolidated(self, namespace: str = DEFAULT_NAMESPACE) -> list[Consolidated]:
         """The memories a namespace's cortex holds (forgotten from the gate when they were consolidated), oldest
         first."""
-        return list(self._read_cortex(namespace)[2])
-
-    def _read_cortex(self, namespace: str) -> tuple:
-        """(the pointer file's signature, adapter, memories) of a namespace's cortex, re-read when it changed."""
-        try:
-            st = cortex_pointer(self.path, namespace).stat()
-            sig = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            sig = None
-        cached = self._cortexes.get(namespace)
-        if cached is None or cached[0] != sig:
-            found = read_cortex(self.path, namespace) if sig is not None else None
-            cached = (sig, *(found[:2] if found else (None, [])))
-            if len(self._cortexes) > 64:  # one entry per namespace in use; drop the oldest
-                self._cortexes.pop(next(iter(self._cortexes)))
-            self._cortexes[namespace] = cached
-        return cached
+        return self._cortexes.get(namespace)[1]
 
     def adapter(self, memory_id: str) -> Adapter:
-        """A memory's adapter, from a small LRU cache or from disk (checksum-verified; MemoryDamaged if not). The
-        cache is keyed by the adapter's checksum, so it never serves an adapter the store no longer holds (an id
-        forgotten and added again elsewhere) and needs no invalidation."""
-        rec = self.store.get(memory_id)
-        key = (rec.id, rec.adapter_sha256)
-        if key in self._adapters:
-            self._adapters.move_to_end(key)
-            return self._adapters[key]
-        adapter = self.store.adapter(rec)
-        if self._adapter_cache:
-            self._adapters[key] = adapter
-        while len(self._adapters) > self._adapter_cache:
-            self._adapters.popitem(last=False)
-        return adapter
+        """A memory's adapter, from a small LRU cache or from disk (checksum-verified; MemoryDamaged if not)."""
+        return self._adapters.get(self.store, memory_id)
 
     def _damaged_found(self, exc: MemoryDamaged) -> None:
         """A damaged memory is left out of every gate from now on (routing.mark_damaged), with a warning; or an
