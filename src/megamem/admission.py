@@ -6,12 +6,12 @@ job, a merge) runs these, so a bad item is one clear error before any expensive 
 
     >>> good, bad = check_items([Item("Ann Lee is a Welsh chemist."), Item("")], store=None)
     >>> len(good), bad
-    (1, ['memory 2 text must not be empty'])
+    (1, ['memory 2 text is empty'])
 """
 
 from __future__ import annotations
 
-from .checks import check_id, check_metadata, check_text, check_texts
+from .checks import check_id, check_metadata, check_text, check_texts, sift
 from .errors import MegamemError
 from .items import Item
 from .routing import superseded
@@ -28,26 +28,23 @@ def where_of(item: Item, n: int, count: int) -> str:
 def check_items(items: list[Item], store: Store | None) -> tuple[list[Item], list[str]]:
     """Cleaned copies of the good items, and one message a bad one (naming it). Ids must be unique in the batch
     and new to the store, and not one a stored memory replaces (the gate would leave it out from the start)."""
-    good, bad = [], []
     seen: dict[str, str] = {}
     given = any(item.id is not None for item in items)
     replaced = superseded(store.records()) if given and store is not None else set()
-    for n, item in enumerate(items, 1):
+
+    def check(n: int, item: Item) -> Item:
         where = where_of(item, n, len(items))
-        try:
-            text = check_text(item.text, f"{where} text")
-            paras = check_texts(item.paraphrases, f"{where} paraphrases")
-            meta = check_metadata(item.metadata, f"{where} metadata")
-            check_user_fields(meta, f"{where} metadata", paraphrases=bool(paras))
-            olds = check_replaces(item.replaces, where, seen, store)
-            if item.id is not None:
-                check_new_id(item.id, where, seen, store, replaced)
-                seen[item.id] = where
-        except MegamemError as exc:
-            bad.append(str(exc))
-            continue
-        good.append(Item(text, paras, meta, item.id, item.origin, olds, dict(item.reserved)))
-    return good, bad
+        text = check_text(item.text, f"{where} text")
+        paras = check_texts(item.paraphrases, f"{where} paraphrases")
+        meta = check_metadata(item.metadata, f"{where} metadata")
+        check_user_fields(meta, f"{where} metadata", paraphrases=bool(paras))
+        olds = check_replaces(item.replaces, where, seen, store)
+        if item.id is not None:
+            check_new_id(item.id, where, seen, store, replaced)
+            seen[item.id] = where
+        return Item(text, paras, meta, item.id, item.origin, olds, dict(item.reserved))
+
+    return sift(items, check, keep_going=True)
 
 
 def check_new_id(memory_id: object, where: str, seen: dict[str, str], store: Store | None, replaced: set) -> None:
@@ -79,15 +76,10 @@ def check_replaces(replaces: object, where: str, earlier: dict[str, str], store:
 def fitting_items(items: list[Item], model, tok, keep_going: bool) -> tuple[list[Item], list[str]]:
     """The items whose every text fits the model's context, and a message for each that does not (keep_going;
     otherwise the first that does not is raised)."""
-    fitting, unfit = [], []
-    for n, item in enumerate(items, 1):
-        try:
-            for t in [item.text, *item.paraphrases]:
-                check_fits(tok, model, t, where_of(item, n, len(items)))
-        except MegamemError as exc:
-            if not keep_going:
-                raise
-            unfit.append(str(exc))
-            continue
-        fitting.append(item)
-    return fitting, unfit
+
+    def fits(n: int, item: Item) -> Item:
+        for t in [item.text, *item.paraphrases]:
+            check_fits(tok, model, t, where_of(item, n, len(items)))
+        return item
+
+    return sift(items, fits, keep_going)

@@ -15,8 +15,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from .errors import MegamemError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_ID_LENGTH = 128  # a folder name with room for the temp-folder suffix under every file system's 255 bytes
 MAX_METADATA_BYTES = 64 * 1024
@@ -153,3 +158,25 @@ def _short_repr(value: object, n: int = 60) -> str:
 def first_of(bad: list[str]) -> MegamemError:
     """The error for a batch with bad items: the first one's message and how many more there are."""
     return MegamemError(bad[0] + (f" (and {len(bad) - 1} more bad)" if len(bad) > 1 else ""))
+
+
+def sift(things: Iterable[T], check: Callable[[int, T], R | None], keep_going: bool) -> tuple[list[R], list[str]]:
+    """check(n, thing) each thing (n from 1): the results that are not None, and the message of each check that
+    raised a MegamemError (keep_going; otherwise that error is raised). A batch's "all or the good ones" rule.
+
+    >>> sift(["1", "x", "3"], lambda n, s: int(s) if s.isdigit() else check_text("", f"line {n}"), True)
+    ([1, 3], ['line 2 is empty'])
+    """
+    kept: list[R] = []
+    bad: list[str] = []
+    for n, thing in enumerate(things, 1):
+        try:
+            out = check(n, thing)
+        except MegamemError as exc:
+            if not keep_going:
+                raise
+            bad.append(str(exc))
+            continue
+        if out is not None:
+            kept.append(out)
+    return kept, bad

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checks import check_id, check_metadata, check_text, check_texts
+from .checks import check_id, check_metadata, check_text, check_texts, sift
 from .errors import MegamemError
-from .memory import Item
+from .items import Item
 
 
 def read_text_file(path: Path) -> str:
@@ -58,40 +58,35 @@ def read_jsonl(path: Path, keep_going: bool = False) -> tuple[list[Item], list[s
     wrong type, a bad or repeated id) is an error naming its line number, or with keep_going one message in
     the second list while the good lines are returned.
     """
-    items: list[Item] = []
-    bad: list[str] = []
     first_use: dict[str, str] = {}
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise MegamemError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    # JSON lines are separated by "\n" alone: U+2028 or U+0085 inside a line are text, not line ends
-    for n, line_bytes in enumerate(raw.split(b"\n"), 1):
+
+    def parse(n: int, line_bytes: bytes) -> Item | None:
         where = f"{path} line {n}"
         try:
-            try:
-                line = line_bytes.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise MegamemError(f"{where}: not UTF-8 text (bad byte at column {exc.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MegamemError(f"{where}: not valid JSON ({exc.msg})") from None
-            except RecursionError:
-                raise MegamemError(f"{where}: JSON nested too deeply") from None
-            item = _item(obj, where)
-            if item.id is not None:
-                if item.id in first_use:
-                    raise MegamemError(f"{where}: id {item.id!r} is used twice (also by {first_use[item.id]})")
-                first_use[item.id] = where
-        except MegamemError as exc:
-            if not keep_going:
-                raise
-            bad.append(str(exc))
-            continue
-        items.append(item)
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MegamemError(f"{where}: not UTF-8 text (bad byte at column {exc.start + 1})") from None
+        if not line.strip():
+            return None
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MegamemError(f"{where}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise MegamemError(f"{where}: JSON nested too deeply") from None
+        item = _item(obj, where)
+        if item.id is not None:
+            if item.id in first_use:
+                raise MegamemError(f"{where}: id {item.id!r} is used twice (also by {first_use[item.id]})")
+            first_use[item.id] = where
+        return item
+
+    # JSON lines are separated by "\n" alone: U+2028 or U+0085 inside a line are text, not line ends
+    items, bad = sift(raw.split(b"\n"), parse, keep_going)
     if not items:
         raise MegamemError(f"{path} holds no memories" if not bad else f"{path} holds no good memory: {bad[0]}")
     return items, bad
