@@ -2,6 +2,7 @@
 
 store, keys = make_server_store(tmp_path)            # keys: {"acme": ..., "globex": ..., "admin": ...}
 with LiveServer(store) as base_url: ...               # uvicorn in a thread on a free 127.0.0.1 port
+make_cortex(store, "acme", ["a-bridge"])              # a namespace's cortex, consolidated cheaply
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def quick_recipe():
     from megamem import Recipe
 
     return Recipe(epochs=1, min_tokens=0, lr=5e-3)
+
+
+def make_cortex(store: Path, namespace: str, api_ids: list[str], keep_adapters: bool = True) -> dict:
+    """Consolidate a namespace's memories (by API id) into its cortex with a config quick on the tiny model (a
+    few seconds), through a Memory of its own; keep_adapters (the default) leaves the memories in the gate, so a
+    test's set of memories stays what it was. Returns consolidate's report."""
+    from megamem import Memory, schema
+    from megamem.ops.consolidate import ConsolidationConfig, consolidate
+
+    quick = ConsolidationConfig(rank=4, epochs=3, batch_size=2, drift_questions=4, recall_tokens=24, lr=1e-2)
+    mem = Memory(store)
+    try:
+        return consolidate(mem, [schema.stored_id(namespace, i) for i in api_ids], quick, keep_adapters)
+    finally:
+        mem.store.close()
 
 
 def free_port() -> int:

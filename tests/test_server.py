@@ -8,7 +8,9 @@ the gate is real (sentence-embedder keys), so which memories a chat selects is c
 The last test is a tenant-isolation property test: 10,000 seeded random (caller, memory, query, route) trials in
 which every answer must come from the caller's own namespace only. The two tenants store memories on the same
 topics (the same bridge, the same lighthouse, ...) and the queries include the other tenant's own texts, so
-without the scope checks the other tenant's memory would score highest; the test counts that too.
+without the scope checks the other tenant's memory would score highest; the test counts that too. Each tenant
+has its own cortex there as well, and every adapter a chat mixes must be the caller's gated memory or the
+caller's cortex.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serverlib import LiveServer, make_server_store, wait_job
+from serverlib import LiveServer, make_cortex, make_server_store, wait_job
 
 from megamem import schema
 
@@ -201,10 +203,17 @@ def small(env, tmp_path_factory):
 
 
 # -- the openai client ----------------------------------------------------------------------------------------------
-def prompt_tokens(env: Env, question: str) -> int:
+def prompt_tokens(env: Env, question: str, selected: list[str]) -> int:
+    """The prompt's length in the default mode for acme's question: the answer pipeline's turns (the question
+    with the heaviest selected memory's text in context), through the chat template."""
+    from megamem import answer
     from megamem.model import chat_ids
 
-    return len(chat_ids(env.srv.engine.tok, [("user", question)], generation_prompt=True))
+    with env.srv.lock:
+        texts = [env.srv.mem.store.get(schema.stored_id("acme", i)).text for i in selected[:1]]
+    mode = answer.DEFAULT_MODE
+    step = next(answer.plan(question, mode, answer.Mixture(), answer.context(mode, texts)))
+    return len(chat_ids(env.srv.engine.tok, step.turns, generation_prompt=True))
 
 
 def test_openai_chat(env, client):
@@ -219,7 +228,7 @@ def test_openai_chat(env, client):
     assert isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
     u = resp.usage
-    assert u.prompt_tokens == prompt_tokens(env, q)
+    assert u.prompt_tokens == prompt_tokens(env, q, selected_ids(resp))
     assert 0 <= u.completion_tokens <= 5
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
     if choice.finish_reason == "length":
@@ -262,7 +271,7 @@ def test_openai_streaming(env, client):
     assert body[-1].choices[0].finish_reason is not None  # the finish chunk is the last one with a choice
     text = "".join(c.choices[0].delta.content or "" for c in body)
     assert text == plain.choices[0].message.content  # greedy decoding: the same answer either way
-    assert last.usage.prompt_tokens == plain.usage.prompt_tokens == prompt_tokens(env, q)
+    assert last.usage.prompt_tokens == plain.usage.prompt_tokens == prompt_tokens(env, q, selected_ids(plain))
     assert last.usage.completion_tokens == plain.usage.completion_tokens
     assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
 
@@ -820,10 +829,51 @@ def memo_embedder(monkeypatch):
     monkeypatch.setattr(keys_mod, "embedder_keys", embed)
 
 
-def test_tenant_isolation_property(env, memo_embedder):
+@pytest.fixture()
+def mixtures(env, monkeypatch):
+    """Each tenant's own cortex (consolidated cheaply, the memories kept in the gate so the trials' memory set
+    is unchanged), and the owner of every adapter of every request the engine is asked to decode, in order:
+    ("cortex", ns), ("memory", ns, api id) or ("unknown",). Owners are known by what the serving Memory loaded
+    each adapter object as (its `adapter` and `cortex` are wrapped to record that), not by content: two
+    tenants' memories of the same text, or two cortexes on the tiny model (whose recalls are all empty), hold
+    the same weights."""
+    for ns, mid in (("acme", "a-comet"), ("globex", "g-comet")):
+        make_cortex(env.store, ns, [mid])
+    mem = env.srv.mem
+    loaded: dict[int, tuple] = {}  # id(adapter) -> (its owner, the adapter: kept alive so its id stays its own)
+    real_adapter, real_cortex, real_submit = mem.adapter, mem.cortex, env.srv.engine.submit
+
+    def adapter(memory_id):
+        a = real_adapter(memory_id)
+        rec = mem.store.get(memory_id)
+        loaded[id(a)] = (("memory", schema.namespace_of(rec), schema.api_id(rec)), a)
+        return a
+
+    def cortex(namespace=schema.DEFAULT_NAMESPACE):
+        a = real_cortex(namespace)
+        if a is not None:
+            loaded[id(a)] = (("cortex", namespace), a)
+        return a
+
+    seen: list[list[tuple]] = []
+
+    def submit(prompt, adapters, weights, **kw):
+        seen.append([loaded.get(id(a), (("unknown",),))[0] for a in adapters])
+        return real_submit(prompt, adapters, weights, **kw)
+
+    monkeypatch.setattr(mem, "adapter", adapter)
+    monkeypatch.setattr(mem, "cortex", cortex)
+    monkeypatch.setattr(env.srv.engine, "submit", submit)
+    with env.srv.lock:
+        assert mem.cortex("acme") is not None and mem.cortex("globex") is not None
+    return seen
+
+
+def test_tenant_isolation_property(env, memo_embedder, mixtures):
     from megamem import schema
 
     srv = env.srv
+    seen = mixtures
     with srv.lock:
         records = srv.mem.list()
     # the ground truth, from the store itself: every memory's (namespace, API id, text, user, job)
@@ -852,9 +902,9 @@ def test_tenant_isolation_property(env, memo_embedder):
     users = [None, None, None, "alice", "bob", "carol", "tmp-user"]
 
     rng = random.Random(20261201)
-    counts = dict.fromkeys(("cross_gated", "cross_read", "cross_delete"), 0)
+    counts = dict.fromkeys(("cross_gated", "cross_mixed", "cross_read", "cross_delete"), 0)
     done = dict.fromkeys(ROUTES, 0)
-    own_reads = own_hits = gated_nonempty = would_leak = admin_trials = 0
+    own_reads = own_hits = gated_nonempty = would_leak = admin_trials = own_cortex = 0
     unexpected: list[tuple] = []
     t0 = time.perf_counter()
     with httpx.Client(base_url=env.url, timeout=60) as http:
@@ -940,11 +990,20 @@ def test_tenant_isolation_property(env, memo_embedder):
                 elif opts == "user":
                     body["memory"] = {"user_id": rng.choice(users[3:])}
                 would_leak += top_unscoped[q] != ns
+                before = len(seen)
                 r = http.post("/v1/chat/completions", json=body, headers=h)
                 if r.status_code != 200:
                     unexpected.append((trial, route, ns, body, r.status_code, r.text[:200]))
                     continue
                 sel = selected_ids(r.json())
+                # every adapter the engine mixed for this chat: the caller's cortex, or a memory its gate selected
+                mine_mixed = {("cortex", ns)} | {("memory", ns, i) for i in sel}
+                mixed = [owner for step in seen[before:] for owner in step]
+                foreign = [o for o in mixed if o not in mine_mixed]
+                counts["cross_mixed"] += len(foreign)
+                if foreign:
+                    unexpected.append((trial, route, ns, q, "mixed", foreign))
+                own_cortex += ("cortex", ns) in mixed
                 gated_nonempty += bool(sel)
                 # an id is the caller's only if the caller's namespace holds it (ids are unique across tenants
                 # here unless both hold one, which then counts as the caller's: a weaker, never a false, check)
@@ -955,16 +1014,22 @@ def test_tenant_isolation_property(env, memo_embedder):
 
     print(
         f"\ntenant isolation: {TRIALS} trials in {elapsed:.1f} s, routes {done}, admin-key trials {admin_trials}; "
-        f"answers gated by another tenant's memory {counts['cross_gated']}, reads of another tenant's memory "
+        f"answers gated by another tenant's memory {counts['cross_gated']}, adapters mixed that are not the "
+        f"caller's {counts['cross_mixed']}, chats that mixed the caller's cortex {own_cortex}, "
+        f"reads of another tenant's memory "
         f"{counts['cross_read']}, deletes of another tenant's memory {counts['cross_delete']}; own reads "
         f"{own_reads}, own memories returned by list/search {own_hits}, chats with a selection {gated_nonempty}, "
         f"search/chat trials where the unscoped top memory is another namespace's {would_leak}"
     )
-    assert counts == {"cross_gated": 0, "cross_read": 0, "cross_delete": 0}, (counts, unexpected[:10])
+    assert counts == {"cross_gated": 0, "cross_mixed": 0, "cross_read": 0, "cross_delete": 0}, (
+        counts,
+        unexpected[:10],
+    )
     assert not unexpected, (len(unexpected), unexpected[:10])
     # the trials could have failed: they read own memories, chats selected some, and an unscoped gate would
     # have put another tenant's memory first in a large share of the search and chat trials
     assert own_reads > 500 and own_hits > 1000 and gated_nonempty > 50
+    assert own_cortex > 200  # acme's and globex's chats (18 of 20 callers) mixed their own cortex
     assert would_leak > 0.3 * (done["search"] + done["chat"])
     # every memory is still there, as its owner sees it
     for ns in ("acme", "globex"):

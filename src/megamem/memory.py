@@ -500,8 +500,8 @@ class Memory:
 
         The default mode, mega+rag, answers with the gated adapters and the heaviest memory's text in context; it
         answered 0.653 of 300 questions of wiki partitions nobody tuned on, against 0.557 for plain RAG and 0.510
-        for the paper's qa mode (docs/results.md). A question that reaches no memory gets the base model's answer
-        to the plain QA prompt in every mode.
+        for the paper's qa mode (docs/results.md). A question that reaches no memory is asked in the mode's own
+        prompt with no gated adapter (the namespace's cortex, if any, is still mixed).
 
         A routed memory whose adapter fails its checksum is skipped (a warning; an error when strict) and the
         gate is taken again without it, so one damaged memory never breaks questions about the others."""

@@ -5,8 +5,10 @@ after the first), left-pads their prompts, sets the per-row gated mixture (injec
 weights: row b computes W0·x + Σ_i w[b, i]·s_i·B_i·A_i·x) and decodes them in one forward per token with a KV
 cache, streaming each row's text as it grows. This is S-LoRA / Punica's many-adapters-in-one-batch idea, for
 weighted mixtures. Rows whose gate chose no memory carry zero weights; a batch where no row uses a memory runs
-the bare model. Mixture terms below `min_weight` are dropped (their effect is below greedy decoding's
-resolution: docs/performance.md). Requests that arrive while a batch decodes wait for the next one.
+the bare model. Each request's mixture is decoded as given: the answer pipeline (megamem.answer.mixture) has
+already dropped the terms under the min weight, one rule for every interface. Requests that arrive while a batch
+decodes wait for the next one. A row decodes as the library's greedy `generate` does (one prompt, its positions
+counted from its first real token, the same stop tokens), so a chat and Memory.ask answer with the same text.
 
     engine = Engine(model, tok); engine.start()
     req = engine.submit(prompt_ids, adapters, weights, max_tokens=64)
@@ -70,14 +72,12 @@ class Engine(threading.Thread):
         tok: PreTrainedTokenizerBase,
         max_batch: int = 16,
         window_s: float = 0.005,
-        min_weight: float = 1e-3,
         batched: bool = True,
     ) -> None:
         super().__init__(name="megamem-engine", daemon=True)
         self.model, self.tok = model, tok
         self.max_batch = max_batch if batched else 1
         self.window_s = window_s
-        self.min_weight = min_weight
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.idle = threading.Event()  # set while no batch decodes: the trainer waits on it between steps
         self.idle.set()
@@ -132,12 +132,14 @@ class Engine(threading.Thread):
                 self.idle.set()
 
     def _mixture(self, batch: list[Request]) -> tuple[list, torch.Tensor | None]:
-        """The adapters any row uses (once each) and the (B, N) weights; None when no row uses one."""
+        """The adapters any row uses (once each) and the (B, N) weights; None when no row uses one. A row's terms
+        are taken as given (the answer pipeline applied the min-weight rule); zero weights cost nothing
+        (inject.set_mixture leaves out adapters no row weighs)."""
         adapters: list = []
         where: dict[int, int] = {}
         for r in batch:
-            for a, w in zip(r.adapters, r.weights, strict=True):
-                if w >= self.min_weight and id(a) not in where:
+            for a in r.adapters:
+                if id(a) not in where:
                     where[id(a)] = len(adapters)
                     adapters.append(a)
         if not adapters:
@@ -145,8 +147,7 @@ class Engine(threading.Thread):
         w = torch.zeros(len(batch), len(adapters))
         for b, r in enumerate(batch):
             for a, x in zip(r.adapters, r.weights, strict=True):
-                if x >= self.min_weight:
-                    w[b, where[id(a)]] = x
+                w[b, where[id(a)]] += x
         return adapters, w
 
     @torch.no_grad()
@@ -185,7 +186,7 @@ class Engine(threading.Thread):
                     continue
                 t = int(nxt[b])
                 if t in self.eos:
-                    self._end(r, "stop")
+                    self._end(r, "stop", out[b])
                     live[b] = False
                     continue
                 out[b].append(t)
@@ -198,10 +199,10 @@ class Engine(threading.Thread):
                     r.emit(text[len(r.text) :])
                     r.text = text
                 if cut is not None:
-                    self._end(r, "stop")
+                    self._end(r, "stop", out[b])
                     live[b] = False
                 elif len(out[b]) >= r.max_tokens or r.cancelled:
-                    self._end(r, "length")
+                    self._end(r, "length", out[b])
                     live[b] = False
             if not any(live):
                 break
@@ -209,7 +210,7 @@ class Engine(threading.Thread):
             mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
         for b, r in enumerate(batch):
             if live[b]:
-                self._end(r, "length")
+                self._end(r, "length", out[b])
         self.stats["batches"] += 1
         self.stats["rows"] += B
         self.stats["tokens"] += sum(len(o) for o in out)
@@ -232,7 +233,15 @@ class Engine(threading.Thread):
             return int(logits.argmax())
         return int(torch.multinomial(p, 1, generator=gen))
 
-    def _end(self, r: Request, reason: str) -> None:
+    def _end(self, r: Request, reason: str, tokens: list[int]) -> None:
+        """Finish a row: emit the text held back so far (a last character whose bytes never completed is final
+        now, and shown as the library's decode shows it, "\ufffd"), then END."""
+        text = self.tok.decode(tokens, skip_special_tokens=True)
+        cut = _stop_at(text, r.stop)
+        text = text if cut is None else text[:cut]
+        if len(text) > len(r.text) and text.startswith(r.text):
+            r.emit(text[len(r.text) :])
+            r.text = text
         r.finish_reason = reason
         r.emit(END)
         r.done.set()

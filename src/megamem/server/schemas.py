@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..answer import DEFAULT_MODE, MODES
+
 MAX_TEXT = 100_000  # characters of one memory text or message
 
 
@@ -26,18 +28,20 @@ class Message(BaseModel):
         return self.content or ""
 
 
+Mode = Literal[MODES]  # the answer pipeline's modes (megamem.answer), the library's and the server's alike
 Filter = dict[str, Any]  # field -> value (eq) | {"eq": v} | {"in": [...]} | {"contains": v}
 
 
 class MemoryOptions(BaseModel):
-    """megamem's extension of a chat request (the openai client sends it with extra_body={"memory": {...}})."""
+    """megamem's extension of a chat request (the openai client sends it with extra_body={"memory": {...}}).
+    mode: how the answer uses the memories (megamem.answer), by default the library's own."""
 
     model_config = ConfigDict(extra="forbid")
     user_id: str | None = Field(None, max_length=200)
     agent_id: str | None = Field(None, max_length=200)
     top_k: int | None = Field(None, ge=1, le=64)
     threshold: float | None = Field(None, ge=-1e6, le=1e6)
-    mode: Literal["mega", "qa", "rag", "mega+rag"] = "mega"
+    mode: Mode = DEFAULT_MODE
     ids: list[str] | None = Field(None, max_length=64)
     filters: Filter | None = None
     disable: bool = False

@@ -1,0 +1,247 @@
+"""OpenAI's chat completions, answered through the library's answer pipeline (megamem.answer) and decoded by the
+batching engine, so that a chat answers as Memory.ask does: the same mode (answer.DEFAULT_MODE unless the
+request's `memory.mode` names another), the same prompts, the same mixture (the caller's cortex at weight 1, its
+gated memories at their weights, the min-weight rule), the same greedy text at temperature 0.
+
+A request: the conversation (tool messages dropped, developer turns as system turns), the caller's gate over
+the memories in its scope (Server.scope, then Memory.gated), then answer.plan's steps. A step that is not the
+last (irag's recall) is decoded whole and fed back into the plan; the last one is streamed or returned.
+
+Limits: irag's first chunk waits for the recall; the client's sampling settings (temperature, top_p, seed)
+decode every step, its stop strings only the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ... import answer, schema
+from ...answer import Gated, Step, Turn
+from ...checks import check_text
+from ...errors import MegamemError
+from ...memory import with_overrides
+from ...model import chat_ids, context_length
+from ...store import Record
+from ..auth import Caller, Ready
+from ..engine import END, Request
+from ..errors import ApiError, invalid
+from ..runtime import Server
+from ..schemas import ChatRequest, MemoryOptions
+from ..tenants import Principal
+from ..views import check_filters
+from .health import served_models
+
+# a chat's cap when the client gives none (OpenAI-compatible servers' usual default); the library's cap is
+# answer.ANSWER_TOKENS (64) per answer turn, so a client that wants Memory.ask's answer sends max_tokens too
+DEFAULT_MAX_TOKENS = 256
+router = APIRouter()
+
+
+def check_model(srv: Server, model: str) -> None:
+    """404 for a model this server does not serve (its base model and the alias are served)."""
+    base, alias = served_models(srv)
+    if model not in (base, alias):
+        raise ApiError(
+            404,
+            f"the model {model[:200]!r} does not exist; this server serves {base!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def conversation(body: ChatRequest) -> list[Turn]:
+    """The request's turns (role, text): tool messages dropped, developer turns as system turns; every message
+    reaches the tokenizer, so each is checked as stored text is."""
+    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages if m.role != "tool"]
+    for n, (_, text) in enumerate(turns):
+        if text.strip():
+            try:
+                check_text(text, f"messages[{n}]")
+            except MegamemError as exc:
+                raise invalid(exc, "messages") from None
+    return turns
+
+
+def question_of(turns: list[Turn]) -> str:
+    """The last user turn, which the gate routes on ("" when there is none): routing on the whole conversation
+    would keep an old topic's memory in every later answer."""
+    users = [text for role, text in turns if role == "user"]
+    return users[-1].strip() if users else ""
+
+
+def gated(srv: Server, p: Principal, question: str, opts: MemoryOptions) -> tuple[Gated, dict[str, Record]]:
+    """The pipeline's gate for the caller (Memory.gated, as Memory.ask takes it): only the memories in the
+    caller's scope (its namespace, narrowed by the request's user, agent, ids and filters) take part, and the
+    cortex is the caller's namespace's. Returns it with the scope's records by stored id (for their API ids).
+    No question or memory disabled: nothing is scored (the filters are not even read), as before."""
+    allowed: list[Record] = []
+    with_gate = bool(question) and not opts.disable
+    if with_gate:
+        try:
+            filters = check_filters(opts.filters) if opts.filters is not None else None
+            ids = [schema.check_api_id(i) for i in opts.ids] if opts.ids is not None else None
+        except MegamemError as exc:
+            raise invalid(exc, "memory") from None
+    with srv.lock:
+        if with_gate:
+            allowed = srv.scope(p, opts.user_id, opts.agent_id, ids, filters)
+        # an empty scope scores nothing, so no question is needed then: the mixture is the cortex alone
+        g = srv.mem.gated(
+            question,
+            opts.mode,
+            with_overrides(srv.mem.gate, top_k=opts.top_k, threshold=opts.threshold),
+            only=frozenset(r.id for r in allowed),
+            namespace=p.namespace,
+            use_memory=not opts.disable,
+            min_weight=srv.cfg.min_weight,
+        )
+    return g, {r.id: r for r in allowed}
+
+
+@dataclass
+class Decoding:
+    """One step in the engine: its request, the queue its text pieces (then END) arrive on, its prompt's length."""
+
+    req: Request
+    pieces: asyncio.Queue
+    prompt_tokens: int
+
+
+def prompt_ids(srv: Server, step: Step) -> list[int]:
+    """A step's prompt through the chat template; 422 if the template refuses the turns, 400 if the prompt and
+    the step's token cap do not fit the model's context."""
+    try:
+        ids = chat_ids(srv.engine.tok, step.turns, generation_prompt=True)
+    except Exception as exc:  # a template that refuses the conversation (roles out of order, ...)
+        raise ApiError(422, f"messages: the chat template refused them ({exc})", param="messages") from None
+    limit = context_length(srv.engine.model)
+    if len(ids) + step.max_tokens > limit:
+        raise ApiError(
+            400,
+            f"the conversation is {len(ids)} tokens; with max_tokens {step.max_tokens} it "
+            f"exceeds the model's context of {limit}",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return ids
+
+
+def submit(srv: Server, body: ChatRequest, step: Step, stop: list[str]) -> Decoding:
+    """Hand a step to the engine with its mixture and the client's sampling; its pieces arrive on this event
+    loop (call from the route's coroutine)."""
+    ids = prompt_ids(srv, step)
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    req = srv.engine.submit(
+        ids,
+        list(step.mixture.adapters),
+        list(step.mixture.weights),
+        max_tokens=step.max_tokens,
+        temperature=body.temperature or 0.0,
+        top_p=body.top_p or 1.0,
+        seed=body.seed,
+        stop=stop,
+        emit=lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
+    )
+    return Decoding(req, pieces, len(ids))
+
+
+async def finish(srv: Server, d: Decoding) -> str:
+    """Wait for a step's whole text (a client that goes away frees its row), count its tokens; 500 if the
+    engine failed it."""
+    try:
+        while (await d.pieces.get()) is not END:
+            pass
+    except asyncio.CancelledError:
+        d.req.cancelled = True
+        raise
+    srv.metrics.tokens.inc(d.req.completion_tokens)  # every token the engine decoded, irag's recall too
+    if d.req.error:
+        raise ApiError(500, f"generation failed: {d.req.error}", "server_error")
+    return d.req.text
+
+
+@dataclass
+class Completion:
+    """What the answer's JSON needs: the request, the completion's id and time, the memory extension, and the
+    last step's decoding."""
+
+    body: ChatRequest
+    id: str
+    created: int
+    memory: dict
+    final: Decoding
+
+    def head(self, kind: str) -> dict:
+        """The fields every answer and chunk starts with."""
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model}
+
+    def usage(self) -> dict:
+        """Token counts. For irag the prompt is the last step's (recall, then the question): what the answer
+        was decoded from; the recall's own decoding is not counted as completion tokens."""
+        n, prompt = self.final.req.completion_tokens, self.final.prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+
+    def chunk(self, delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
+        """One server-sent event of the stream."""
+        c = self.head("chat.completion.chunk") | {
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        }
+        return f"data: {json.dumps(c | (extra or {}), ensure_ascii=False)}\n\n"
+
+
+def completion_json(c: Completion) -> dict:
+    """The non-streamed answer (OpenAI's chat.completion, with megamem's `memory` extension)."""
+    req = c.final.req
+    message = {"role": "assistant", "content": req.text}
+    choice = {"index": 0, "message": message, "finish_reason": req.finish_reason, "logprobs": None}
+    return c.head("chat.completion") | {"choices": [choice], "usage": c.usage(), "memory": c.memory}
+
+
+async def events(srv: Server, c: Completion):
+    """The streamed answer: a first chunk with the role and the memory extension, the text as it is decoded,
+    the finish chunk, the usage chunk if asked for, [DONE]."""
+    req = c.final.req
+    try:
+        yield c.chunk({"role": "assistant", "content": ""}, extra={"memory": c.memory})
+        while (item := await c.final.pieces.get()) is not END:
+            yield c.chunk({"content": item})
+        yield c.chunk({}, req.finish_reason if req.finish_reason != "error" else "stop")
+        if c.body.stream_options and c.body.stream_options.include_usage:
+            yield f"data: {json.dumps(c.head('chat.completion.chunk') | {'choices': [], 'usage': c.usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        req.cancelled = True  # a client that went away frees its row
+        srv.metrics.tokens.inc(req.completion_tokens)
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatRequest, p: Caller, srv: Ready) -> Response:
+    """A chat completion through the answer pipeline, streamed or not, with the memories the gate selected."""
+    check_model(srv, body.model)
+    opts = body.memory or MemoryOptions()
+    turns = conversation(body)
+    g, scope = await run_in_threadpool(gated, srv, p, question_of(turns), opts)
+    max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+    steps = answer.plan(turns, opts.mode, g.mixture, g.passages, max_tokens)
+    step = next(steps)
+    while not step.final:  # irag's recall: decoded whole, then the conversation the answer continues
+        text = await finish(srv, submit(srv, body, step, []))
+        step = steps.send(text.strip())  # stripped as generate.complete strips it: both sides continue alike
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    final = submit(srv, body, step, stops[:4])
+    routed = [(schema.api_id(scope[i]), s, w) for i, s, w in g.routed if i in scope]
+    memory = {"selected": [{"id": i, "score": round(s, 6), "weight": round(w, 6)} for i, s, w in routed]}
+    c = Completion(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), memory, final)
+    if not body.stream:
+        await finish(srv, final)
+        return JSONResponse(completion_json(c))
+    return StreamingResponse(events(srv, c), media_type="text/event-stream")
