@@ -104,7 +104,8 @@ def test_bench_mega_answers_exactly_as_memory_ask(tmp_path, tiny_dir):
     from megamem.answer import qa_prompt
     from megamem.bench.config import BenchConfig
     from megamem.bench.infer import generate
-    from megamem.bench.methods import PROTOCOL_LORA, PROTOCOL_RECIPE, gate_matrix, make_method
+    from megamem.bench.methods import gate_matrix, make_method
+    from megamem.bench.protocol import PROTOCOL_LORA, PROTOCOL_RECIPE
     from megamem.bench.run import setup
     from megamem.keys import compute_keys
 

@@ -413,7 +413,7 @@ def test_bench_help_names_the_protocols_rank_not_the_products():
     import typer
 
     from megamem.adapters import LoraSpec
-    from megamem.bench.methods import PROTOCOL_LORA
+    from megamem.bench.protocol import PROTOCOL_LORA
     from megamem.cli import app
 
     bench = typer.main.get_command(app).commands["bench"]

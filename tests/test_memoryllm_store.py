@@ -119,8 +119,15 @@ def test_cli_end_to_end(tmp_path, tiny_dir):
     before = digest(path)
     for args, message in [
         (("forget", "heron"), "cannot forget one memory"),
-        (("verify",), "works on MEGa stores only"),
-        (("repair",), "works on MEGa stores only"),
+        (("verify",), "megamem verify works on stores that have 'health'; this is a memoryllm store"),
+        (("repair",), "megamem repair works on stores that have 'health'; this is a memoryllm store"),
+        (
+            ("export", "heron", "--out", tmp_path / "peft"),
+            f"megamem export works on stores that have 'export'; this is a memoryllm store ({path})",
+        ),
+        (("merge", "heron", "other"), "megamem merge works on stores that have 'merge'; this is a memoryllm store"),
+        (("split", "heron"), "megamem split works on stores that have 'merge'; this is a memoryllm store"),
+        (("consolidate", "--ids", "heron"), "megamem consolidate works on stores that have 'consolidate'"),
         (("ask", "Where?", "--top-k", "2"), "gate settings"),
         (("ask", "Where?", "--mode", "mega+rag"), "needs MEGa's gate"),
         (("add", "More.", "--epochs", "2"), "trains nothing per memory"),

@@ -81,7 +81,9 @@ def require(backend: Backend | type, capability: str, doing: str) -> None:
     """An error saying that `doing` (a command or call) needs a capability this backend lacks."""
     if not supports(backend, capability):
         where = f" ({backend.path})" if isinstance(getattr(backend, "path", None), Path) else ""
+        has = ", ".join(sorted(backend.capabilities))
         raise MegamemError(
-            f"{doing} works on stores that have {capability!r}; this is a {backend.kind} store{where}, which has "
-            f"{', '.join(sorted(backend.capabilities)) or 'none of them'} (docs/memoryllm.md)"
+            f"{doing} works on stores that have {capability!r}; this is a {backend.kind} store{where}, which "
+            + (f"has only {has}" if has else "has none of the optional capabilities")
+            + " (docs/memoryllm.md)"
         )

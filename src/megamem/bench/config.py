@@ -9,7 +9,8 @@ from pathlib import Path
 from ..adapters import LoraSpec
 from ..datasets import partition_files
 from ..errors import MegamemError
-from .methods import DEFAULT_LR, METHODS, PROTOCOL_LORA, method_spec
+from .methods import DEFAULT_LR, METHODS, method_spec
+from .protocol import PROTOCOL_LORA
 from .runlog import folder_lock
 
 TARGETS = {
@@ -32,7 +33,7 @@ class BenchConfig:
     epochs: int = 10
     max_steps: int | None = None
     lrs: dict[str, float] = field(default_factory=dict)
-    rank: int | None = None  # None: the pinned protocol's rank (methods.PROTOCOL_LORA), not the product's
+    rank: int | None = None  # None: the pinned protocol's rank (protocol.PROTOCOL_LORA), not the product's
     targets: str = "mlp"
     key_function: str = "embedder"
     beta: float | None = None

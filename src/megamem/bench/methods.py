@@ -25,17 +25,13 @@ from ..errors import MegamemError
 from ..gate import GateConfig, gate_weights
 from ..index import KeyIndex
 from ..inject import clear, gated_layers
-from ..train import PAPER_RECIPE, Recipe, collate, fit, lm_loss, make_example, target_layers, train_adapter
+from ..train import Recipe, collate, fit, lm_loss, make_example, target_layers, train_adapter
 from . import general
 from .infer import Turns, answer_logprobs, generate, last_logits, token_logprobs
 from .prompts import conversation
+from .protocol import PROTOCOL_RECIPE
 from .spec import MethodSpec
 
-# The paper's protocol, re-tuned for the default model (docs/tuning.md): adapters on every layer's MLP, rank
-# 32, 10 epochs over the passage and all its paraphrases, batch 2. The bench keeps it fixed whatever the
-# product's faster defaults (Recipe(), LoraSpec(); docs/performance.md) are, so runs stay comparable.
-PROTOCOL_LORA = LoraSpec(rank=32, alpha=32.0, dropout=0.05, upper=1.0)
-PROTOCOL_RECIPE = PAPER_RECIPE
 # Learning rates per family, each the best of a sweep on the default model (docs/bench.md, "Learning rates"):
 # mega: the protocol's (docs/tuning.md); sequential merged LoRA (lora, lora-l2): 1e-4 of 3e-5 / 1e-4 / 3e-4 /
 # 1e-3 (mega's 1e-3 overwrites earlier memories); full fine-tuning: 1e-5 of 3e-6 / 1e-5 / 3e-5.

@@ -29,8 +29,9 @@ from ..model import load_model
 from .config import BenchConfig, check_config, eval_steps, expand_methods, lora_spec, validate
 from .estimate import estimate_seconds, print_estimate
 from .evaluation import Partition, Probes, evaluate, make_probes, prepare, skipped
-from .methods import PROTOCOL_RECIPE, Method, Shared, keep_base, make_method
+from .methods import Method, Shared, keep_base, make_method
 from .methods import gate_matrix as gate_matrix  # re-exported: tests and benchmarks import it from here
+from .protocol import PROTOCOL_RECIPE
 from .report import write_report
 from .runlog import append_rows, closed_steps, folder_lock, read_closed_rows, read_rows
 
