@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 # progress callbacks every backend's add takes: a step learned (step, total, loss), a memory begun (index, count),
 # a memory stored (its record)
 OnStep = Callable[[int, int, float], None] | None
 OnMemory = Callable[[int, int], None] | None
 OnStored = Callable[[object], None] | None
+
+
+class Progress(TypedDict, total=False):
+    """The progress callbacks, as keyword arguments (Memory.learn(**progress))."""
+
+    on_step: OnStep
+    on_memory: OnMemory
+    on_stored: OnStored
 
 
 @dataclass

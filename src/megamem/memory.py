@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,7 +24,7 @@ from .gate import GateConfig, gate_weights
 from .generate import decode
 from .index import EXACT_MAX_KEYS, KeyIndex
 from .inject import inject_for
-from .items import Answer, Item, OnMemory, OnStep, OnStored
+from .items import Answer, Item, OnMemory, OnStep, OnStored, Progress
 from .keys import DEFAULT_KEY_FUNCTION, KEY_FUNCTIONS, compute_keys
 from .learn import learn
 from .memoryllm.store import PoolMemory, is_pool_store
@@ -43,6 +44,9 @@ from .store.cortex import Consolidated
 from .store.cortex import namespaces as cortex_namespaces
 from .train import Recipe
 from .updates import likely_update
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # Adapters are stored in bfloat16: half the bytes of float32 with recall and QA unchanged at every rank
 # measured (docs/performance.md, storage); they are computed in float32 once loaded.
@@ -253,23 +257,22 @@ class Memory:
             raise MegamemError("add_many takes a list of Item")
         checked = self.validate(items, keep_going)
         self.prepare_store()
-        return self.learn(checked, on_step, on_memory, on_stored)
+        return self.learn(checked, on_step=on_step, on_memory=on_memory, on_stored=on_stored)
 
     def learn(
         self,
         items: list[Item],
-        on_step: OnStep = None,
-        on_memory: OnMemory = None,
-        on_stored: OnStored = None,
         note_updates: bool = True,
         key_texts: list[list[str]] | None = None,
         group: int | None = None,
+        **progress: Unpack[Progress],
     ) -> list[Record]:
         """Learn items that passed `validate` (or an operation's own checks) into the prepared store, `train_group`
         at a time, committing each as soon as its group is learned: the one path every memory takes in
         (megamem.learn). key_texts: each item's key texts, where they are more than its own (a merged memory).
         note_updates: warn of stored memories an item may update (see commit). group: memories trained together
         (default train_group; 1 learns each exactly as a single add does)."""
+        on_step, on_memory, on_stored = (progress.get(k) for k in ("on_step", "on_memory", "on_stored"))
         model, tok = self.load()
         size = group or self.train_group
         records = []

@@ -252,7 +252,7 @@ ModeOpt = Annotated[
     str | None,
     typer.Option(
         help="mega+rag (adapters + the memory's text; MEGa's default) | qa (the paper's; MemoryLLM's default) | "
-        "recall | irag | rag"
+        "recall | irag | rag | mega"
     ),
 ]
 ShowGateOpt = Annotated[bool, typer.Option("--show-gate", help="Print the gate weights.")]

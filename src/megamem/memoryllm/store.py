@@ -26,17 +26,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..answer import Mixture, plan, run
 from ..backend import MEMORYLLM
 from ..checks import check_count, check_id, check_metadata, check_text
 from ..errors import MegamemError
 from ..gate import GateConfig
-from ..items import Answer, Item, OnMemory, OnStep, OnStored
+from ..items import Answer, Item, Progress
 from ..model import DEFAULT_MODEL, load_model
 from ..store import Store, write_atomic, write_json_atomic
 from .model import MemoryConfig, MemoryLLM
 from .pool import Pool
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 SETTINGS = "memoryllm.json"
 PARAMS = "params.safetensors"
@@ -225,15 +229,10 @@ class PoolMemory:
         """Write one memory into the pool (one update per 4 K tokens of text; nothing is trained)."""
         return self.add_many([Item(text, [], {} if metadata is None else metadata, id)])[0]
 
-    def add_many(
-        self,
-        items: list[Item],
-        on_step: OnStep = None,
-        on_memory: OnMemory = None,
-        on_stored: OnStored = None,
-        keep_going: bool = False,
-    ) -> list[PoolRecord]:
-        """Write memories in order, each committed (the pool file replaced) before the next begins."""
+    def add_many(self, items: list[Item], keep_going: bool = False, **progress: Unpack[Progress]) -> list[PoolRecord]:
+        """Write memories in order, each committed (the pool file replaced) before the next begins. progress: the
+        callbacks (on_step, on_memory, on_stored) of megamem.items.Progress."""
+        on_step, on_memory, on_stored = (progress.get(k) for k in ("on_step", "on_memory", "on_stored"))
         items = self.validate(items, keep_going=keep_going)
         self.prepare_store()
         mllm = self.load()

@@ -118,7 +118,7 @@ def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | N
     texts = [good.text, *good.paraphrases]
     every = list(dict.fromkeys([*texts, *(t for m in parts for t in (m["text"], *m["paraphrases"]))]))
     mem.prepare_store()
-    (record,) = mem.learn([item], on_step, note_updates=False, key_texts=[every])
+    (record,) = mem.learn([item], note_updates=False, key_texts=[every], on_step=on_step)
     for r in records:
         mem.forget(r.id)
     return record
@@ -144,7 +144,7 @@ def split(mem: Memory, memory_id: str, on_step=None) -> list[Record]:
         Item(m["text"], m["paraphrases"], m["metadata"], m["id"], reserved={**m["reserved"], **replacing(m)})
         for m in parts
     ]
-    records = mem.learn(items, on_step, note_updates=False, group=1)  # each exactly as a fresh add learns it
+    records = mem.learn(items, note_updates=False, group=1, on_step=on_step)  # each exactly as a fresh add learns it
     mem.forget(memory_id)
     return records
 
