@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .. import schema
 from ..answer import MIN_WEIGHT
+from ..backend import SERVE, require
 from ..errors import MegamemError
 from ..memory import Item, Memory
 from ..store import Record
@@ -92,6 +93,7 @@ class Server:
         every request to report (the process stays up to say why)."""
         try:
             mem = Memory(self.cfg.store)
+            require(mem, SERVE, "megamem serve")  # the store says what it can do (megamem.backend)
             if mem.key_function == "activation":  # its keys run the serving model, which the engine owns
                 raise MegamemError("megamem serve needs a store keyed by the sentence embedder, not 'activation'")
             model, tok = mem.load()
