@@ -182,3 +182,21 @@ def test_int8_store_and_export_from_the_command_line(tmp_path, tiny_dir):
     ):
         r = run(*args, "--store", path)
         assert r.exit_code == 1 and message in r.output, r.output
+
+
+def test_a_bad_port_or_age_is_one_error_line(tmp_path):
+    """serve with a port out of range or taken, and consolidate --older-than past what a date can count back: one
+    `error:` line each, before anything loads (they were a traceback, uvicorn's own message, an OverflowError)."""
+    import socket
+
+    run = CliRunner()
+    for port in ("70000", "-1"):
+        result = run.invoke(app, ["serve", "--store", str(tmp_path / "s"), "--open", "--port", port])
+        assert result.exit_code == 1 and "error: --port must be from 1 to 65535" in result.output, result.output
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        result = run.invoke(app, ["serve", "--store", str(tmp_path / "s"), "--open", "--port", port])
+    assert result.exit_code == 1 and f"error: cannot listen on 127.0.0.1:{port}" in result.output, result.output
+    result = run.invoke(app, ["consolidate", "--store", str(tmp_path / "s"), "--older-than", "99999999999d"])
+    assert result.exit_code == 1 and "longer than megamem counts back" in result.output, result.output
+    assert not (tmp_path / "s").exists()  # nothing was created

@@ -68,12 +68,18 @@ def consolidate(
     )
 
 
+MAX_AGE_S = 36500 * 86400  # a hundred years
+
+
 def _age_seconds(text: str) -> float:
     """'90s', '30m', '12h', '7d' -> seconds; anything else is an error line."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text or "")
     if not m:
         raise MegamemError(f"--older-than must be a number and a unit s, m, h or d (like 7d), got {text!r}")
-    return float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    if seconds > MAX_AGE_S:  # beyond it a date cannot be counted back (and nothing is that old)
+        raise MegamemError(f"--older-than {text.strip()} is longer than megamem counts back (at most 36500d)")
+    return seconds
 
 
 MergeIdsArg = Annotated[list[str] | None, typer.Argument(help="Memories to merge (two or more).")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +37,7 @@ def serve(
 
     from ..server.app import ServerConfig, create_app
 
+    _check_port(host, port)
     path = store_path(store)
     require_at(path, SERVE, "serve")
     if max_batch < 1:
@@ -45,6 +47,20 @@ def serve(
     _check_access(path, open_access)
     cfg = ServerConfig(store=path, open_access=open_access, max_batch=max_batch, batched=not no_batch)
     uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning")
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port the server can listen on, or one error line: out of range, or already taken (checked by binding
+    it for a moment, before the model loads)."""
+    if not 1 <= port <= 65535:
+        raise MegamemError(f"--port must be from 1 to 65535, got {port}")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise MegamemError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server using it?)"
+        ) from None
 
 
 def _check_access(path: Path, open_access: bool) -> None:
