@@ -50,6 +50,52 @@ def provenance() -> dict:
     }
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion k / n."""
+    import math
+
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def serve(store: Path, port: int, *flags: str) -> subprocess.Popen:
+    """`megamem serve` (the installed command, as an application runs it) on a store, in its own process group,
+    once /healthz answers; flags: more `serve` options (--open, --max-batch N, ...)."""
+    import httpx
+
+    exe = Path(sys.executable).with_name("megamem")
+    cmd = [str(exe), "serve", "--store", str(store), "--port", str(port), *flags]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"megamem serve exited with {proc.returncode}")
+        time.sleep(0.5)
+    stop(proc)
+    raise SystemExit("megamem serve did not become healthy in 300 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a server started by `serve` (its whole process group), killing it if it does not stop in 30 s."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     """Median wall seconds of `repeats` calls (after one warm-up call)."""
     fn()

@@ -23,29 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import provenance, table
+from common import provenance, serve, stop, table, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mega-wiki2024"
 OUT = ROOT / "docs" / "results" / "one-product"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of k successes in n trials."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (mid - half, mid + half)
 
 
 def wiki_store(store: Path, partition: int, memories: int):
@@ -108,29 +95,6 @@ def prompt_choice(args) -> dict:
     return {"rows": rows, "answers": answers}
 
 
-def serve(store: Path, port: int) -> subprocess.Popen:
-    """`megamem serve --open` on the store, healthy (the real command, as an application would run it)."""
-    import httpx
-
-    exe = Path(sys.executable).with_name("megamem")
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--store", str(store), "--open", "--port", str(port)],
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"megamem serve exited with {proc.returncode}")
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit("megamem serve did not become healthy in 300 s")
-
-
 def parity(args) -> dict:
     """The server's default answer (openai client, no extension fields) against Memory.ask's default."""
     import openai
@@ -138,7 +102,7 @@ def parity(args) -> dict:
     mem, questions = wiki_store(args.store, args.partition, args.memories)
     library = ask_all(mem, questions)
     del mem
-    proc = serve(args.store, args.port)
+    proc = serve(args.store, args.port, "--open")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", timeout=600)
         server = []
@@ -146,8 +110,7 @@ def parity(args) -> dict:
             reply = client.chat.completions.create(model="megamem", messages=[{"role": "user", "content": q}])
             server.append((reply.choices[0].message.content or "").strip())
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop(proc)
     rows = [scored("Memory.ask (default)", library, questions), scored("megamem serve via openai", server, questions)]
     same = sum(a == b for a, b in zip(library, server, strict=True))
     return {"rows": rows, "identical": same, "answers": {"library": library, "server": server}}

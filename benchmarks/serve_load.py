@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,34 +27,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command, machine, table  # noqa: E402
+from common import command, machine, serve, stop, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def start(store: Path, port: int, batched: bool, max_batch: int) -> subprocess.Popen:
-    cmd = [str(ROOT / ".venv/bin/megamem"), "serve", "--store", str(store), "--port", str(port)]
-    cmd += ["--max-batch", str(max_batch)] + ([] if batched else ["--no-batch"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        time.sleep(0.5)
-    raise SystemExit("the server did not start")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -154,7 +127,7 @@ def main() -> None:
     questions = [f"What do you know about {' '.join(m['text'].split()[:6])}?" for m in listing]
     rows, results = [], {"command": command(), "machine": machine(), "memories": len(listing), "runs": []}
     for batched in (True, False):
-        proc = start(store, args.port, batched, 16)
+        proc = serve(store, args.port, "--max-batch", "16", *([] if batched else ["--no-batch"]))
         try:
             for c in (int(x) for x in args.concurrency.split(",")):
                 r = asyncio.run(chat_clients(url, key, questions, c, args.seconds, args.max_tokens))

@@ -74,6 +74,19 @@ def context_prompt(question: str, passages: list[str] | None) -> str:
     return with_context(prompt, passages) if passages else prompt
 
 
+def last_user(turns: list[Turn]) -> int | None:
+    """The index of a conversation's last user turn: the question a plan rewrites and the gate routes on (routing
+    on the whole conversation would keep an old topic's memory in every later answer); None when it has none."""
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    return users[-1] if users else None
+
+
+def question_of(turns: list[Turn]) -> str:
+    """The question a conversation asks: its last user turn, stripped ("" when it has none)."""
+    u = last_user(turns)
+    return turns[u][1].strip() if u is not None else ""
+
+
 def check_mode(mode: str) -> str:
     """One of MODES, or an error naming them."""
     if mode not in MODES:
@@ -154,11 +167,10 @@ def plan(
     answer_cap = max_new_tokens or ANSWER_TOKENS
     recall_cap = max_new_tokens or RECALL_TOKENS
     turns = [("user", conversation)] if isinstance(conversation, str) else list(conversation)
-    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
-    if not users or mode == "mega":  # nothing to rewrite: the conversation as given
+    u = last_user(turns)
+    if u is None or mode == "mega":  # nothing to rewrite: the conversation as given
         return Reply((yield Step(turns, mix, answer_cap, True)))
-    u = users[-1]
-    before, after, question = turns[:u], turns[u + 1 :], turns[u][1].strip()
+    before, after, question = turns[:u], turns[u + 1 :], question_of(turns)
 
     def asking(*asks: Turn) -> list[Turn]:
         return [*before, *asks, *after]

@@ -311,7 +311,7 @@ class Memory:
         if not ids:
             return []
         if keys is None:
-            keys = self._query_keys([text])
+            keys = self.keys_of([text])
         index = self.routing.index("cosine")
         best = torch.stack([index.exact_scores(k) for k in keys]).max(dim=0).values  # (n,) over the text's keys
         order = torch.argsort(best, descending=True)[:8].tolist()
@@ -414,10 +414,14 @@ class Memory:
             raise MegamemError(f"{exc} (strict mode; `megamem verify` lists every problem)")
         self._warn(f"{exc}; skipped (`megamem verify` and `megamem repair` mend the store)")
 
-    def _query_keys(self, texts: list[str]) -> torch.Tensor:
-        """(n, d) keys of texts by the store's key function (the model is loaded only for activation keys)."""
-        model, tok = self.load() if self.key_function == "activation" else (None, None)
-        return compute_keys(self.key_function, texts, model, tok)
+    def _key_model(self) -> tuple:
+        """What the key function runs on: the model and tokenizer for activation keys, else (None, None) (the
+        sentence embedder needs no base model loaded)."""
+        return self.load() if self.key_function == "activation" else (None, None)
+
+    def keys_of(self, texts: list[str]) -> torch.Tensor:
+        """(n, d) keys of texts by the store's key function, as a question or a memory is keyed."""
+        return compute_keys(self.key_function, texts, *self._key_model())
 
     def keys(self) -> KeyTable:
         """Every stored memory's keys, current with the store (routing.KeyTable: ids, keys, owners)."""
@@ -439,8 +443,7 @@ class Memory:
         cfg = gate or self.gate
 
         def calibration() -> torch.Tensor:
-            model, tok = self.load() if self.key_function == "activation" else (None, None)
-            return calibration_keys(self.key_function, self.model_name, model, tok)
+            return calibration_keys(self.key_function, self.model_name, *self._key_model())
 
         return self.routing.null_score(cfg, only, calibration)
 
@@ -465,7 +468,7 @@ class Memory:
         """(n,) every stored memory's score for a question (-inf: takes no part: superseded, damaged, outside
         `only`, or not among the index's candidates in a large store; routing.Routing.scores)."""
         cfg = gate or self.gate
-        q = self._query_keys([question])[0]
+        q = self.keys_of([question])[0]
         return self.routing.scores(q, question, cfg, only, lambda: self.null_score(cfg, only))
 
     def search(self, query: str, only: frozenset[str] | None = None, limit: int = 10) -> list[tuple[str, float]]:

@@ -34,7 +34,6 @@ import torch
 from ..checks import check_finite, check_id
 from ..errors import MegamemError
 from ..items import Item
-from ..keys import compute_keys
 from ..schema import MERGED, PARAPHRASES, REPLACES, is_reserved
 from ..store import Record
 from ..train import check_fits
@@ -183,12 +182,11 @@ def diverged(
     """Merged memories whose members no longer form one subject at these thresholds: (id, the member ids in the
     groups they fall into), a split candidate each."""
     out = []
-    model, tok = mem.load() if mem.key_function == "activation" else (None, None)
     for r in mem.list():
         parts = r.metadata.get(MERGED)
         if not parts:
             continue
-        keys = [compute_keys(mem.key_function, [m["text"], *m["paraphrases"]], model, tok) for m in parts]
+        keys = [mem.keys_of([m["text"], *m["paraphrases"]]) for m in parts]
         owner = torch.cat([torch.full((len(k),), n) for n, k in enumerate(keys)])
         pairs = [
             (a, b)

@@ -70,13 +70,6 @@ def conversation(body: ChatRequest) -> list[Turn]:
     return turns
 
 
-def question_of(turns: list[Turn]) -> str:
-    """The last user turn, which the gate routes on ("" when there is none): routing on the whole conversation
-    would keep an old topic's memory in every later answer."""
-    users = [text for role, text in turns if role == "user"]
-    return users[-1].strip() if users else ""
-
-
 def gated(srv: Server, p: Principal, question: str, opts: MemoryOptions) -> tuple[Gated, dict[str, Record]]:
     """The pipeline's gate for the caller (Memory.gated, as Memory.ask takes it): only the memories in the
     caller's scope (its namespace, narrowed by the request's user, agent, ids and filters) take part, and the
@@ -229,7 +222,7 @@ async def chat(body: ChatRequest, p: Caller, srv: Ready) -> Response:
     check_model(srv, body.model)
     opts = body.memory or MemoryOptions()
     turns = conversation(body)
-    g, scope = await run_in_threadpool(gated, srv, p, question_of(turns), opts)
+    g, scope = await run_in_threadpool(gated, srv, p, answer.question_of(turns), opts)
     max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
     steps = answer.plan(turns, opts.mode, g.mixture, g.passages, max_tokens)
     step = next(steps)
