@@ -110,6 +110,28 @@ def run_damage(work: Path) -> list[dict]:
     return results
 
 
+def run_memoryllm_damage(work: Path) -> list[dict]:
+    """The MemoryLLM damage matrix of tests/test_memoryllm_health.py (each file flipped, truncated, deleted, a
+    letter of a stored text changed, a killed write's temporary pool), every case asking questions."""
+    import test_memoryllm_health as mh
+
+    model = fl.make_tiny_model(work / "memoryllm-model")
+    base = mh.build_pool_store(
+        work / "memoryllm-store", model, mh.save_untrained_params(model, work / "memoryllm-params.safetensors")
+    )
+    results = []
+    for n, (target, how) in enumerate(mh.damage_cases()):
+        t0 = time.perf_counter()
+        case = work / f"memoryllm-damage-{n}"
+        case.mkdir()
+        fails = mh.run_pool_case(base, case, target, how)
+        shutil.rmtree(case, ignore_errors=True)
+        seconds = round(time.perf_counter() - t0, 2)
+        results.append({"target": target, "damage": how, "skipped": False, "failures": fails, "seconds": seconds})
+        print(f"  memoryllm {target:<9} {how:<13} {'ok' if not fails else f'{len(fails)} failure(s)'}", flush=True)
+    return results
+
+
 def run_kills(work: Path, trials: int, seed: int) -> tuple[list[dict], dict]:
     fake = fl.build_fake_store(work / "fake-store")
     plan = fl.trial_plan(trials, seed)
@@ -142,6 +164,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="megamem-faults-"))
     try:
         damage = [] if args.no_damage else run_damage(work)
+        pool_damage = [] if args.no_damage else run_memoryllm_damage(work)
         kills, calib = run_kills(work, args.trials, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -160,13 +183,22 @@ def main() -> None:
             damage_rows[target] = damage_row(sub)
     if damage:
         damage_rows["all"] = damage_row(damage)
+    pool_rows = {}
+    for target in dict.fromkeys(r["target"] for r in pool_damage):
+        pool_rows[target] = damage_row([r for r in pool_damage if r["target"] == target])
+    if pool_damage:
+        pool_rows["all"] = damage_row(pool_damage)
 
     print()
     if damage:
         print(table("damage matrix", DAMAGE_COLUMNS, damage_rows))
         print()
+    if pool_damage:
+        print(table("memoryllm damage", DAMAGE_COLUMNS, pool_rows))
+        print()
     print(table(f"kill -9 (seed {args.seed})", KILL_COLUMNS, kill_rows))
     failing = [(f"{r['target']} {r['damage']}", r["failures"]) for r in damage if r["failures"]]
+    failing += [(f"memoryllm {r['target']} {r['damage']}", r["failures"]) for r in pool_damage if r["failures"]]
     failing += [
         (f"trial {r['n']} {r['op']} {r['variant'] or ''} {r['where']}", r["failures"]) for r in kills if r["failures"]
     ]
@@ -193,6 +225,8 @@ def main() -> None:
                 "kill_summary": kill_rows,
                 "damage_summary": damage_rows,
                 "damage": damage,
+                "memoryllm_damage_summary": pool_rows,
+                "memoryllm_damage": pool_damage,
                 "kills": kills,
             },
             indent=2,

@@ -119,8 +119,8 @@ def test_cli_end_to_end(tmp_path, tiny_dir):
     before = digest(path)
     for args, message in [
         (("forget", "heron"), "cannot forget one memory"),
-        (("verify",), "megamem verify works on stores that have 'health'; this is a memoryllm store"),
-        (("repair",), "megamem repair works on stores that have 'health'; this is a memoryllm store"),
+        (("keys", "create", "--namespace", "team"), "a memoryllm store, which `megamem serve` cannot serve"),
+        (("keys", "list"), "so it has no API keys"),
         (
             ("export", "heron", "--out", tmp_path / "peft"),
             f"megamem export works on stores that have 'export'; this is a memoryllm store ({path})",
@@ -138,6 +138,12 @@ def test_cli_end_to_end(tmp_path, tiny_dir):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
     assert digest(path) == before
+    assert sorted(p.name for p in path.iterdir()) == [".lock", "memories.json", "memoryllm.json", "params.safetensors",
+                                                      "pool.safetensors"]  # fmt: skip
+    r = run("verify", "--store", path, "--json")  # verify and repair check and mend a MemoryLLM store too
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"store": str(path), "ok": True, "problems": []}
+    r = run("repair", "--store", path)
+    assert r.exit_code == 0 and r.stdout.strip() == f"ok: {path}" and digest(path) == before
     r = run("add", "x", "--backend", "lstm", "--store", tmp_path / "new")
     assert r.exit_code == 1 and "unknown backend" in r.stderr
 

