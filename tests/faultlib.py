@@ -49,6 +49,8 @@ ROOT_KNOWN = {
     "memories",
     "tmp",
     "quarantine",
+    "cortex",
+    "intents",
 }
 
 # three memories whose questions the embedder gate routes apart (checked on the tiny model)

@@ -17,6 +17,7 @@ from .items import Item
 from .routing import superseded
 from .schema import check_user_fields
 from .store import Store
+from .store.cortex import held_ids
 from .train import check_fits
 
 
@@ -31,6 +32,7 @@ def check_items(items: list[Item], store: Store | None) -> tuple[list[Item], lis
     seen: dict[str, str] = {}
     given = any(item.id is not None for item in items)
     replaced = superseded(store.records()) if given and store is not None else set()
+    consolidated = held_ids(store.path) if given and store is not None else {}
 
     def check(n: int, item: Item) -> Item:
         where = where_of(item, n, len(items))
@@ -41,6 +43,11 @@ def check_items(items: list[Item], store: Store | None) -> tuple[list[Item], lis
         olds = check_replaces(item.replaces, where, seen, store)
         if item.id is not None:
             check_new_id(item.id, where, seen, store, replaced)
+            if item.id in consolidated:
+                raise MegamemError(
+                    f"{where}: id {item.id!r} is a consolidated memory's (the {consolidated[item.id]} cortex holds "
+                    f"it); forget it first (`megamem forget {item.id}`) or choose another id"
+                )
             seen[item.id] = where
         return Item(text, paras, meta, item.id, item.origin, olds, dict(item.reserved))
 

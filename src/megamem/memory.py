@@ -38,7 +38,7 @@ from .schema import (
     owns,
     reserved_metadata,
 )
-from .store import MemoryDamaged, Record, Store, default_store_path
+from .store import MemoryDamaged, Record, Store, default_store_path, intents
 from .store.caches import AdapterCache, CortexCache
 from .store.cortex import Consolidated
 from .store.cortex import namespaces as cortex_namespaces
@@ -240,6 +240,11 @@ class Memory:
         self.store.writable()
         for note in self.store.notices:
             self._warn(note)
+        settled = intents.settle(self.store)  # what a killed merge, split or consolidation left: finished or undone
+        for line in settled:
+            self._warn(line)
+        if settled:
+            self.routing.invalidate()
         return self.store
 
     def add_many(

@@ -1,21 +1,43 @@
-"""The commands that check and mend a store's files: verify and repair (megamem.store.health)."""
+"""The commands that check and mend a store's files: verify and repair (megamem.store.health for a MEGa store,
+megamem.memoryllm.health for a MemoryLLM one)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import ModuleType
+
 import typer
 
-from ..backend import HEALTH
+from ..backend import HEALTH, MEMORYLLM
 from ..checks import printable_line
-from .context import JsonOpt, StoreOpt, emit, require_at, say, store_path
+from .context import (
+    JsonOpt,
+    StoreOpt,
+    backend_at,
+    emit,
+    on_step_of,
+    open_store,
+    progress,
+    require_at,
+    say,
+    store_path,
+)
+
+
+def health_of(path: Path) -> ModuleType:
+    """The module whose verify(path) and repair(path) check and mend the store at `path`, by its kind."""
+    if backend_at(path).kind == MEMORYLLM:
+        from ..memoryllm import health
+    else:
+        from ..store import health
+    return health
 
 
 def verify(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Check every file of the store against its checksum; list every problem (exit 1 if there is one)."""
-    from ..store.health import verify as verify_store
-
     path = store_path(store)
     require_at(path, HEALTH, "verify")
-    found = verify_store(path)
+    found = health_of(path).verify(path)
     serious = [p for p in found if p.serious]
 
     def human() -> None:
@@ -31,14 +53,15 @@ def verify(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 
 def repair(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Mend the store: rebuild a damaged manifest from the memory folders, re-list whole memories, move what
-    fails its checksums to quarantine/ (nothing is deleted). Exit 1 if problems remain."""
-    from ..store.health import repair as repair_store
-    from ..store.health import verify as verify_store
-
+    fails its checksums to quarantine/ (nothing is deleted); a MemoryLLM store's pool is re-written from its
+    stored texts. Exit 1 if problems remain."""
     path = store_path(store)
     require_at(path, HEALTH, "repair")
-    done = repair_store(path)
-    left = [p for p in verify_store(path) if p.serious]
+    health = health_of(path)
+    displaced: dict = {}
+    done = health.repair(path, displaced) if backend_at(path).kind != MEMORYLLM else health.repair(path)
+    done += _bring_back(path, displaced, as_json)
+    left = [p for p in health.verify(path) if p.serious]
 
     def human() -> None:
         """What repair did, what it could not mend, then the count (or ok)."""
@@ -51,3 +74,24 @@ def repair(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     emit(as_json, {"store": str(path), "done": done, "problems": [p.to_dict() for p in left]}, human)
     if left:
         raise typer.Exit(1)
+
+
+def _bring_back(path: Path, displaced: dict, as_json: bool) -> list[str]:
+    """Learn again the memories a damaged cortex held (repair set it aside; their adapters are long gone), so they
+    are back in the gate: one line each namespace."""
+    from ..ops.consolidate import bring_back
+
+    lines = []
+    for namespace, memories in displaced.items():
+        if not memories:
+            continue
+        mem = open_store(path, create=False)
+        with progress(as_json) as bar:
+            task = bar.add_task(f"learning {len(memories)} memories again", total=None, loss=0.0)
+            back = bring_back(mem, memories, on_step=on_step_of(bar, task))
+        lines.append(
+            f"the {namespace} cortex's {len(back)} of {len(memories)} memories are back in the gate, learned again "
+            "from its record"
+        )
+        lines += [f"warning: {w}" for w in mem.warnings]
+    return lines

@@ -9,7 +9,9 @@ are the cue: one adapter holds many memories, so "tell me a story" alone cannot 
 pays a drift penalty: the loss to the base model's own answers (and their distributions) on the shipped
 generic questions, so the cortex leaves general behaviour as it was. Save: the cortex becomes the store's
 (always mixed in at weight 1, beside the gated adapters), and the consolidated memories are forgotten from
-the gate; their texts stay listed in the cortex's record.
+the gate; their texts stay listed in the cortex's record (`megamem show` / `list --consolidated` read them),
+until `withdraw` takes one out. An id the cortex holds cannot be taken by a new memory (admission refuses it),
+so no consolidation drops an earlier one.
 
 A later consolidation retrains the cortex from scratch on every memory consolidated so far (the earlier
 ones from the recalled texts the record keeps) plus the new ones.
@@ -40,10 +42,21 @@ from ..checks import check_count, check_finite, check_id, check_positive
 from ..errors import MegamemError
 from ..generate import complete
 from ..inject import clear, set_mixture
+from ..items import Item
 from ..questions import questions
-from ..schema import namespace_of, owns
-from ..store.cortex import Consolidated, write_cortex
-from ..store.cortex import folder as cortex_folder
+from ..schema import (
+    DEFAULT_NAMESPACE,
+    PARAPHRASES,
+    check_namespace,
+    namespace_of,
+    owns,
+    reserved_metadata,
+    user_metadata,
+)
+from ..store import cortex as cortex_files
+from ..store import intents
+from ..store.cortex import Consolidated
+from ..store.files import crash_point
 from ..train import (
     TRAIN_PROMPT,
     Example,
@@ -167,24 +180,36 @@ def consolidate(
     cfg: ConsolidationConfig = ConsolidationConfig(),
     keep_adapters: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
+    namespace: str | None = None,
+    retrain: bool = False,
 ) -> dict:
     """Consolidate the memories `ids` of `mem` (a MEGa Memory) into their namespace's cortex (they must all be
-    one namespace's); unless keep_adapters, forget them from the gate afterwards. Returns a report: memories,
-    examples, steps, seconds, bytes freed."""
+    one namespace's); unless keep_adapters, forget them from the gate afterwards. retrain: `ids` may be empty,
+    and the namespace's cortex is trained again from its record alone (after a withdraw; removed if it holds
+    nothing). An intent record is written before the first step (megamem.store.intents): a consolidation killed
+    at any point is finished or rolled back by the next writer. Returns a report: memories, examples, steps,
+    seconds, bytes freed."""
     ids = list(dict.fromkeys(check_id(i) for i in ids))
-    if not ids:
+    if not ids and not retrain:
         raise MegamemError("no memories to consolidate")
+    interrupted = [i for i in intents.pending(mem.path) if i.op == "consolidate" and i.plan["ids"] == ids]
+    mem.prepare_store()  # settles what an interrupted operation left before anything is read
+    if ids and interrupted and all(mem.store.get(i, missing_ok=True) is None for i in ids):
+        return _finished(mem, interrupted[0].plan["namespace"], ids)  # the interrupted one was finished just now
     records = [mem.show(i) for i in ids]  # every id is a stored memory, checked before any work
-    namespace = namespace_of(records[0])
-    for r in records:
-        if not owns(namespace, r):
-            raise MegamemError(
-                f"consolidate: memory {r.id!r} is in namespace {namespace_of(r)!r}, not {namespace!r} like "
-                f"{records[0].id!r}; a cortex holds one namespace's memories, so consolidate each namespace apart"
-            )
+    namespace = check_namespace(namespace) if namespace is not None else None
+    namespace = _one_namespace(records, namespace)
+    held = mem.consolidated(namespace)
+    again = [m.id for m in held if m.id in set(ids)]
+    if again:
+        raise MegamemError(
+            f"consolidate: the {namespace} cortex already holds a memory {again[0]!r}; withdraw that one first "
+            f"(`megamem forget {again[0]}`) so that no consolidated memory is dropped"
+        )
+    if retrain and not held and not ids:
+        return _remove_cortex(mem, namespace)
     t0 = time.time()
     model, tok = mem.load()
-    held = [m for m in mem.consolidated(namespace) if m.id not in set(ids)]
     new = []
     for rec in records:
         story = recall(model, tok, mem.adapter(rec.id), cfg.recall_tokens)
@@ -203,10 +228,17 @@ def consolidate(
     cortex = train_cortex(model, tok, examples, drift, spec, cfg, counted)
     freed = 0 if keep_adapters else sum(_tree_bytes(mem.store.folder(r.id)) for r in records)
     mem.prepare_store()
-    write_cortex(mem.path, cortex, everyone, asdict(cfg), mem.model_name, namespace)
+    version = cortex_files.new_version()
+    plan = {"namespace": namespace, "ids": ids, "version": version, "keep_adapters": keep_adapters}
+    intent = intents.begin(mem.path, "consolidate", plan)
+    crash_point("consolidate:intent")
+    others = frozenset(intents.claimed(mem.path, "versions", namespace)) - {version}
+    cortex_files.write_cortex(mem.path, cortex, everyone, asdict(cfg), mem.model_name, namespace, version, others)
     if not keep_adapters:
         for rec in records:
             mem.forget(rec.id)
+            crash_point("consolidate:forgot")
+    intents.end(intent)
     return {
         "namespace": namespace,
         "consolidated": [r.id for r in records],
@@ -216,8 +248,81 @@ def consolidate(
         "last_loss": round(steps[-1], 4) if steps else None,
         "seconds": round(time.time() - t0, 1),
         "bytes_freed": freed,
-        "cortex_bytes": _tree_bytes(cortex_folder(mem.path, namespace)),
+        "cortex_bytes": _tree_bytes(cortex_files.folder(mem.path, namespace)),
     }
+
+
+def _finished(mem, namespace: str, ids: list[str]) -> dict:
+    """The report of a consolidation of `ids` that an earlier, interrupted run had done (settled just now)."""
+    return {
+        "namespace": namespace,
+        "consolidated": ids,
+        "held": len(mem.consolidated(namespace)),
+        "examples": 0,
+        "steps": 0,
+        "last_loss": None,
+        "seconds": 0.0,
+        "bytes_freed": 0,
+        "cortex_bytes": _tree_bytes(cortex_files.folder(mem.path, namespace)),
+        "resumed": True,
+    }
+
+
+def _one_namespace(records: list, namespace: str | None) -> str:
+    """The one namespace every record belongs to (and `namespace`, if given), or an error naming the first that
+    does not; the default namespace when there are no records and none is given."""
+    namespace = namespace or (namespace_of(records[0]) if records else DEFAULT_NAMESPACE)
+    for r in records:
+        if not owns(namespace, r):
+            raise MegamemError(
+                f"consolidate: memory {r.id!r} is in namespace {namespace_of(r)!r}, not {namespace!r}"
+                f"{f' like {records[0].id!r}' if r is not records[0] else ''}; a cortex holds one namespace's "
+                "memories, so consolidate each namespace apart"
+            )
+    return namespace
+
+
+def _remove_cortex(mem, namespace: str) -> dict:
+    """Retrain with nothing held: the namespace's cortex is removed (its weights held only withdrawn memories)."""
+    if cortex_files.read_record(mem.path, namespace) is None:
+        raise MegamemError(f"the {namespace} namespace has no cortex to retrain")
+    freed = _tree_bytes(cortex_files.folder(mem.path, namespace))
+    cortex_files.remove(mem.path, namespace)
+    return {"namespace": namespace, "consolidated": [], "held": 0, "removed": True, "bytes_freed": freed}
+
+
+def withdraw(mem, memory_id: str, namespace: str = DEFAULT_NAMESPACE) -> Consolidated:
+    """Take a consolidated memory out of its namespace's cortex record: its text and metadata leave the store.
+    What the cortex learned from it stays in the cortex's weights until `consolidate(..., retrain=True)` trains
+    the cortex again from the memories it still holds. MegamemError if the cortex holds no such memory."""
+    check_id(memory_id)
+    mem.prepare_store()
+    return cortex_files.withdraw(mem.path, memory_id, check_namespace(namespace))
+
+
+def bring_back(mem, memories: list[Consolidated], on_step: Callable[[int, int, float], None] | None = None) -> list:
+    """Learn again, as memories of their own, the memories a damaged cortex held (`megamem repair` set it aside):
+    their text, paraphrases and metadata from its record, under their ids. Those that can no longer be added
+    (an id taken since) are skipped with a warning in mem.warnings. Returns the records stored."""
+    items = []
+    for m in memories:
+        meta = dict(m.metadata)
+        paraphrases = list(meta.pop(PARAPHRASES, []))
+        items.append(
+            Item(
+                m.text,
+                paraphrases,
+                user_metadata(meta),
+                m.id,
+                f"consolidated memory {m.id!r}",
+                reserved=reserved_metadata(meta),
+            )
+        )
+    if not items:
+        return []
+    good = mem.validate(items, keep_going=True)
+    mem.prepare_store()
+    return mem.learn(good, note_updates=False, on_step=on_step)
 
 
 def _tree_bytes(folder: Path) -> int:

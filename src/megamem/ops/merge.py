@@ -5,12 +5,13 @@ paraphrase k joins the members' paraphrase k, where they have one), learned into
 store's recipe; its keys are the keys of every member's texts as well as the joined ones, so a question
 worded like any member still finds it. The merged record keeps every member (id, text, paraphrases,
 metadata) under 'megamem.merged', and `replaces` them, so from its commit on the gate routes to it alone;
-the members are forgotten after that. A crash in between leaves the members stored but superseded: nothing
-is lost, and forgetting them (or the merged memory) by hand finishes or undoes it.
+the members are forgotten after that. An intent record is written first (megamem.store.intents): a crash at
+any step is finished (the merged memory committed: its members are forgotten) or rolled back (it did not: the
+members stay as they were) by the next process that writes to the store, or `megamem repair`.
 
 Split: the members come back as they were (their ids, texts and metadata), each re-learned into its own
-adapter, and the merged memory is forgotten after the last one is committed (a crash in between: both
-stored, the merged one still preferred).
+adapter, and the merged memory is forgotten after the last one is committed (a crash in between: the next writer
+forgets the members stored so far, the merged memory holding them still, and `split` can run again).
 
 Which memories are one subject: `subjects` groups memories whose keys are close and that name the same
 things (megamem.updates' test, with a looser name overlap by default), and `diverged` names merged memories
@@ -27,6 +28,7 @@ it is merged (so `replaces` cannot name it: split first); merge and split re-lea
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,8 +36,9 @@ import torch
 from ..checks import check_finite, check_id
 from ..errors import MegamemError
 from ..items import Item
-from ..schema import MERGED, PARAPHRASES, REPLACES, is_reserved
-from ..store import Record
+from ..schema import DEFAULT_NAMESPACE, MERGED, NAMESPACE, PARAPHRASES, REPLACES, is_reserved, stored_id
+from ..store import Record, intents
+from ..store.files import crash_point
 from ..train import check_fits
 from ..updates import name_overlap
 
@@ -92,9 +95,13 @@ def check_ids(ids: object) -> None:
 
 def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | None = None, on_step=None) -> Record:
     """Learn the memories `ids` (two or more; merged ones count as their members) into one memory, then forget
-    them. Everything is checked before anything is learned; the merged memory is committed before any
-    member is forgotten."""
+    them. Everything is checked before anything is learned; an intent record (megamem.store.intents) is written
+    before the first step, so a merge killed at any point is finished or rolled back by the next writer."""
     check_ids(ids)
+    interrupted = [i for i in intents.pending(mem.path) if i.op == "merge" and i.plan["ids"] == list(ids)]
+    mem.prepare_store()  # settles what an interrupted operation left before anything is read
+    if interrupted and (done := mem.store.get(interrupted[0].plan["merged"], missing_ok=True)) is not None:
+        return done  # the interrupted merge of these ids was finished just now
     records = [mem.show(i) for i in ids]  # an error naming the first that is not stored
     superseded = mem.superseded()
     for r in records:
@@ -107,45 +114,84 @@ def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | N
         raise MegamemError("merge: the memories belong to different namespaces or jobs")
     parts = [m for r in records for m in members(r)]
     text, paras = joined(parts)
-    # what the members replaced stays replaced; the members themselves are replaced by the merged memory
-    replaced = [*ids, *dict.fromkeys(o for m in parts for o in m["replaces"] if o not in ids)]
-    # text, metadata, id and fit to the model's context, as an add checks them
-    (good,) = mem.validate([Item(text, paras, dict(metadata or {}), id, origin="the merged memory")])
+    # what the members replaced stays replaced; the members themselves (those of a merged one too) are replaced by
+    # the merged memory, so none of them is routed beside it while a split stores them again
+    replaced = list(dict.fromkeys([*ids, *(m["id"] for m in parts), *(o for m in parts for o in m["replaces"])]))
+    # text, metadata, id and fit to the model's context, as an add checks them; the id is chosen now, so that the
+    # intent can name it
+    namespace = reserved[0].get(NAMESPACE, DEFAULT_NAMESPACE)  # a namespace's merged memory is its own, by id too
+    merged_id = id if id is not None else stored_id(namespace, uuid.uuid4().hex[:12])
+    (good,) = mem.validate([Item(text, paras, dict(metadata or {}), merged_id, origin="the merged memory")])
     item = Item(
-        good.text, good.paraphrases, good.metadata, id, replaces=replaced, reserved={**reserved[0], MERGED: parts}
+        good.text,
+        good.paraphrases,
+        good.metadata,
+        merged_id,
+        replaces=replaced,
+        reserved={**reserved[0], MERGED: parts},
     )
     texts = [good.text, *good.paraphrases]
     every = list(dict.fromkeys([*texts, *(t for m in parts for t in (m["text"], *m["paraphrases"]))]))
-    mem.prepare_store()
+    intent = intents.begin(
+        mem.path, "merge", {"ids": list(ids), "members": [m["id"] for m in parts], "merged": merged_id}
+    )
+    crash_point("merge:intent")
     (record,) = mem.learn([item], note_updates=False, key_texts=[every], on_step=on_step)
+    crash_point("merge:committed")
     for r in records:
         mem.forget(r.id)
+        crash_point("merge:forgot")
+    intents.end(intent)
     return record
 
 
 def split(mem: Memory, memory_id: str, on_step=None) -> list[Record]:
-    """Store a merged memory's members again, each learned into its own adapter, then forget the merged one."""
+    """Store a merged memory's members again, each learned into its own adapter, then forget the merged one.
+    An intent record is written first: a split killed part-way is rolled back (or finished, if every member was
+    stored) by the next writer, and `split` runs again; a member stored already as the merged memory holds it
+    is kept, not learned twice."""
+    check_id(memory_id)
+    interrupted = [i for i in intents.pending(mem.path) if i.op == "split" and i.plan["merged"] == memory_id]
+    mem.prepare_store()  # settles what an interrupted operation left before anything is read
+    if interrupted and mem.store.get(memory_id, missing_ok=True) is None:  # the interrupted split was finished
+        return [mem.show(i) for i in interrupted[0].plan["members"]]
     record = mem.show(memory_id)
     parts = record.metadata.get(MERGED)
     if not parts:
         raise MegamemError(f"memory {memory_id!r} is not a merged memory")
-    taken = [m["id"] for m in parts if mem.store.get(m["id"], missing_ok=True) is not None]
+    stored = {m["id"]: mem.store.get(m["id"], missing_ok=True) for m in parts}
+    kept = {
+        i for i, r in stored.items() if r is not None and r.text == _part(parts, i)["text"] and MERGED not in r.metadata
+    }
+    taken = [i for i, r in stored.items() if r is not None and i not in kept]
     if taken:
-        raise MegamemError(f"split: memory {taken[0]!r} is stored again already; forget it or the merged memory")
+        raise MegamemError(
+            f"split: memory {taken[0]!r} is stored again with another text; give it another id "
+            f"(or forget it) before splitting {memory_id!r}"
+        )
     model, tok = mem.load()
     for m in parts:
         for t in (m["text"], *m["paraphrases"]):
             check_fits(tok, model, t, f"member {m['id']!r}")
-    mem.prepare_store()
     # a member's own replaces come back with it as metadata, unchecked: the ids it names are forgotten or
     # superseded (an add would refuse them); and no "may update" note: its siblings are its own subject
     items = [
         Item(m["text"], m["paraphrases"], m["metadata"], m["id"], reserved={**m["reserved"], **replacing(m)})
         for m in parts
+        if m["id"] not in kept
     ]
-    records = mem.learn(items, note_updates=False, group=1, on_step=on_step)  # each exactly as a fresh add learns it
+    intent = intents.begin(mem.path, "split", {"merged": memory_id, "members": [m["id"] for m in parts]})
+    crash_point("split:intent")
+    # each exactly as a fresh add learns it, committed one by one
+    mem.learn(items, note_updates=False, group=1, on_step=on_step, on_stored=lambda _r: crash_point("split:member"))
+    crash_point("split:members")
     mem.forget(memory_id)
-    return records
+    intents.end(intent)
+    return [mem.show(m["id"]) for m in parts]
+
+
+def _part(parts: list[dict], memory_id: str) -> dict:
+    return next(m for m in parts if m["id"] == memory_id)
 
 
 def replacing(member: dict) -> dict:
@@ -153,14 +199,24 @@ def replacing(member: dict) -> dict:
     return {REPLACES: member["replaces"]} if member["replaces"] else {}
 
 
-def subjects(mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT_NAMES) -> list[list[str]]:
+def subjects(
+    mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT_NAMES, namespace: str | None = None
+) -> list[list[str]]:
     """Groups of two or more stored memories that look like one subject: a chain of pairs with best key cosine
-    >= `cosine` and name overlap >= `names` (updates.name_overlap). Largest group first. Cost: one pass of
-    every key against every key, a memory at a time (a minute or so at 10,000 memories)."""
+    >= `cosine` and name overlap >= `names` (updates.name_overlap). Largest group first. A group never spans
+    namespaces (a merge cannot take in two tenants' memories): namespace None groups within each namespace
+    apart, a name within that namespace alone (schema.owns). Cost: one pass of every key against every key, a
+    memory at a time (a minute or so at 10,000 memories)."""
+    from .. import schema
+
     check_finite(cosine, "cosine", minimum=-1)
     check_finite(names, "names", minimum=0)
+    if namespace is not None:
+        schema.check_namespace(namespace)
     ids, keys, owner = mem.keys()
-    texts = {r.id: r.text for r in mem.list()}
+    records = {r.id: r for r in mem.list() if namespace is None or schema.owns(namespace, r)}
+    texts = {i: r.text for i, r in records.items()}
+    space = {i: schema.namespace_of(r) for i, r in records.items()}
     out = mem.superseded()
     live = [n for n, i in enumerate(ids) if i not in out and i in texts]
     keep = torch.zeros(len(ids), dtype=torch.bool)
@@ -170,21 +226,26 @@ def subjects(mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT
     pairs = [
         (at[a], at[b])
         for a, b in close_pairs(keys[rows], owner[rows], len(ids), cosine)
-        if name_overlap(texts[ids[a]], texts[ids[b]]) >= names
+        if space[ids[a]] == space[ids[b]] and name_overlap(texts[ids[a]], texts[ids[b]]) >= names
     ]
     found = [[ids[live[n]] for n in g] for g in linked(len(live), pairs) if len(g) > 1]
     return sorted(found, key=lambda g: (-len(g), g[0]))
 
 
 def diverged(
-    mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT_NAMES
+    mem: Memory, cosine: float = SUBJECT_COSINE, names: float = SUBJECT_NAMES, namespace: str | None = None
 ) -> list[tuple[str, list[list[str]]]]:
     """Merged memories whose members no longer form one subject at these thresholds: (id, the member ids in the
-    groups they fall into), a split candidate each."""
+    groups they fall into), a split candidate each. namespace: that namespace's merged memories only (None:
+    every one; a merged memory's members are always one namespace's)."""
+    from .. import schema
+
+    if namespace is not None:
+        schema.check_namespace(namespace)
     out = []
     for r in mem.list():
         parts = r.metadata.get(MERGED)
-        if not parts:
+        if not parts or (namespace is not None and not schema.owns(namespace, r)):
             continue
         keys = [mem.keys_of([m["text"], *m["paraphrases"]]) for m in parts]
         owner = torch.cat([torch.full((len(k),), n) for n, k in enumerate(keys)])

@@ -3,6 +3,7 @@
 manifest.py  the SQLite manifest and one folder a memory (Store, Record): adding, forgetting, reading
 files.py     atomic writes and the writer tokens that prove a crashed writer gone
 cortex.py    each namespace's cortex (consolidated memories) and its record
+intents.py   what a merge, split or consolidation is doing, so the next writer finishes or undoes it
 health.py    verify and repair
 """
 

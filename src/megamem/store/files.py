@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -71,3 +72,17 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON to `path` atomically (write_atomic)."""
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"))
+
+
+# -- fault injection --------------------------------------------------------------------------------------
+CRASH_ENV = "MEGAMEM_CRASH_AT"  # the fault suite: SIGKILL this process at the crash point of that name
+crash_hook: Callable[[str], None] | None = None  # tests: called at every crash point (may raise to interrupt)
+
+
+def crash_point(name: str) -> None:
+    """A step boundary of a multi-step operation (e.g. 'merge:committed'): nothing in normal use; the fault
+    suite kills the process here (MEGAMEM_CRASH_AT=name) or interrupts it (crash_hook)."""
+    if crash_hook is not None:
+        crash_hook(name)
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

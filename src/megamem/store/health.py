@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..adapters import file_sha256
 from ..errors import MegamemError
+from . import cortex, intents
 from .files import fsync_path, write_json_atomic, writer_gone, writer_token
 from .manifest import (
     MANIFEST,
@@ -37,7 +38,8 @@ from .manifest import (
     record_from_memory_file,
 )
 
-PROBLEMS = ("manifest", "settings", "missing", "corrupt", "orphan", "unknown")  # each makes verify fail
+# each makes verify fail; interrupted: a merge, split or consolidation whose process is gone (repair settles it)
+PROBLEMS = ("manifest", "settings", "missing", "corrupt", "orphan", "unknown", "interrupted")
 NOTES = ("leftover", "in-progress")  # harmless: the next writer clears a leftover
 
 
@@ -150,6 +152,30 @@ def verify(path: Path | str) -> list[Problem]:
             found.append(
                 Problem("leftover", MANIFEST, f"an unfinished {op} of {memory_id!r}; the next write rolls it back")
             )
+    return found + _operations(path)
+
+
+def _operations(path: Path) -> list[Problem]:
+    """The intents of merges, splits and consolidations (megamem.store.intents), and every cortex's files."""
+    found = []
+    root = path / intents.INTENTS
+    for entry in sorted(root.iterdir()) if root.is_dir() and not root.is_symlink() else []:
+        rel = f"{intents.INTENTS}/{entry.name}"
+        if TMP_NAME.fullmatch(entry.name):
+            continue  # an intent being written (write_atomic's temporary): harmless, removed with its writer
+        try:
+            intent = intents.read(entry)
+        except MegamemError as exc:
+            found.append(Problem("corrupt", rel, f"{exc}; `repair` moves it to quarantine"))
+            continue
+        if intent.alive:
+            found.append(Problem("in-progress", rel, f"{intent.describe()}, running"))
+        else:
+            found.append(
+                Problem("interrupted", rel, f"{intent.describe()} was interrupted; `repair` finishes or rolls it back")
+            )
+    claimed = frozenset(intents.claimed(path, "versions"))
+    found += [Problem(kind, where, message) for kind, where, message in cortex.check(path, claimed)]
     return found
 
 
@@ -176,8 +202,9 @@ def _fate(why: str | None) -> str:
     return "re-lists it" if why is None else "quarantines it"
 
 
-def repair(path: Path | str) -> list[str]:
-    """Mend the store at `path`; return what was done, one line an action.
+def repair(path: Path | str, displaced: dict | None = None) -> list[str]:
+    """Mend the store at `path`; return what was done, one line an action. displaced: filled with the memories
+    of each damaged cortex set aside, by namespace (the caller may learn them again: their adapters are gone).
 
     A damaged or missing manifest is rebuilt from settings.json and the memory folders; a memory whose files
     fail their checksums, or whose folder is gone, leaves the manifest and goes to quarantine/ with its record;
@@ -196,6 +223,11 @@ def repair(path: Path | str) -> list[str]:
     except StoreDamaged as exc:
         store = _rebuild_manifest(path, quarantine, str(exc), done)
     store.writable()  # sweeps the dead writers' leftovers
+    lines, held = set_aside_cortexes(path, stamp)
+    done += lines
+    if displaced is not None:
+        displaced.update(held)
+    _mend_operations(store, quarantine, stamp, done)
     done += [f"left alone: {e} is not megamem's" for e in store.foreign_entries() if e.startswith("tmp/")]
     if had_settings != store.settings():
         write_json_atomic(path / SETTINGS_FILE, {"format": "megamem-store", "settings": store.settings()})
@@ -227,6 +259,13 @@ def repair(path: Path | str) -> list[str]:
         write_json_atomic(target / "record.json", rec.to_dict())
         store.drop_row(rec.id)
         done.append(f"memory {rec.id}: {why}; its record and files are in quarantine/{stamp}/{rec.id}/")
+    _mend_folders(store, quarantine, stamp, settings, done)
+    return done
+
+
+def _mend_folders(store: Store, quarantine: Path, stamp: str, settings: dict, done: list[str]) -> None:
+    """List again the whole memory folders that have no row; quarantine the others megamem wrote."""
+    path = store.path
     rows = {r.id for r in store.records()}
     pending = {i: w for i, (_, w) in store.pending().items()}
     memories = path / "memories"
@@ -255,7 +294,40 @@ def repair(path: Path | str) -> list[str]:
         os.rename(entry, quarantine / entry.name)
         fsync_path(memories)
         done.append(f"memory {entry.name}: {why}; moved to quarantine/{stamp}/{entry.name}/")
-    return done
+
+
+def _mend_operations(store: Store, quarantine: Path, stamp: str, done: list[str]) -> None:
+    """Settle interrupted merges, splits and consolidations; set damaged intents and cortexes aside (the memories
+    a damaged cortex held are in its record, in quarantine: `set_aside_cortexes` returns them to bring back);
+    remove the cortex versions no pointer names."""
+    root = store.path / intents.INTENTS
+    for entry in sorted(root.iterdir()) if root.is_dir() and not root.is_symlink() else []:
+        try:
+            intents.read(entry)
+        except MegamemError as exc:
+            if TMP_NAME.fullmatch(entry.name):
+                continue
+            quarantine.mkdir(parents=True, exist_ok=True)
+            os.rename(entry, quarantine / entry.name)
+            done.append(f"{exc}: moved to quarantine/{stamp}/{entry.name}")
+    done += intents.settle(store)
+    claimed = frozenset(intents.claimed(store.path, "versions"))
+    for ns in cortex.namespaces(store.path, every=True):
+        if cortex.live_version(store.path, ns) is None and cortex.pointer(store.path, ns).exists():
+            continue  # a damaged pointer: set_aside_cortexes' to handle
+        for name in cortex.remove_versions(store.path, ns, claimed):
+            done.append(f"removed cortex version {name} of the {ns} namespace: no pointer names it")
+
+
+def set_aside_cortexes(path: Path, stamp: str) -> tuple[list[str], dict[str, list[cortex.Consolidated]]]:
+    """Mend every damaged cortex (a record or file that fails its checksum): its record restored from its copy, or
+    the cortex moved to quarantine/<stamp>/; return what was done and, by namespace, the memories to bring back
+    into the gate by learning them again (megamem.ops.consolidate.bring_back)."""
+    done, held = [], {}
+    for ns in cortex.damaged(path):
+        line, held[ns] = cortex.mend(path, ns, path / "quarantine" / stamp)
+        done.append(line)
+    return done, held
 
 
 def _mend_layout(path: Path, quarantine: Path, stamp: str, done: list[str]) -> None:

@@ -49,7 +49,7 @@ SETTINGS_FILE = "settings.json"
 MEMORY_FILE = "memory.json"
 MEMORY_FILES = ("adapter_config.json", "adapter_model.safetensors", "keys.safetensors", MEMORY_FILE)
 ROOT_ENTRIES = {MANIFEST, f"{MANIFEST}-wal", f"{MANIFEST}-shm", f"{MANIFEST}-journal", SETTINGS_FILE}
-ROOT_FOLDERS = {"memories", "tmp", "quarantine", "cortex"}  # cortex: megamem.consolidate
+ROOT_FOLDERS = {"memories", "tmp", "quarantine", "cortex", "intents"}  # cortex, intents: megamem.ops
 BUSY_TIMEOUT_S = float(os.environ.get("MEGAMEM_BUSY_TIMEOUT", "15"))
 # megamem's own temporary names: NAME.WRITER.NONCE (tmp/ entries; SQLite's -wal/-shm/-journal beside a manifest
 # being built there) and .NAME.WRITER.NONCE (a file being replaced atomically, beside it).
