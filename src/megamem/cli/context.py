@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,8 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
-from ..backend import Backend, require
-from ..checks import printable, printable_line
+from .. import schema
+from ..backend import MEMORYLLM, Backend, require
+from ..checks import check_id, printable, printable_line
 from ..errors import MegamemError
 from ..memory import Memory
 from ..memoryllm.store import PoolMemory, is_pool_store
@@ -32,6 +34,12 @@ StrictOpt = Annotated[
     bool, typer.Option("--strict", help="A damaged memory is an error (default: skipped with a warning).")
 ]
 MemoryIdArg = Annotated[str, typer.Argument(help="Memory id.")]
+NamespaceOpt = Annotated[
+    str,
+    typer.Option(
+        "--namespace", help="Act on this namespace's memories only (a server tenant's; default: the default one)."
+    ),
+]
 
 # the stores the running command opened: on an error their warnings are printed before the error line
 _opened: ContextVar[list[Backend] | None] = ContextVar("megamem_cli_opened", default=None)
@@ -153,3 +161,96 @@ def progress(as_json: bool) -> Progress:
 def on_step_of(bar: Progress, task: TaskID) -> Callable[[int, int, float], None]:
     """An on_step callback (step, total, loss) that moves `task` of `bar`."""
     return lambda step, total, loss: bar.update(task, completed=step, total=total, loss=loss)
+
+
+# -- namespaces -------------------------------------------------------------------------------------------------
+def check_namespace_of(kind: str, namespace: str) -> str:
+    """A well-formed namespace for a store of backend `kind`: a MemoryLLM store has none but the default."""
+    schema.check_namespace(namespace)
+    if kind == MEMORYLLM and namespace != schema.DEFAULT_NAMESPACE:
+        raise MegamemError(
+            f"a MemoryLLM store has no namespaces: --namespace {namespace} needs a MEGa store (one pool holds "
+            "every memory)"
+        )
+    return namespace
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The namespace a command acts on in its store, by megamem.schema's rule as the server applies it: the user
+    names a memory by its id in the namespace (the store writes another namespace's as NAMESPACE--ID, see
+    schema.stored_id), sees only the namespace's memories, and is told when an id is another namespace's. A
+    MemoryLLM store has no namespaces: every memory in it is the default namespace's, named as stored."""
+
+    mem: Backend
+    namespace: str = schema.DEFAULT_NAMESPACE
+
+    @classmethod
+    def of(cls, mem: Backend, namespace: str) -> Scope:
+        """The scope of `namespace` in the opened store `mem` (checked before anything loads)."""
+        return cls(mem, check_namespace_of(mem.kind, namespace))
+
+    @property
+    def namespaced(self) -> bool:
+        """Whether the store keeps namespaces (a MEGa store does, a MemoryLLM store does not)."""
+        return self.mem.kind != MEMORYLLM
+
+    def stored_id(self, memory_id: str) -> str:
+        """The store's id of the namespace's memory `memory_id` (an id as the user gives it: no '--')."""
+        check_id(memory_id)
+        if not self.namespaced:
+            return memory_id
+        if schema.SEPARATOR in memory_id:
+            raise MegamemError(
+                f"no memory with id {memory_id!r} in namespace {self.namespace!r}: an id holds no "
+                f"{schema.SEPARATOR!r} (the store writes namespace N's memory ID as N{schema.SEPARATOR}ID; name it "
+                "as ID with --namespace N)"
+            )
+        return schema.stored_id(self.namespace, memory_id)
+
+    def shown_id(self, stored: str) -> str:
+        """The id the user sees for a stored id of the namespace: without its NAMESPACE-- prefix."""
+        prefix = f"{self.namespace}{schema.SEPARATOR}"
+        keep = self.namespaced and self.namespace != schema.DEFAULT_NAMESPACE and stored.startswith(prefix)
+        return stored[len(prefix) :] if keep else stored
+
+    def owns(self, record) -> bool:
+        """Whether a stored memory (anything with .id and .metadata) is the namespace's."""
+        return not self.namespaced or schema.owns(self.namespace, record)
+
+    def records(self) -> list:
+        """The namespace's stored memories, oldest first."""
+        return [r for r in self.mem.list() if self.owns(r)]
+
+    def find(self, memory_id: str):
+        """The namespace's stored memory `memory_id`, or None when it has none by that id."""
+        stored = self.stored_id(memory_id)
+        return next((r for r in self.records() if r.id == stored), None)
+
+    def get(self, memory_id: str):
+        """The namespace's stored memory `memory_id`, or an error naming the namespace (and the one that has it)."""
+        rec = self.find(memory_id)
+        if rec is None:
+            raise self.missing(memory_id)
+        return rec
+
+    def missing(self, memory_id: str) -> MegamemError:
+        """The error for an id the namespace has no memory by: which namespaces do, or how to name another."""
+        where = f"no memory with id {memory_id!r} in namespace {self.namespace!r}"
+        if not self.namespaced:
+            return MegamemError(f"{where} ({self.mem.path})")
+        others = sorted(
+            {
+                schema.namespace_of(r)
+                for r in self.mem.list()
+                if not self.owns(r) and schema.owns(schema.namespace_of(r), r) and schema.api_id(r) == memory_id
+            }
+        )
+        if others:
+            flags = " or ".join(f"--namespace {ns}" for ns in others)
+            return MegamemError(f"{where}; namespace {' and '.join(map(repr, others))} has one: give {flags}")
+        return MegamemError(f"{where} (another namespace's memory takes --namespace NAME)")
+
+    def shown(self, record) -> dict:
+        """A stored memory as the namespace shows it: its record, under the id the user names it by."""
+        return {**record.to_dict(), "id": self.shown_id(record.id)}

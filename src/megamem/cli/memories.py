@@ -1,7 +1,12 @@
-"""The commands on memories: add, ask, list, show, export, forget and info."""
+"""The commands on memories: add, ask, list, show, export, forget and info.
+
+Each acts on one namespace's memories, the default one unless --namespace names another (context.Scope): the
+server's tenants share a store with the command line, and neither sees or routes to the other's memories.
+"""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -12,20 +17,25 @@ from rich.progress import Progress, TaskID
 from rich.table import Table
 from rich.text import Text
 
-from ..backend import EXPORT, KINDS, MEMORYLLM, Backend
+from .. import schema
+from ..backend import CONSOLIDATE, EXPORT, KINDS, MEGA, MEMORYLLM, Backend, require
 from ..checks import printable
 from ..errors import MegamemError
 from ..inputs import read_jsonl, read_text_file
 from ..memory import Item, with_overrides
 from ..store import Record
+from ..store.cortex import Consolidated, read_record
 from ..train import RECIPES, Recipe
 from .context import (
     JsonOpt,
     MemoryIdArg,
     ModelOpt,
+    NamespaceOpt,
+    Scope,
     StoreOpt,
     StrictOpt,
     backend_at,
+    check_namespace_of,
     emit,
     on_step_of,
     open_for,
@@ -101,6 +111,7 @@ def add(
     adapter_dtype: AdapterDtypeOpt = None,
     ray: RayOpt = None,
     workers: WorkersOpt = None,
+    namespace: NamespaceOpt = schema.DEFAULT_NAMESPACE,
     store: StoreOpt = None,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
@@ -109,6 +120,7 @@ def add(
     if sum(x is not None for x in (text, file, jsonl)) != 1:
         raise MegamemError("give exactly one of TEXT, --file or --jsonl")
     pool_store = _pool_store(recipe_name, backend, store)
+    check_namespace_of(MEMORYLLM if pool_store else MEGA, namespace)
     training = recipe_name != "fast" or epochs is not None or lr is not None or seed != 0
     _check_settings(pool_store, training, adapter_dtype, ray, workers)
     stored: list[Record] = []
@@ -123,13 +135,16 @@ def add(
             else {"recipe": recipe, "backend": backend, "adapter_dtype": adapter_dtype}
         )
         mem = open_store(store, model, key_function, **settings)
+        scope = Scope.of(mem, namespace)
+        items = _into_namespace(scope, items, keep_going, bad_lines)
         mem.warnings += [f"skipped {m}" for m in bad_lines]
         _learn(mem, items, ray, workers, keep_going, as_json, stored)
     except (MegamemError, KeyboardInterrupt) as exc:
         _failed_after(stored, exc)
     skipped = [w for w in mem.warnings if w.startswith("skipped ")]
     warn(mem)
-    emit(as_json, [r.to_dict() for r in stored], lambda: [say(f"added {r.id}: {short(r.text)}") for r in stored])
+    added = [scope.shown(r) for r in stored]
+    emit(as_json, added, lambda: [say(f"added {r['id']}: {short(r['text'])}") for r in added])
     if skipped:
         were = "y was" if len(skipped) == 1 else "ies were"
         raise MegamemError(f"{len(skipped)} memor{were} not stored (see the warnings)")
@@ -187,6 +202,32 @@ def _read_items(
     body = read_text_file(file) if file is not None else text
     meta = {"source": str(file)} if file else {}
     return [Item(body or "", list(paraphrase or []), meta, id, replaces=list(replaces or []))], []
+
+
+def _into_namespace(scope: Scope, items: list[Item], keep_going: bool, bad_lines: list[str]) -> list[Item]:
+    """The items as the scope's namespace's memories, stored the way the server stores a tenant's (its id
+    schema.stored_id(namespace, id), a fresh one when none is given, and the namespace under schema.NAMESPACE):
+    an id holds no '--', and `replaces` names the namespace's own memories. A bad item is an error, or with
+    keep_going skipped and named in `bad_lines`. A MemoryLLM store has no namespaces: its items go in as given."""
+    if not scope.namespaced:
+        return items
+    default = scope.namespace == schema.DEFAULT_NAMESPACE
+    reserved = {} if default else {schema.NAMESPACE: scope.namespace}
+    out = []
+    for item in items:
+        try:
+            olds = [scope.stored_id(schema.check_api_id(old)) for old in item.replaces]
+            if item.id is not None:
+                memory_id = scope.stored_id(schema.check_api_id(item.id))
+            else:  # the store's own fresh id would lack the namespace's prefix
+                memory_id = None if default else scope.stored_id(uuid.uuid4().hex[:12])
+        except MegamemError as exc:
+            if not keep_going:
+                raise MegamemError(f"{item.origin or 'the memory'}: {exc}") from None
+            bad_lines.append(f"{item.origin or 'a memory'}: {exc}")
+            continue
+        out.append(replace(item, id=memory_id, replaces=olds, reserved={**item.reserved, **reserved}))
+    return out
 
 
 def _learn(
@@ -292,11 +333,13 @@ def ask(
     names: NamesOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     strict: StrictOpt = False,
+    namespace: NamespaceOpt = schema.DEFAULT_NAMESPACE,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Answer a question with the memories the gate picks."""
+    """Answer a question with the memories the gate picks (the namespace's only, and its cortex)."""
     mem = open_store(store, create=False, strict=strict)
+    scope = Scope.of(mem, namespace)
     if top_k is not None and top_k < 0:
         raise MegamemError(f"--top-k must be 0 (dense) or more, got {top_k}")
     gate = with_overrides(
@@ -307,8 +350,11 @@ def ask(
     if no_null:
         gate = replace(gate, null_rate=None)
     modes = {"mode": mode} if mode is not None else {}  # the backend's own default otherwise
+    if scope.namespaced:  # the gate scores the namespace's memories alone; the cortex mixed in is its own
+        modes["namespace"] = namespace
     ans = mem.ask(question, gate=gate, max_new_tokens=max_new_tokens, use_memory=not no_memory, **modes)
-    texts = {mid: mem.show(mid).text for mid, _ in ans.gate[:10]} if show_gate else {}
+    texts = {scope.shown_id(mid): mem.show(mid).text for mid, _ in ans.gate[:10]} if show_gate else {}
+    ans = replace(ans, gate=[(scope.shown_id(mid), w) for mid, w in ans.gate])
     warnings = list(mem.warnings)
     warn(mem)
 
@@ -334,48 +380,157 @@ def _gate_table(gate: list[tuple[str, float]], texts: dict[str, str]) -> Table:
     return table
 
 
-def list_(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """List the stored memories."""
+ConsolidatedOpt = Annotated[
+    bool, typer.Option("--consolidated", help="List the memories the namespace's cortex holds (consolidated).")
+]
+
+
+def list_(
+    consolidated: ConsolidatedOpt = False,
+    namespace: NamespaceOpt = schema.DEFAULT_NAMESPACE,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the namespace's stored memories (--consolidated: those its cortex holds instead)."""
     mem = open_store(store, create=False)
-    recs = mem.list()
+    scope = Scope.of(mem, namespace)
+    if consolidated:
+        _list_consolidated(scope, as_json)
+        return
+    recs = [scope.shown(r) for r in scope.records()]
+    held = _held_count(scope)
     warn(mem)
 
     def human() -> None:
-        """A table of ids, dates and the start of each text."""
-        table = Table("id", "created", "text")
-        for r in recs:
-            table.add_row(Text(r.id), r.created, Text(short(r.text)))
-        out.print(table)
+        """A table of ids, dates and the start of each text; then how many the cortex holds, if any."""
+        out.print(_table(recs))
+        if held:
+            flag = "" if namespace == schema.DEFAULT_NAMESPACE else f" --namespace {namespace}"
+            say(f"{held} consolidated memor{'y' if held == 1 else 'ies'} (list --consolidated{flag})")
 
-    emit(as_json, [r.to_dict() for r in recs], human)
+    emit(as_json, recs, human)
 
 
-def show(memory_id: MemoryIdArg, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """Show one memory in full."""
-    rec = open_store(store, create=False).show(memory_id)
-    emit(as_json, rec.to_dict(), lambda: print_fields(rec.to_dict()))
+def _table(rows: list[dict], title: str | None = None) -> Table:
+    """Memories as a table of ids, dates and the start of each text."""
+    table = Table("id", "created", "text", title=title)
+    for r in rows:
+        table.add_row(Text(r["id"]), r["created"], Text(short(r["text"])))
+    return table
+
+
+def _list_consolidated(scope: Scope, as_json: bool) -> None:
+    """The memories the namespace's cortex holds, oldest first, in list's shape (JSON: show's fields for each)."""
+    require(scope.mem, CONSOLIDATE, "megamem list --consolidated")
+    rows = [_consolidated_fields(scope, m) for m in scope.mem.consolidated(scope.namespace)]
+    warn(scope.mem)
+    title = f"consolidated memories: held by the {scope.namespace} namespace's cortex, no longer stored"
+    emit(as_json, rows, lambda: out.print(_table(rows, title)))
+
+
+def _held_count(scope: Scope) -> int:
+    """How many memories the namespace's cortex holds, from its record alone (no adapter is read); a damaged
+    record is a warning here (`megamem verify` names it) and counts none."""
+    if not scope.namespaced:
+        return 0
+    try:
+        record = read_record(scope.mem.path, scope.namespace)
+    except MegamemError as exc:
+        scope.mem.warnings.append(str(exc))
+        return 0
+    return len(record["memories"]) if record else 0
+
+
+def _held(scope: Scope, memory_id: str) -> Consolidated | None:
+    """The namespace's consolidated memory `memory_id` (held by its cortex, no longer stored), or None."""
+    if not scope.namespaced:
+        return None
+    stored = scope.stored_id(memory_id)
+    return next((m for m in scope.mem.consolidated(scope.namespace) if m.id == stored), None)
+
+
+def _consolidated_fields(scope: Scope, held: Consolidated) -> dict:
+    """A consolidated memory as show prints it: its fields, state 'consolidated' and the text the cortex
+    rehearsed (what its adapter recalled)."""
+    return {
+        "id": scope.shown_id(held.id),
+        "text": held.text,
+        "created": held.created,
+        "metadata": held.metadata,
+        "state": "consolidated",
+        "recalled": held.recalled,
+    }
+
+
+def show(
+    memory_id: MemoryIdArg,
+    namespace: NamespaceOpt = schema.DEFAULT_NAMESPACE,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one of the namespace's memories in full, stored or held by its cortex (consolidated)."""
+    scope = Scope.of(open_store(store, create=False), namespace)
+    rec = scope.find(memory_id)
+    if rec is not None:
+        data = scope.shown(rec)
+    else:
+        held = _held(scope, memory_id)
+        if held is None:
+            raise scope.missing(memory_id)
+        data = _consolidated_fields(scope, held)
+    emit(as_json, data, lambda: print_fields(data))
 
 
 def export(
     memory_id: MemoryIdArg,
     out_dir: Annotated[Path, typer.Option("--out", help="A new or empty folder for the PEFT adapter.")],
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    namespace: NamespaceOpt = schema.DEFAULT_NAMESPACE,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write one memory's adapter as a plain PEFT folder (any stored dtype, int8 included)."""
-    folder = open_for(store, EXPORT, "export").export(memory_id, out_dir, dtype)
+    scope = Scope.of(open_for(store, EXPORT, "export"), namespace)
+    folder = scope.mem.export(scope.get(memory_id).id, out_dir, dtype)
     emit(
         as_json, {"exported": memory_id, "folder": str(folder)}, lambda: out.print(f"exported {memory_id} to {folder}")
     )
 
 
-def forget(memory_id: MemoryIdArg, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """Remove a memory for good."""
+def forget(
+    memory_id: MemoryIdArg,
+    namespace: NamespaceOpt = schema.DEFAULT_NAMESPACE,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove one of the namespace's memories for good; a consolidated one leaves its cortex's record."""
     mem = open_store(store, create=False)
-    rec = mem.forget(memory_id)
+    scope = Scope.of(mem, namespace)
+    rec = scope.find(memory_id)
+    if rec is None and _held(scope, memory_id) is not None:
+        _withdraw(scope, memory_id, as_json)
+        return
+    if rec is None:
+        raise scope.missing(memory_id)
+    mem.forget(rec.id)
     warn(mem)
-    emit(as_json, {"forgotten": rec.id}, lambda: say(f"forgot {rec.id}"))
+    emit(as_json, {"forgotten": memory_id}, lambda: say(f"forgot {memory_id}"))
+
+
+def _withdraw(scope: Scope, memory_id: str, as_json: bool) -> None:
+    """Take a consolidated memory out of its cortex's record (megamem.ops.consolidate.withdraw), and say plainly
+    what stays: the cortex's weights keep what they learned from it until the cortex is retrained."""
+    from ..ops.consolidate import withdraw
+
+    withdraw(scope.mem, scope.stored_id(memory_id), scope.namespace)
+    warn(scope.mem)
+    flag = "" if scope.namespace == schema.DEFAULT_NAMESPACE else f" --namespace {scope.namespace}"
+    note = (
+        f"removed {memory_id} from the cortex's record: its text is gone from the store, but what the cortex "
+        "learned from it stays in the cortex's weights until it is retrained; "
+        f"`megamem consolidate --retrain{flag}` retrains the cortex from the memories it still holds"
+    )
+    emit(as_json, {"withdrawn": memory_id, "namespace": scope.namespace, "note": note}, lambda: say(note))
 
 
 def info(store: StoreOpt = None, as_json: JsonOpt = False) -> None:

@@ -1,22 +1,38 @@
-"""The commands that reshape stored memories: consolidate, merge and split (megamem.ops)."""
+"""The commands that reshape stored memories: consolidate, merge and split (megamem.ops).
+
+Each acts on one namespace's memories, the default one unless --namespace names another (context.Scope): a
+merge, a split or a cortex never takes in another namespace's memory.
+"""
 
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..backend import CONSOLIDATE, MERGE, Backend
+from ..backend import CONSOLIDATE, MERGE
 from ..errors import MegamemError
-from ..schema import MERGED
-from .context import JsonOpt, StoreOpt, emit, on_step_of, open_for, progress, say, warn
+from ..schema import DEFAULT_NAMESPACE, MERGED
+from ..store.cortex import read_record
+from ..store.intents import interrupted
+from .context import JsonOpt, NamespaceOpt, Scope, StoreOpt, emit, on_step_of, open_for, progress, say, warn
+
+if TYPE_CHECKING:
+    from ..ops.consolidate import ConsolidationConfig
 
 IdsOpt = Annotated[list[str] | None, typer.Option("--ids", help="A memory to consolidate (repeatable).")]
 OlderThanOpt = Annotated[
     str | None, typer.Option("--older-than", help="Every memory older than this: 90s, 30m, 12h, 7d.")
+]
+RetrainOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retrain", help="Retrain the namespace's cortex from the memories its record still holds (after a forget)."
+    ),
 ]
 KeepAdaptersOpt = Annotated[
     bool, typer.Option("--keep-adapters", help="Keep their adapters in the gate too (nothing retired).")
@@ -29,43 +45,81 @@ DriftOpt = Annotated[float | None, typer.Option(help="Weight of the drift penalt
 def consolidate(
     ids: IdsOpt = None,
     older_than: OlderThanOpt = None,
+    retrain: RetrainOpt = False,
     keep_adapters: KeepAdaptersOpt = False,
     epochs: CortexEpochsOpt = None,
     rank: CortexRankOpt = None,
     drift: DriftOpt = None,
+    namespace: NamespaceOpt = DEFAULT_NAMESPACE,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rehearse memories into the store's shared cortex adapter, then retire their own adapters."""
-    from ..ops.consolidate import ConsolidationConfig
+    """Rehearse the namespace's memories into its shared cortex adapter, then retire their own adapters
+    (--retrain: train its cortex again from what its record holds, as after a forget)."""
     from ..ops.consolidate import consolidate as run
 
-    if (ids is None) == (older_than is None):
-        raise MegamemError("give --ids or --older-than")
+    if retrain and (ids is not None or older_than is not None or keep_adapters):
+        raise MegamemError(
+            "--retrain trains the cortex from what it holds: give no --ids, --older-than or --keep-adapters"
+        )
+    if not retrain and (ids is None) == (older_than is None):
+        raise MegamemError("give --ids or --older-than (or --retrain)")
+    cfg = _cortex_config(epochs, rank, drift)
+    cutoff = None if older_than is None else datetime.now(timezone.utc) - timedelta(seconds=_age_seconds(older_than))
+    scope = Scope.of(open_for(store, CONSOLIDATE, "consolidate"), namespace)
+    mem = scope.mem
+    chosen = _to_consolidate(scope, ids, older_than, cutoff, retrain)
+    with progress(as_json) as bar:
+        what = f"retraining the {namespace} cortex" if retrain else f"consolidating {len(chosen)}"
+        task = bar.add_task(what, total=None, loss=0.0)
+        step = on_step_of(bar, task)
+        report = run(mem, chosen, cfg, keep_adapters, on_step=step, namespace=namespace, retrain=retrain)
+    report = {**report, "consolidated": [scope.shown_id(i) for i in report["consolidated"]]}
+    warn(mem)
+    emit(as_json, report, lambda: say(_consolidated_line(report, retrain)))
+
+
+def _consolidated_line(report: dict, retrain: bool) -> str:
+    """What a consolidation did, on one line: how many it took in, or that it retrained (or removed) the cortex."""
+    if report.get("removed"):
+        return f"removed the {report['namespace']} cortex: it held no memory; freed {report['bytes_freed']} bytes"
+    did = "retrained the cortex" if retrain else f"consolidated {len(report['consolidated'])}"
+    return (
+        f"{did} (the cortex holds {report['held']}) in {report['seconds']} s; "
+        f"freed {report['bytes_freed']} bytes, cortex {report['cortex_bytes']} bytes"
+    )
+
+
+def _cortex_config(epochs: int | None, rank: int | None, drift: float | None) -> ConsolidationConfig:
+    """The default consolidation settings with the ones given (each checked by ConsolidationConfig)."""
+    from ..ops.consolidate import ConsolidationConfig
+
     base = ConsolidationConfig()
-    cfg = replace(
+    return replace(
         base,
         epochs=base.epochs if epochs is None else epochs,
         rank=base.rank if rank is None else rank,
         drift=base.drift if drift is None else drift,
     )
-    cutoff = None if older_than is None else datetime.now(timezone.utc) - timedelta(seconds=_age_seconds(older_than))
-    mem = open_for(store, CONSOLIDATE, "consolidate")
-    chosen = list(ids) if ids else [r.id for r in mem.list() if datetime.fromisoformat(r.created) < cutoff]
+
+
+def _to_consolidate(
+    scope: Scope, ids: list[str] | None, older_than: str | None, cutoff: datetime | None, retrain: bool
+) -> list[str]:
+    """The store's ids of the namespace's memories to consolidate: those of --ids (each the namespace's), or
+    its memories older than the cutoff; none for --retrain, which needs the namespace to have a cortex."""
+    if retrain:
+        if read_record(scope.mem.path, scope.namespace) is None:
+            raise MegamemError(f"namespace {scope.namespace!r} has no cortex to retrain (nothing was consolidated)")
+        return []
+    if ids and interrupted(scope.mem.path, "consolidate", [scope.stored_id(i) for i in ids]):
+        return [scope.stored_id(i) for i in ids]  # consolidate settles the interrupted one and says what it did
+    if ids:
+        return [scope.get(i).id for i in ids]
+    chosen = [r.id for r in scope.records() if datetime.fromisoformat(r.created) < cutoff]
     if not chosen:
-        raise MegamemError(f"no memory is older than {older_than}")
-    with progress(as_json) as bar:
-        task = bar.add_task(f"consolidating {len(chosen)}", total=None, loss=0.0)
-        report = run(mem, chosen, cfg, keep_adapters, on_step=on_step_of(bar, task))
-    warn(mem)
-    emit(
-        as_json,
-        report,
-        lambda: say(
-            f"consolidated {len(report['consolidated'])} (the cortex holds {report['held']}) in {report['seconds']} s; "
-            f"freed {report['bytes_freed']} bytes, cortex {report['cortex_bytes']} bytes"
-        ),
-    )
+        raise MegamemError(f"no memory is older than {older_than} in namespace {scope.namespace!r}")
+    return chosen
 
 
 MAX_AGE_S = 36500 * 86400  # a hundred years
@@ -98,6 +152,7 @@ def merge(
     suggest: SuggestOpt = False,
     cosine: CosineOpt = 0.6,
     names: NamesOpt = 0.5,
+    namespace: NamespaceOpt = DEFAULT_NAMESPACE,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -108,30 +163,44 @@ def merge(
         raise MegamemError("give two or more memory ids, or --suggest")
     if not suggest:
         check_ids(list(ids))
-    mem = open_for(store, MERGE, "merge")
-    data = _suggestions(mem, cosine, names) if suggest else _merged(mem, list(ids), new_id, as_json)
-    warn(mem)
+    scope = Scope.of(open_for(store, MERGE, "merge"), namespace)
+    data = _suggestions(scope, cosine, names) if suggest else _merged(scope, list(ids), new_id, as_json)
+    warn(scope.mem)
     emit(as_json, data, lambda: _print_merge(data, suggest))
 
 
-def _suggestions(mem: Backend, cosine: float, names: float) -> dict:
-    """Groups that look like one subject, and merged memories whose members no longer do (megamem.ops.merge)."""
+def _suggestions(scope: Scope, cosine: float, names: float) -> dict:
+    """The namespace's groups that look like one subject, and its merged memories whose members no longer do
+    (megamem.ops.merge), under the ids the namespace names them by."""
     from ..ops.merge import diverged, subjects
 
+    ns, shown = scope.namespace, scope.shown_id
     return {
-        "subjects": subjects(mem, cosine, names),
-        "diverged": [{"id": i, "groups": g} for i, g in diverged(mem, cosine, names)],
+        "subjects": [[shown(i) for i in g] for g in subjects(scope.mem, cosine, names, namespace=ns)],
+        "diverged": [
+            {"id": shown(i), "groups": [[shown(m) for m in g] for g in groups]}
+            for i, groups in diverged(scope.mem, cosine, names, namespace=ns)
+        ],
     }
 
 
-def _merged(mem: Backend, ids: list[str], new_id: str | None, as_json: bool) -> dict:
-    """Merge `ids` into one memory (a progress bar while it learns): its id and its members' ids."""
+def _merged(scope: Scope, ids: list[str], new_id: str | None, as_json: bool) -> dict:
+    """Merge the namespace's memories `ids` into one of its memories (a progress bar while it learns): its id and
+    its members' ids. Every id is checked to be the namespace's before anything loads."""
     from ..ops.merge import merge as run
 
+    if interrupted(scope.mem.path, "merge", [scope.stored_id(i) for i in ids]):
+        stored = [scope.stored_id(i) for i in ids]  # the merge settles the interrupted one and says what it did
+    else:
+        stored = [scope.get(i).id for i in ids]
+    if new_id is not None:
+        target = scope.stored_id(new_id)
+    else:  # the store's own fresh id would lack a namespace's prefix
+        target = None if scope.namespace == DEFAULT_NAMESPACE else scope.stored_id(uuid.uuid4().hex[:12])
     with progress(as_json) as bar:
         task = bar.add_task(f"merging {len(ids)}", total=None, loss=0.0)
-        rec = run(mem, ids, new_id, on_step=on_step_of(bar, task))
-    return {"id": rec.id, "members": [m["id"] for m in rec.metadata[MERGED]]}
+        rec = run(scope.mem, stored, target, on_step=on_step_of(bar, task))
+    return {"id": scope.shown_id(rec.id), "members": [scope.shown_id(m["id"]) for m in rec.metadata[MERGED]]}
 
 
 def _print_merge(data: dict, suggest: bool) -> None:
@@ -148,16 +217,23 @@ def _print_merge(data: dict, suggest: bool) -> None:
 
 
 def split(
-    memory_id: Annotated[str, typer.Argument(help="A merged memory.")], store: StoreOpt = None, as_json: JsonOpt = False
+    memory_id: Annotated[str, typer.Argument(help="A merged memory.")],
+    namespace: NamespaceOpt = DEFAULT_NAMESPACE,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Store a merged memory's members again, each in its own adapter, then forget the merged one."""
     from ..ops.merge import split as run
 
-    mem = open_for(store, MERGE, "split")
-    mem.show(memory_id)  # a memory that is not there: an error before the progress bar
+    scope = Scope.of(open_for(store, MERGE, "split"), namespace)
+    mem = scope.mem
+    if interrupted(mem.path, "split", [scope.stored_id(memory_id)]):
+        target = scope.stored_id(memory_id)  # the split settles the interrupted one and says what it did
+    else:
+        target = scope.get(memory_id).id  # a memory that is not the namespace's: an error before the progress bar
     with progress(as_json) as bar:
         task = bar.add_task(f"splitting {memory_id}", total=None, loss=0.0)
-        recs = run(mem, memory_id, on_step=on_step_of(bar, task))
+        recs = run(mem, target, on_step=on_step_of(bar, task))
     warn(mem)
-    data = {"split": memory_id, "ids": [r.id for r in recs]}
+    data = {"split": memory_id, "ids": [scope.shown_id(r.id) for r in recs]}
     emit(as_json, data, lambda: say(f"split {memory_id} into {', '.join(data['ids'])}"))
