@@ -62,14 +62,15 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def serve(store: Path, port: int, *flags: str) -> subprocess.Popen:
+def serve(store: Path, port: int, *flags: str, src: Path | None = None) -> subprocess.Popen:
     """`megamem serve` (the installed command, as an application runs it) on a store, in its own process group,
-    once /healthz answers; flags: more `serve` options (--open, --max-batch N, ...)."""
+    once /healthz answers; flags: more `serve` options (--open, --max-batch N, ...); src: a source tree put first
+    on PYTHONPATH (another commit's code, to compare with)."""
     import httpx
 
     exe = Path(sys.executable).with_name("megamem")
     cmd = [str(exe), "serve", "--store", str(store), "--port", str(port), *flags]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"HF_HUB_OFFLINE": "1"} | ({"PYTHONPATH": str(src)} if src else {})
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.time() + 300
     while time.time() < deadline:

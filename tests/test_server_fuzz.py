@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from serverlib import make_server_store, quick_recipe
 
 from megamem.server.app import ServerConfig, create_app
+from megamem.server.runtime import LOOPBACK_HOSTS
 
 try:
     import schemathesis
@@ -73,6 +74,10 @@ def check_error_shape(status: int, headers: dict, body: bytes, what: str) -> Non
     assert err["code"] is None or isinstance(err["code"], str), f"{what}: {data!r}"
 
 
+# the in-process clients (TestClient, schemathesis, the raw ASGI messages) name the host "testserver"
+TEST_HOSTS = (*LOOPBACK_HOSTS, "testserver")
+
+
 # -- (a) schemathesis ---------------------------------------------------------------------------------------------
 
 
@@ -82,7 +87,7 @@ def fuzz_server(tmp_path_factory):
     which runs the lifespan once and keeps it running; entering a TestClient too would start a second model
     load and a second worker on the same store)."""
     store, keys = make_server_store(tmp_path_factory.mktemp("fuzz"))
-    app = create_app(ServerConfig(store=store, recipe=quick_recipe()))
+    app = create_app(ServerConfig(allowed_hosts=TEST_HOSTS, store=store, recipe=quick_recipe()))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     wait_ready(app)
     yield schema, keys
@@ -92,7 +97,7 @@ def fuzz_server(tmp_path_factory):
 def _operations() -> list[tuple[str, str]]:
     """The schema's operations, read at collection from an app that is never started (create_app touches no
     store and loads no model until its lifespan runs)."""
-    app = create_app(ServerConfig(store=Path("never-opened")))
+    app = create_app(ServerConfig(allowed_hosts=TEST_HOSTS, store=Path("never-opened")))
     return [(method.upper(), path) for path, item in app.openapi()["paths"].items() for method in item]
 
 
@@ -242,7 +247,7 @@ def hand_server(tmp_path_factory):
     from fastapi.testclient import TestClient
 
     store, keys = make_server_store(tmp_path_factory.mktemp("hand"))
-    app = create_app(ServerConfig(store=store, recipe=quick_recipe()))
+    app = create_app(ServerConfig(allowed_hosts=TEST_HOSTS, store=store, recipe=quick_recipe()))
     with TestClient(app) as client:
         wait_ready(app)
         for ns, mid in (("acme", "m1"), ("globex", "g1")):

@@ -4,7 +4,9 @@ Built as a recipe: `Server` (runtime.py) holds the parts (the serving Memory and
 queue and worker, the key table, the metrics), the routers (routes/) act on it, and `create_app` wires them
 with the error handlers (errors.py) and the middleware. Every route that touches a memory resolves the caller's
 namespace first (auth.py) and checks ownership (schema.owns); the gate only ever scores the caller's memories.
-Errors everywhere have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+Errors everywhere have OpenAI's shape {"error": {"message", "type", "param", "code"}}. The outermost
+middleware checks the Host header (ServerConfig.allowed_hosts): a page that rebinds its own DNS name to
+127.0.0.1 still sends that name, and is refused before any route runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fastapi import FastAPI, Request, Response
 
 from .. import __version__
 from . import errors
-from .errors import BodyLimit
+from .errors import BodyLimit, error_response
 from .routes import chat, health, jobs, keys, memories
 from .runtime import Server, ServerConfig
 
@@ -47,6 +49,8 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, limit=cfg.max_body)  # outermost but for the metrics below
     app.middleware("http")(observe)
+    if cfg.allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=cfg.allowed_hosts)  # outermost: before the body or the metrics
     for router in (health.router, chat.router, memories.router, jobs.router, keys.router):
         app.include_router(router)
     return app
@@ -62,3 +66,36 @@ async def observe(request: Request, call_next: Callable[[Request], Awaitable[Res
     m.requests.labels(name, str(response.status_code)).inc()
     m.latency.labels(name).observe(time.perf_counter() - t)
     return response
+
+
+def host_name(host: str) -> str:
+    """A Host header's name without its port, lower-case, IPv6 literals without brackets: "[::1]:8000" ->
+    "::1", "LocalHost:80" -> "localhost"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+class HostCheck:
+    """ASGI middleware: serve only requests whose Host header names an allowed host (any port); "*" allows
+    every host. Others are answered 400 in OpenAI's shape, naming the host and the option that allows it."""
+
+    def __init__(self, app, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.any = "*" in allowed
+        self.allowed = {host_name(h) for h in allowed}
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Pass lifespan traffic and allowed hosts through; refuse the rest before the app sees them."""
+        if self.any or scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        raw = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if host_name(raw) in self.allowed:
+            return await self.app(scope, receive, send)
+        message = (
+            f"host {raw[:200]!r} is not allowed; serve with --allowed-hosts to allow it"
+            if raw
+            else "the request has no Host header"
+        )
+        await error_response(400, message, param="Host", code="host_not_allowed")(scope, receive, send)

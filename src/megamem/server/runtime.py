@@ -8,7 +8,9 @@ route but /healthz and /metrics answers 503 (megamem.server.auth.ready).
 from __future__ import annotations
 
 import logging
+import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +25,45 @@ from ..store import Record
 from ..train import Recipe
 from . import tenants
 from .db import connect
-from .engine import Engine
-from .errors import not_found
+from .engine import PREFILL_TOKENS, Engine
+from .errors import ApiError, not_found
 from .jobs import Job, JobQueue, Worker
 from .tenants import Principal
 from .views import matches_filters
 
 log = logging.getLogger("megamem.server")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # the Host names a loopback server answers by default
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """How the server runs. open_access: no API keys, every caller is the default namespace (loopback use).
-    min_weight: the answer pipeline's rule (megamem.answer.mixture), which chat passes to Memory.gated."""
+    min_weight: the answer pipeline's rule (megamem.answer.mixture), which chat passes to Memory.gated.
+
+    Fairness (what one caller may hold of the engine; docs/server.md):
+      max_tokens_cap: the largest max_tokens a chat may ask (400 above it), and never more than the model's
+        context. 4096: OpenAI-compatible servers' usual ceiling, ~2.5 min of SmolLM2-135M on 2 cores.
+      key_chats: chats one API key may have waiting or decoding at once (429 beyond). 8: half the engine's 16
+        rows, so one key can never fill the batch by itself, while a client library's usual pool of a few
+        parallel requests fits.
+      key_tokens: max_tokens one key may have waiting or decoding, summed (429 beyond). 16,384: four chats at
+        the cap, or the 8 chats at 2,048, so one key's long answers cannot hold the engine for hours; a key
+        with nothing in flight is always admitted, whatever its max_tokens.
+    Under --open every caller is one caller. allowed_hosts: the Host names served (any port), others 400 (a
+    DNS-rebinding page in a browser names its own host); the loopback names by default, so an app made by
+    create_app is safe as it comes; None: no check at all; `megamem serve` gives the loopback names and its
+    --allowed-hosts."""
 
     store: Path
     open_access: bool = False
     max_batch: int = 16
     batched: bool = True
     window_s: float = 0.005
+    prefill_tokens: int = PREFILL_TOKENS
+    max_tokens_cap: int = 4096
+    key_chats: int = 8
+    key_tokens: int = 16_384
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
     min_weight: float = MIN_WEIGHT
     max_body: int = 1_000_000
     max_waiting_jobs: int = 64
@@ -63,12 +85,60 @@ class Metrics:
         self.tps = Gauge("megamem_tokens_per_second", "generated tokens per decoding second", registry=r)
         self.queue = Gauge("megamem_job_queue_depth", "injection jobs queued or running", registry=r)
         self.engine = Gauge("megamem_engine_queue_depth", "chat requests waiting for the engine", registry=r)
-        self.batch = Histogram("megamem_batch_rows", "rows per decoded batch", registry=r, buckets=(1, 2, 4, 8, 16, 32))
+        self.batch = Histogram("megamem_batch_rows", "rows per decode step", registry=r, buckets=(1, 2, 4, 8, 16, 32))
+        self.refused = Counter("megamem_chats_refused", "chats refused by a key's limits (429)", registry=r)
 
-    def observe_batch(self, rows: int, tokens: int, seconds: float) -> None:
-        """The engine's report after each batch (Engine.on_batch)."""
+    def observe_step(self, rows: int, tokens: int, seconds: float) -> None:
+        """The engine's report after each decode step (Engine.on_step)."""
         self.batch.observe(rows)
         self.decode.inc(seconds)
+
+
+class Limits:
+    """Per-key admission of chats: at most `chats` in flight (waiting or decoding) and `tokens` of their
+    max_tokens summed; beyond, 429 with a Retry-After estimated from the engine's decode rate. admit() returns
+    the chat's release (call it once the chat ends; calling it again does nothing)."""
+
+    def __init__(self, chats: int, tokens: int) -> None:
+        self.chats, self.tokens = chats, tokens
+        self.lock = threading.Lock()
+        self.held: dict[str, dict[int, int]] = {}  # key -> {ticket: max_tokens}
+        self._next = 0
+
+    def admit(self, key: str, tokens: int, rate: float) -> Callable[[], None]:
+        """Admit a chat of `tokens` max_tokens for `key` (rate: the engine's tokens per second, 0 if unknown)."""
+        with self.lock:
+            held = self.held.setdefault(key, {})
+            reason, wait = None, 0
+            if len(held) >= self.chats:
+                reason = f"this API key has {len(held)} chats in flight; the limit is {self.chats}"
+                wait = min(held.values())
+            elif held and sum(held.values()) + tokens > self.tokens:
+                reason = (
+                    f"this API key has {sum(held.values())} max_tokens in flight; with {tokens} more it exceeds "
+                    f"the limit of {self.tokens}"
+                )
+                wait = sum(held.values()) + tokens - self.tokens
+            if reason is None:
+                self._next += 1
+                ticket = self._next
+                held[ticket] = tokens
+                return lambda: self._release(key, ticket)
+        retry = min(60, max(1, math.ceil(wait / (rate or 20.0))))  # seconds for that many tokens to decode
+        raise ApiError(
+            429,
+            f"{reason}; retry after {retry} s",
+            "rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry)},
+        )
+
+    def _release(self, key: str, ticket: int) -> None:
+        with self.lock:
+            held = self.held.get(key, {})
+            held.pop(ticket, None)
+            if not held:
+                self.held.pop(key, None)
 
 
 class Server:
@@ -85,6 +155,7 @@ class Server:
         self.db = None
         self.queue: JobQueue | None = None
         self.metrics = Metrics()
+        self.limits = Limits(cfg.key_chats, cfg.key_tokens)
         self._trainer: Memory | None = None  # the training worker's own Memory, made on its first job
 
     # -- start-up -----------------------------------------------------------------------------------------------
@@ -106,8 +177,9 @@ class Server:
                 )
             self.queue = JobQueue(self.cfg.store, self.cfg.lease_s, max_waiting=self.cfg.max_waiting_jobs)
             self.mem = mem
-            self.engine = Engine(model, tok, self.cfg.max_batch, self.cfg.window_s, self.cfg.batched)
-            self.engine.on_batch = self.metrics.observe_batch
+            cfg = self.cfg
+            self.engine = Engine(model, tok, cfg.max_batch, cfg.window_s, cfg.batched, cfg.prefill_tokens)
+            self.engine.on_step = self.metrics.observe_step
             self.engine.start()
             if self.cfg.worker:
                 self.worker = Worker(self.cfg.store, self.train, lease_s=self.cfg.lease_s)
@@ -149,7 +221,7 @@ class Server:
         )
 
         def on_step(step: int, total: int, loss: float) -> None:
-            """Report progress, then let a waiting chat batch go first."""
+            """Report progress, then let the chats being decoded go first (at most train_pause_s)."""
             progress(step, total)
             if self.engine is not None:
                 self.engine.idle.wait(self.cfg.train_pause_s)

@@ -7,6 +7,12 @@ A request: the conversation (tool messages dropped, developer turns as system tu
 the memories in its scope (Server.scope, then Memory.gated), then answer.plan's steps. A step that is not the
 last (irag's recall) is decoded whole and fed back into the plan; the last one is streamed or returned.
 
+Fairness: a chat's max_tokens may not exceed the server's cap (400 naming the field), and each API key may
+hold only so many chats and max_tokens in flight (429 with Retry-After; ServerConfig says why the defaults). A
+client that goes away frees its row within an engine step: a streaming one when its stream is closed, a
+non-streaming one (which starlette does not tell the handler about) by watching the connection while waiting,
+irag's recall included.
+
 Limits: irag's first chunk waits for the recall; the client's sampling settings (temperature, top_p, seed)
 decode every step, its stop strings only the answer.
 """
@@ -17,9 +23,11 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter
+from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -127,9 +135,11 @@ def prompt_ids(srv: Server, step: Step) -> list[int]:
     return ids
 
 
-def submit(srv: Server, body: ChatRequest, step: Step, stop: list[str]) -> Decoding:
+def submit(
+    srv: Server, body: ChatRequest, step: Step, stop: list[str], on_end: Callable[[], None] | None = None
+) -> Decoding:
     """Hand a step to the engine with its mixture and the client's sampling; its pieces arrive on this event
-    loop (call from the route's coroutine)."""
+    loop (call from the route's coroutine); on_end is called when the engine is done with it."""
     ids = prompt_ids(srv, step)
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
@@ -143,23 +153,38 @@ def submit(srv: Server, body: ChatRequest, step: Step, stop: list[str]) -> Decod
         seed=body.seed,
         stop=stop,
         emit=lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
+        on_end=on_end,
     )
     return Decoding(req, pieces, len(ids))
 
 
-async def finish(srv: Server, d: Decoding) -> str:
-    """Wait for a step's whole text (a client that goes away frees its row), count its tokens; 500 if the
-    engine failed it."""
+async def finish(srv: Server, d: Decoding, http: HttpRequest) -> str:
+    """Wait for a step's whole text, count its tokens; 500 if the engine failed it. A client that goes away
+    frees its row: starlette neither cancels a non-streaming handler nor tells it, so the connection is
+    watched meanwhile; the engine ends the row at its next step, and the answer (499) goes nowhere."""
+    watcher = asyncio.create_task(watch(http, d.req))
     try:
         while (await d.pieces.get()) is not END:
             pass
     except asyncio.CancelledError:
         d.req.cancelled = True
         raise
+    finally:
+        watcher.cancel()
     srv.metrics.tokens.inc(d.req.completion_tokens)  # every token the engine decoded, irag's recall too
+    if d.req.finish_reason == "cancelled":
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
     if d.req.error:
         raise ApiError(500, f"generation failed: {d.req.error}", "server_error")
     return d.req.text
+
+
+async def watch(http: HttpRequest, req: Request) -> None:
+    """Cancel `req` when the client disconnects. The body is read, so the next ASGI message is the disconnect
+    (the wait StreamingResponse does; polling `is_disconnected` misses it behind the middleware's wrappers)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    req.cancelled = True
 
 
 @dataclass
@@ -216,25 +241,67 @@ async def events(srv: Server, c: Completion):
         srv.metrics.tokens.inc(req.completion_tokens)
 
 
+def token_cap(srv: Server, body: ChatRequest) -> int:
+    """The chat's max_tokens (the server's default if it gives none); 400 naming the field above the server's
+    cap (ServerConfig.max_tokens_cap, never more than the model's context): nothing is silently shortened."""
+    cap = min(srv.cfg.max_tokens_cap, context_length(srv.engine.model))
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    asked = body.max_completion_tokens or body.max_tokens
+    if asked is None:
+        return min(DEFAULT_MAX_TOKENS, cap)
+    if asked > cap:
+        raise ApiError(400, f"{field} is {asked}; this server allows at most {cap}", param=field, code="invalid_value")
+    return asked
+
+
+def caller_key(p: Principal) -> str:
+    """Whose limits a chat counts against: its API key (by the prefix the key table keeps); under --open every
+    caller is one."""
+    return p.key_prefix or "open"
+
+
 @router.post("/v1/chat/completions")
-async def chat(body: ChatRequest, p: Caller, srv: Ready) -> Response:
+async def chat(body: ChatRequest, p: Caller, srv: Ready, http: HttpRequest) -> Response:
     """A chat completion through the answer pipeline, streamed or not, with the memories the gate selected."""
     check_model(srv, body.model)
     opts = body.memory or MemoryOptions()
     turns = conversation(body)
+    max_tokens = token_cap(srv, body)
+    try:
+        release = srv.limits.admit(caller_key(p), max_tokens, srv.engine.rate())
+    except ApiError:
+        srv.metrics.refused.inc()
+        raise
+    try:  # the caller's limits are held until the answer's row ends (release is called by the engine then)
+        return await answer_chat(srv, body, p, http, turns, opts, max_tokens, release)
+    except BaseException:
+        release()
+        raise
+
+
+async def answer_chat(
+    srv: Server,
+    body: ChatRequest,
+    p: Principal,
+    http: HttpRequest,
+    turns: list[Turn],
+    opts: MemoryOptions,
+    max_tokens: int,
+    release: Callable[[], None],
+) -> Response:
+    """The gate, irag's recall if the mode has one, then the answer's row (which calls `release` as it ends)."""
     g, scope = await run_in_threadpool(gated, srv, p, answer.question_of(turns), opts)
-    max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
     steps = answer.plan(turns, opts.mode, g.mixture, g.passages, max_tokens)
     step = next(steps)
     while not step.final:  # irag's recall: decoded whole, then the conversation the answer continues
-        text = await finish(srv, submit(srv, body, step, []))
+        text = await finish(srv, submit(srv, body, step, []), http)
         step = steps.send(text.strip())  # stripped as generate.complete strips it: both sides continue alike
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    final = submit(srv, body, step, stops[:4])
+    final = submit(srv, body, step, stops[:4], on_end=release)
     routed = [(schema.api_id(scope[i]), s, w) for i, s, w in g.routed if i in scope]
     memory = {"selected": [{"id": i, "score": round(s, 6), "weight": round(w, 6)} for i, s, w in routed]}
     c = Completion(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), memory, final)
     if not body.stream:
-        await finish(srv, final)
+        await finish(srv, final, http)
         return JSONResponse(completion_json(c))
     return StreamingResponse(events(srv, c), media_type="text/event-stream")
