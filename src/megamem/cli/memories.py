@@ -19,7 +19,7 @@ from rich.text import Text
 
 from .. import schema
 from ..backend import CONSOLIDATE, EXPORT, KINDS, MEGA, MEMORYLLM, Backend, require
-from ..checks import printable
+from ..checks import check_id, printable
 from ..errors import MegamemError
 from ..inputs import read_jsonl, read_text_file
 from ..memory import Item, with_overrides
@@ -216,7 +216,7 @@ def _into_namespace(scope: Scope, items: list[Item], keep_going: bool, bad_lines
     out = []
     for item in items:
         try:
-            olds = [scope.stored_id(schema.check_api_id(old)) for old in item.replaces]
+            olds = [scope.stored_id(schema.check_api_id(check_id(old, "replaces id"))) for old in item.replaces]
             if item.id is not None:
                 memory_id = scope.stored_id(schema.check_api_id(item.id))
             else:  # the store's own fresh id would lack the namespace's prefix
