@@ -253,3 +253,49 @@ def test_an_app_made_by_create_app_serves_only_loopback_host_names(tmp_path):
     foreign = TestClient(app, base_url="http://attacker.example").get("/healthz")
     assert foreign.status_code == 400 and foreign.json()["error"]["code"] == "host_not_allowed"
     assert TestClient(app, base_url="http://127.0.0.1:8000").get("/healthz").status_code in (200, 503)
+
+
+def test_a_tool_message_reaches_the_model_through_the_chat_template(live, submitted):
+    """A tool's result is part of the prompt (it was dropped: "-41 °C, blizzard" got "about 22 °C")."""
+    url, keys, srv = live
+    messages = [
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "-41 °C, blizzard"},
+    ]
+    r = httpx.post(
+        url + CHAT, json={"model": "megamem", "messages": messages, "max_tokens": 4}, headers=hdr(keys["acme"])
+    )
+    assert r.status_code == 200, r.text
+    prompt = srv.engine.tok.decode(submitted[-1].prompt)
+    assert "-41 °C, blizzard" in prompt and prompt.index("blizzard") > prompt.index("What is the weather")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("functions", [{"name": "weather", "parameters": {"type": "object"}}]),
+    ],
+)
+def test_what_the_server_cannot_honour_is_a_400_naming_the_field(live, field, value):
+    """Nothing is ignored without a word: the openai client gets BadRequestError naming the field."""
+    url, keys, _ = live
+    client = openai.OpenAI(base_url=url + "/v1", api_key=keys["acme"], max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="megamem", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body={field: value}
+        )
+    assert err.value.body["param"] == field and err.value.body["code"] == "unsupported_parameter"
+    plain = client.chat.completions.create(
+        model="megamem", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, response_format={"type": "text"}
+    )
+    assert plain.choices[0].message is not None  # the plain text format is what every answer is

@@ -85,6 +85,14 @@ def embedder_keys(texts: list[str]) -> torch.Tensor:
     return torch.as_tensor(_sentence_model().encode(list(texts), convert_to_numpy=True, batch_size=32)).float()
 
 
+def embedder_tokens(texts: list[str]) -> int:
+    """How many tokens the sentence embedder reads for `texts` (its own tokenizer, special tokens included, each
+    text cut at the embedder's max_seq_length as encode cuts it)."""
+    model = _sentence_model()
+    ids = model.tokenizer(list(texts), truncation=True, max_length=model.max_seq_length)["input_ids"]
+    return sum(len(i) for i in ids)
+
+
 def compute_keys(kind: str, texts: list[str], model=None, tok=None) -> torch.Tensor:
     """Keys of `texts` with the named key function."""
     if kind == "embedder":

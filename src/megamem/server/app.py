@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request, Response
 from .. import __version__
 from . import errors
 from .errors import BodyLimit, error_response
-from .routes import chat, health, jobs, keys, memories
+from .routes import chat, embeddings, health, jobs, keys, memories
 from .runtime import Server, ServerConfig
 
 __all__ = ["Server", "ServerConfig", "create_app"]
@@ -51,7 +51,7 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
     app.middleware("http")(observe)
     if cfg.allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=cfg.allowed_hosts)  # outermost: before the body or the metrics
-    for router in (health.router, chat.router, memories.router, jobs.router, keys.router):
+    for router in (health.router, chat.router, embeddings.router, memories.router, jobs.router, keys.router):
         app.include_router(router)
     return app
 

@@ -3,7 +3,7 @@ batching engine, so that a chat answers as Memory.ask does: the same mode (answe
 request's `memory.mode` names another), the same prompts, the same mixture (the caller's cortex at weight 1, its
 gated memories at their weights, the min-weight rule), the same greedy text at temperature 0.
 
-A request: the conversation (tool messages dropped, developer turns as system turns), the caller's gate over
+A request: the conversation (developer turns as system turns, tool results as tool turns), the caller's gate over
 the memories in its scope (Server.scope, then Memory.gated), then answer.plan's steps. A step that is not the
 last (irag's recall) is decoded whole and fed back into the plan; the last one is streamed or returned.
 
@@ -65,10 +65,44 @@ def check_model(srv: Server, model: str) -> None:
         )
 
 
+# what OpenAI's chat offers that this server does not do yet: a request asking for it is a 400 naming the field
+# (silently ignoring one would be a wrong answer the application cannot see); value -> whether it asks for it
+NOT_HONOURED = {
+    "tools": lambda v: bool(v),
+    "functions": lambda v: bool(v),
+    "tool_choice": lambda v: v not in (None, "none"),
+    "function_call": lambda v: v not in (None, "none"),
+    "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text") and v is not None,
+    "logprobs": lambda v: bool(v),
+    "top_logprobs": lambda v: bool(v),
+}
+
+
+def refuse_unhonoured(body: ChatRequest) -> None:
+    """400 naming the first field this server cannot honour yet (tools, structured output, logprobs)."""
+    extra = body.model_extra or {}
+    for name, asks in NOT_HONOURED.items():
+        if name in extra and asks(extra[name]):
+            raise ApiError(
+                400,
+                f"{name} is not supported by this server yet; send the request without it",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
 def conversation(body: ChatRequest) -> list[Turn]:
-    """The request's turns (role, text): tool messages dropped, developer turns as system turns; every message
-    reaches the tokenizer, so each is checked as stored text is."""
-    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages if m.role != "tool"]
+    """The request's turns (role, text): developer turns as system turns, tool results as the chat template's
+    'tool' turns (so a tool's answer reaches the model); every message reaches the tokenizer, so each is checked
+    as stored text is."""
+    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+    for n, (role, _) in enumerate(turns):
+        if role == "tool" and (n == 0 or turns[n - 1][0] not in ("assistant", "tool")):
+            raise ApiError(
+                400,
+                f"messages[{n}]: a tool message answers an assistant's tool call, so it follows one",
+                param="messages",
+            )
     for n, (_, text) in enumerate(turns):
         if text.strip():
             try:
@@ -264,6 +298,7 @@ def caller_key(p: Principal) -> str:
 async def chat(body: ChatRequest, p: Caller, srv: Ready, http: HttpRequest) -> Response:
     """A chat completion through the answer pipeline, streamed or not, with the memories the gate selected."""
     check_model(srv, body.model)
+    refuse_unhonoured(body)
     opts = body.memory or MemoryOptions()
     turns = conversation(body)
     max_tokens = token_cap(srv, body)
