@@ -77,14 +77,13 @@ def build_template(folder: Path, model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def check(store: Path) -> dict:
-    """What the store holds after settling: texts lost, texts doubled, verify's serious problems."""
-    from megamem import Memory
+def held_and_routed(mem) -> tuple[list[str], list[str]]:
+    """(every member text the store holds: stored memories, a merged one as its members, and the cortexes';
+    the texts the gate routes to, superseded memories left out, and the cortexes'): each member once in the
+    second, or it is doubled."""
     from megamem.schema import MERGED
     from megamem.store import cortex
-    from megamem.store.health import verify
 
-    mem = Memory(store)
     out = mem.superseded()
     held: list[str] = []
     routed: list[str] = []
@@ -93,9 +92,19 @@ def check(store: Path) -> dict:
         held += texts
         if r.id not in out:
             routed += texts
-    for ns in cortex.namespaces(store):
+    for ns in cortex.namespaces(mem.path):
         held += [c.text for c in mem.consolidated(ns)]
         routed += [c.text for c in mem.consolidated(ns)]
+    return held, routed
+
+
+def check(store: Path) -> dict:
+    """What the store holds after settling: texts lost, texts doubled, verify's serious problems."""
+    from megamem import Memory
+    from megamem.store.health import verify
+
+    mem = Memory(store)
+    held, routed = held_and_routed(mem)
     lost = sorted(set(TEXTS.values()) - set(held))
     doubled = sorted(t for t, n in Counter(routed).items() if n > 1)
     serious = [f"{p.kind} {p.path}: {p.message}" for p in verify(store) if p.serious]

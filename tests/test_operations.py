@@ -13,7 +13,7 @@ import megamem.store.files as files
 from megamem import Item, Memory
 from megamem.errors import MegamemError
 from megamem.ops.consolidate import ConsolidationConfig, bring_back, consolidate, withdraw
-from megamem.ops.merge import MERGED, merge, split
+from megamem.ops.merge import merge, split
 from megamem.store import cortex
 from megamem.store.health import repair, verify
 
@@ -59,22 +59,13 @@ def kill_at(monkeypatch, store, point: str, nth: int = 1) -> None:
 
 def texts_kept(m: Memory) -> list[str]:
     """Every member text the store still holds: stored memories (a merged one as its members) and cortexes."""
-    out = []
-    for r in m.list():
-        out += [p["text"] for p in r.metadata[MERGED]] if MERGED in r.metadata else [r.text]
-    for ns in cortex.namespaces(m.path):
-        out += [c.text for c in m.consolidated(ns)]
-    return out
+    return opfaults.held_and_routed(m)[0]
 
 
 def routed(m: Memory) -> list[str]:
     """The texts the gate can route to (superseded memories left out) and those the cortexes hold: each member
     once, or it is doubled."""
-    out = m.superseded()
-    gated = [
-        t for r in m.list() if r.id not in out for t in ([p["text"] for p in r.metadata.get(MERGED, [])] or [r.text])
-    ]
-    return gated + [c.text for ns in cortex.namespaces(m.path) for c in m.consolidated(ns)]
+    return opfaults.held_and_routed(m)[1]
 
 
 def kinds(m: Memory) -> set[str]:

@@ -82,10 +82,10 @@ def _bring_back(path: Path, displaced: dict, as_json: bool) -> list[str]:
     from ..ops.consolidate import bring_back
 
     lines = []
+    mem = open_store(path, create=False) if any(displaced.values()) else None
     for namespace, memories in displaced.items():
         if not memories:
             continue
-        mem = open_store(path, create=False)
         with progress(as_json) as bar:
             task = bar.add_task(f"learning {len(memories)} memories again", total=None, loss=0.0)
             back = bring_back(mem, memories, on_step=on_step_of(bar, task))
@@ -93,5 +93,5 @@ def _bring_back(path: Path, displaced: dict, as_json: bool) -> list[str]:
             f"the {namespace} cortex's {len(back)} of {len(memories)} memories are back in the gate, learned again "
             "from its record"
         )
-        lines += [f"warning: {w}" for w in mem.warnings]
+    lines += [f"warning: {w}" for w in (mem.warnings if mem is not None else [])]
     return lines

@@ -159,15 +159,22 @@ def check_settings(settings: Any, where: str) -> str | None:
     return None
 
 
+def _read_json(path: Path, name: str, missing: str, unreadable: str) -> object:
+    """The JSON in the store's file `name`; FileDamaged of kind `missing` if it is not a file, `unreadable` if it
+    does not parse."""
+    p = path / name
+    if not p.is_file():
+        raise FileDamaged(path, name, missing, f"{p} is {'not a file' if p.exists() else 'missing'}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FileDamaged(path, name, unreadable, f"{p} is not readable ({exc})") from None
+
+
 def read_settings(path: Path) -> dict:
     """The store's settings, checked; FileDamaged naming memoryllm.json otherwise."""
     p = path / SETTINGS
-    if not p.is_file():
-        raise FileDamaged(path, SETTINGS, "settings", f"{p} is {'not a file' if p.exists() else 'missing'}")
-    try:
-        settings = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FileDamaged(path, SETTINGS, "settings", f"{p} is not readable ({exc})") from None
+    settings = _read_json(path, SETTINGS, "settings", "settings")
     why = check_settings(settings, str(p))
     if why is not None:
         raise FileDamaged(path, SETTINGS, "settings", why)
@@ -282,12 +289,7 @@ def write_memories(path: Path, settings: dict, records: list[PoolRecord]) -> Non
 def read_memories(path: Path) -> tuple[dict, list[dict]]:
     """memories.json's settings and list as written, checked; FileDamaged naming it otherwise."""
     p = path / MEMORIES
-    if not p.is_file():
-        raise FileDamaged(path, MEMORIES, "missing", f"{p} is {'not a file' if p.exists() else 'missing'}")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FileDamaged(path, MEMORIES, "corrupt", f"{p} is not readable ({exc})") from None
+    doc = _read_json(path, MEMORIES, "missing", "corrupt")
     if not isinstance(doc, dict) or doc.get("format") != MEMORIES_FORMAT or not isinstance(doc.get("records"), list):
         raise FileDamaged(path, MEMORIES, "corrupt", f"{p} is not a MemoryLLM store's list of memories")
     if digest({k: v for k, v in doc.items() if k != "sha256"}) != doc.get("sha256"):

@@ -192,10 +192,10 @@ def consolidate(
     ids = list(dict.fromkeys(check_id(i) for i in ids))
     if not ids and not retrain:
         raise MegamemError("no memories to consolidate")
-    interrupted = [i for i in intents.pending(mem.path) if i.op == "consolidate" and i.plan["ids"] == ids]
+    prior = intents.interrupted(mem.path, "consolidate", ids)
     mem.prepare_store()  # settles what an interrupted operation left before anything is read
-    if ids and interrupted and all(mem.store.get(i, missing_ok=True) is None for i in ids):
-        return _finished(mem, interrupted[0].plan["namespace"], ids)  # the interrupted one was finished just now
+    if ids and prior and all(mem.store.get(i, missing_ok=True) is None for i in ids):
+        return _finished(mem, prior.plan["namespace"], ids)  # the interrupted one was finished just now
     records = [mem.show(i) for i in ids]  # every id is a stored memory, checked before any work
     namespace = check_namespace(namespace) if namespace is not None else None
     namespace = _one_namespace(records, namespace)

@@ -98,9 +98,9 @@ def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | N
     them. Everything is checked before anything is learned; an intent record (megamem.store.intents) is written
     before the first step, so a merge killed at any point is finished or rolled back by the next writer."""
     check_ids(ids)
-    interrupted = [i for i in intents.pending(mem.path) if i.op == "merge" and i.plan["ids"] == list(ids)]
+    prior = intents.interrupted(mem.path, "merge", ids)
     mem.prepare_store()  # settles what an interrupted operation left before anything is read
-    if interrupted and (done := mem.store.get(interrupted[0].plan["merged"], missing_ok=True)) is not None:
+    if prior and (done := mem.store.get(prior.plan["merged"], missing_ok=True)) is not None:
         return done  # the interrupted merge of these ids was finished just now
     records = [mem.show(i) for i in ids]  # an error naming the first that is not stored
     superseded = mem.superseded()
@@ -151,10 +151,10 @@ def split(mem: Memory, memory_id: str, on_step=None) -> list[Record]:
     stored) by the next writer, and `split` runs again; a member stored already as the merged memory holds it
     is kept, not learned twice."""
     check_id(memory_id)
-    interrupted = [i for i in intents.pending(mem.path) if i.op == "split" and i.plan["merged"] == memory_id]
+    prior = intents.interrupted(mem.path, "split", [memory_id])
     mem.prepare_store()  # settles what an interrupted operation left before anything is read
-    if interrupted and mem.store.get(memory_id, missing_ok=True) is None:  # the interrupted split was finished
-        return [mem.show(i) for i in interrupted[0].plan["members"]]
+    if prior and mem.store.get(memory_id, missing_ok=True) is None:  # the interrupted split was finished
+        return [mem.show(i) for i in prior.plan["members"]]
     record = mem.show(memory_id)
     parts = record.metadata.get(MERGED)
     if not parts:

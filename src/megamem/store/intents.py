@@ -144,10 +144,15 @@ def claimed(store_path: Path, what: str, namespace: str | None = None) -> set[st
     return out
 
 
-def interrupted(store_path: Path, op: str, ids: list[str]) -> bool:
-    """Whether an interrupted (writer gone) `op` touched any of `ids`: running the same command again settles it
-    first, so its ids need not all be stored any more (a caller's own checks should let the operation say)."""
-    return any(i.op == op and not i.alive and touched(i) & set(ids) for i in pending(store_path))
+def interrupted(store_path: Path, op: str, ids: list[str]) -> Intent | None:
+    """The interrupted (writer gone) `op` on exactly these ids (a merge's ids, a split's merged memory, a
+    consolidation's ids), if there is one: running the same command again settles it first, so its ids need not
+    all be stored any more, and the command reports what the settling did."""
+    for i in pending(store_path):
+        own = [i.plan["merged"]] if i.op == "split" else i.plan["ids"]
+        if i.op == op and not i.alive and set(own) == set(ids):
+            return i
+    return None
 
 
 def touched(intent: Intent) -> set[str]:

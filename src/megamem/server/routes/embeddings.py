@@ -17,6 +17,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from ...checks import check_text
+from ...errors import MegamemError
 from ...keys import embedder_tokens
 from ..auth import Caller, Ready
 from ..errors import ApiError
@@ -55,8 +57,12 @@ def texts_of(body: EmbeddingRequest, srv: Server) -> list[str]:
     if len(given) > MAX_INPUTS:
         raise ApiError(400, f"input: at most {MAX_INPUTS} texts a request, got {len(given)}", param="input")
     for n, t in enumerate(given):
-        if not t.strip() or len(t) > MAX_TEXT or "\x00" in t:
-            raise ApiError(400, f"input[{n}] must be non-empty text of at most {MAX_TEXT} characters", param="input")
+        if len(t) > MAX_TEXT:
+            raise ApiError(400, f"input[{n}] is longer than {MAX_TEXT} characters", param="input")
+        try:
+            check_text(t, f"input[{n}]")  # as every text that reaches the model or the embedder is checked
+        except MegamemError as exc:
+            raise ApiError(400, str(exc), param="input") from None
     return given
 
 
