@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import MegamemError
 from .inject import clear
-from .model import chat_ids
+from .model import LOAD_LOCK, chat_ids
 
 KEY_FUNCTIONS = ("embedder", "activation")
 DEFAULT_KEY_FUNCTION = "embedder"  # chosen by measurement: docs/tuning.md
@@ -76,7 +76,8 @@ def _sentence_model():
     # transformers (imported above) has imported it already; the model is a local folder, never fetched.
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(embedder_path()), device="cpu", local_files_only=True)
+    with LOAD_LOCK:  # it loads through transformers' from_pretrained (see model.LOAD_LOCK)
+        return SentenceTransformer(str(embedder_path()), device="cpu", local_files_only=True)
 
 
 @torch.no_grad()

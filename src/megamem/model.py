@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -21,6 +22,14 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelError(MegamemError):
     """The base model could not be found or loaded."""
+
+
+# transformers' from_pretrained swaps process-wide functions while it runs (torch.nn.init's to no-ops,
+# PreTrainedModel.tie_weights to a no-op) and puts back what it found on the way out. Two loads at once in
+# one process (the server's loader thread beside a trainer, a test beside a leftover server) interleave
+# those swaps: a model comes out with its lm_head untied (meta or uninitialised) and later loads can find
+# the no-ops as "originals". Every load of a transformers model in megamem holds this lock.
+LOAD_LOCK = threading.RLock()
 
 
 def cache_root() -> Path:
@@ -51,8 +60,9 @@ def embedded_model_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        with LOAD_LOCK:
+            tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
         # The dequantized weights are plain float32; drop the GGUF quantizer so they save as such.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -78,10 +88,11 @@ def resolve_model(name: str | None) -> str:
 
 def load_model(name: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in float32 eval mode with gradients off on every weight."""
-    path = resolve_model(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with LOAD_LOCK:
+            path = resolve_model(name)
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {name!r}: {exc}") from exc
     if tok.pad_token_id is None:

@@ -11,7 +11,6 @@ middleware checks the Host header (ServerConfig.allowed_hosts): a page that rebi
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -34,8 +33,8 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        """Load in a thread (healthz answers 503 meanwhile); stop the engine and worker on shutdown."""
-        threading.Thread(target=srv.load, name="megamem-load", daemon=True).start()
+        """Load in a thread (healthz answers 503 meanwhile); stop and wait for the engine and worker on shutdown."""
+        srv.start()
         yield
         srv.close()
 

@@ -157,6 +157,7 @@ class Server:
         self.metrics = Metrics()
         self.limits = Limits(cfg.key_chats, cfg.key_tokens)
         self._trainer: Memory | None = None  # the training worker's own Memory, made on its first job
+        self._loader: threading.Thread | None = None
 
     # -- start-up -----------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -189,13 +190,28 @@ class Server:
             self.failed = str(exc) if isinstance(exc, MegamemError) else f"{type(exc).__name__}: {exc}"
             log.error("megamem serve could not start: %s", self.failed)
 
-    def close(self) -> None:
-        """Ask the engine and the worker to stop (they are daemon threads: the process never waits on them)."""
+    def start(self) -> None:
+        """Load in a background thread (healthz answers 503 meanwhile)."""
+        self._loader = threading.Thread(target=self.load, name="megamem-load", daemon=True)
+        self._loader.start()
+
+    def close(self, wait_s: float = 60.0) -> None:
+        """Stop the engine and the worker and wait (up to `wait_s` each) for them and for a load still running:
+        a stopped app leaves nothing behind that still loads a model or decodes (a load beside another in one
+        process is unsafe, see model.LOAD_LOCK; an app made and dropped in a test must not leak one)."""
+        if self._loader is not None:
+            self._loader.join(wait_s)
+        threads = [t for t in (self.engine, self.worker) if t is not None]
         if self.engine is not None:
             self.engine.stop_flag.set()
         if self.worker is not None:
             self.worker.stop.set()
             self.worker.wake.set()
+        for t in threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(wait_s)
+                if t.is_alive():
+                    log.warning("megamem serve: %s did not stop within %.0f s", t.name, wait_s)
 
     # -- the training worker's job ------------------------------------------------------------------------------
     def train(self, job: Job, progress) -> None:
