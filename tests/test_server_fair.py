@@ -278,12 +278,11 @@ def test_a_tool_message_reaches_the_model_through_the_chat_template(live, submit
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]),
-        ("tool_choice", "required"),
-        ("response_format", {"type": "json_object"}),
-        ("logprobs", True),
-        ("top_logprobs", 3),
         ("functions", [{"name": "weather", "parameters": {"type": "object"}}]),
+        ("function_call", "auto"),
+        ("presence_penalty", 1.0),
+        ("modalities", ["text", "audio"]),
+        ("reasoning_effort", "high"),
     ],
 )
 def test_what_the_server_cannot_honour_is_a_400_naming_the_field(live, field, value):

@@ -59,12 +59,35 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from ..grammar import Constraint, Grammars, mask_logits
 from ..inject import clear, gated_layers, set_mixture
 
 END = object()  # the marker a request's stream ends with
 PREFILL_TOKENS = 512  # prompt tokens read per step (all newcomers together): ~2.5 s of SmolLM2-135M on 2 cores
 log = logging.getLogger("megamem.server")
 _serial = itertools.count()
+
+
+class Piece(str):
+    """A piece of a row's text, and how many of its tokens were decoded when it was emitted (so a stream can
+    send each token's logprobs with the piece that shows it)."""
+
+    tokens: int = 0
+
+    def __new__(cls, text: str, tokens: int) -> Piece:
+        piece = super().__new__(cls, text)
+        piece.tokens = tokens
+        return piece
+
+
+@dataclass
+class Logprob:
+    """A decoded token's log-probability under the model (before any grammar mask or temperature, as OpenAI
+    reports them) and the `top` most likely tokens with theirs: [(token id, logprob), ...]."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -91,6 +114,9 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
     tokens: list[int] = field(default_factory=list)  # the completion's token ids so far
+    constraint: Constraint | None = None  # a grammar the completion must follow (megamem.grammar), or None
+    logprobs: int | None = None  # None: none kept; n: each token's logprob with the n most likely (0 to 20)
+    logprob_list: list[Logprob] = field(default_factory=list)  # one per token in `tokens`
     serial: int = field(default_factory=lambda: next(_serial))  # tells rows apart (ids of dead objects repeat)
     _q: queue.Queue | None = None
     _gen: torch.Generator | None = None
@@ -164,6 +190,8 @@ class Engine(threading.Thread):
         params = inspect.signature(type(model).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
 
     def submit(self, prompt: list[int], adapters: list, weights: list[float], **kw) -> Request:
         req = Request(prompt, list(adapters), list(weights), **kw)
@@ -172,6 +200,14 @@ class Engine(threading.Thread):
             req.emit = req._q.put
         self.inbox.put(req)
         return req
+
+    def grammars(self) -> Grammars:
+        """The serving tokenizer's grammars (megamem.grammar), built on first use (~2 s) and kept."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                n_vocab = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
+                self._grammars = Grammars(self.tok, n_vocab, sorted(self.eos))
+            return self._grammars
 
     def depth(self) -> int:
         """Requests waiting for a place in the batch."""
@@ -339,9 +375,20 @@ class Engine(threading.Thread):
         """Each row's next token from its logits (B, V), streamed; returns the tokens (B,) and which rows go on."""
         nxt = torch.full((len(reqs),), self.pad, dtype=torch.long)
         alive = []
+        masked = mask_logits(logits, [r.constraint for r in reqs])  # (B, V) a grammar's disallowed tokens -inf
         for b, r in enumerate(reqs):
-            t = self._pick(logits[b], r)
+            if r.constraint is not None and r.constraint.error:
+                r.error = f"the grammar failed: {r.constraint.error}"
+                self._end(r, "error")
+                alive.append(False)
+                continue
+            t = self._pick(masked[b], r)
             nxt[b] = t
+            if r.logprobs is not None and t not in self.eos:
+                lp = torch.log_softmax(logits[b], -1)  # (V,) the model's own distribution
+                top = lp.topk(r.logprobs) if r.logprobs else None
+                pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+                r.logprob_list.append(Logprob(t, float(lp[t]), pairs))
             alive.append(self._emit(r, t))
         return nxt, alive
 
@@ -351,6 +398,10 @@ class Engine(threading.Thread):
         if t in self.eos:
             self._end(r, "stop")
             return False
+        if r.constraint is not None and not r.constraint.consume(t):  # masked out, so only a grammar fault
+            r.error = f"the grammar failed: {r.constraint.error}"
+            self._end(r, "error")
+            return False
         r.tokens.append(t)
         r.completion_tokens = len(r.tokens)
         self.stats["tokens"] += 1
@@ -359,9 +410,9 @@ class Engine(threading.Thread):
         if cut is not None:
             text = text[:cut]
         if len(text) > len(r.text) and not text.endswith("\ufffd"):  # whole characters only
-            r.emit(text[len(r.text) :])
+            r.emit(Piece(text[len(r.text) :], len(r.tokens)))
             r.text = text
-        if cut is not None:
+        if cut is not None or (r.constraint is not None and r.constraint.stopped):  # a grammar's reply is whole
             self._end(r, "stop")
             return False
         if len(r.tokens) >= r.max_tokens:
@@ -393,7 +444,7 @@ class Engine(threading.Thread):
             cut = _stop_at(text, r.stop)
             text = text if cut is None else text[:cut]
             if len(text) > len(r.text) and text.startswith(r.text):
-                r.emit(text[len(r.text) :])
+                r.emit(Piece(text[len(r.text) :], len(r.tokens)))
                 r.text = text
         else:
             self.stats["cancelled"] += 1

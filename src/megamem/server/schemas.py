@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..answer import DEFAULT_MODE, MODES
+from .formats import ResponseFormat, Tool, ToolChoice
 
 MAX_TEXT = 100_000  # characters of one memory text or message
 
@@ -21,6 +22,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Part] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)  # an assistant turn's calls
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -65,6 +67,13 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1, le=1)
     memory: MemoryOptions | None = None
+    # structured output and tools (server.formats): decoded under a grammar, so the reply is valid
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # a reply holds one call, which either setting allows
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class AddMemory(BaseModel):

@@ -24,7 +24,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
@@ -38,11 +38,12 @@ from ...errors import MegamemError
 from ...memory import with_overrides
 from ...model import chat_ids, context_length
 from ...store import Record
+from .. import formats
 from ..auth import Caller, Ready
-from ..engine import END, Request
+from ..engine import END, Logprob, Request
 from ..errors import ApiError, invalid
 from ..runtime import Server
-from ..schemas import ChatRequest, MemoryOptions
+from ..schemas import ChatRequest, MemoryOptions, Message
 from ..tenants import Principal
 from ..views import check_filters
 from .health import served_models
@@ -65,37 +66,38 @@ def check_model(srv: Server, model: str) -> None:
         )
 
 
-# what OpenAI's chat offers that this server does not do yet: a request asking for it is a 400 naming the field
-# (silently ignoring one would be a wrong answer the application cannot see); value -> whether it asks for it
+# what OpenAI's chat offers that this server does not do: a request asking for it is a 400 naming the field
+# (silently ignoring one would be a wrong answer the application cannot see); field -> (asks for it?, why not)
 NOT_HONOURED = {
-    "tools": lambda v: bool(v),
-    "functions": lambda v: bool(v),
-    "tool_choice": lambda v: v not in (None, "none"),
-    "function_call": lambda v: v not in (None, "none"),
-    "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text") and v is not None,
-    "logprobs": lambda v: bool(v),
-    "top_logprobs": lambda v: bool(v),
+    "functions": (lambda v: bool(v), "the legacy functions field is not supported; send tools"),
+    "function_call": (lambda v: v not in (None, "none"), "the legacy function_call is not supported; send tool_choice"),
+    "frequency_penalty": (lambda v: bool(v), "frequency_penalty is not supported; send 0 or leave it out"),
+    "presence_penalty": (lambda v: bool(v), "presence_penalty is not supported; send 0 or leave it out"),
+    "logit_bias": (lambda v: bool(v), "logit_bias is not supported; leave it out"),
+    "modalities": (lambda v: v not in (None, ["text"]), "this server answers in text only"),
+    "audio": (lambda v: v is not None, "this server answers in text only"),
+    "prediction": (lambda v: v is not None, "predicted outputs are not supported; leave prediction out"),
+    "web_search_options": (lambda v: v is not None, "this server does not search the web"),
+    "reasoning_effort": (lambda v: v is not None, "the served model does not reason; leave reasoning_effort out"),
 }
 
 
 def refuse_unhonoured(body: ChatRequest) -> None:
-    """400 naming the first field this server cannot honour yet (tools, structured output, logprobs)."""
+    """400 naming the first field this server cannot honour (legacy functions, penalties, audio, ...), and
+    top_logprobs without logprobs (as OpenAI refuses it)."""
     extra = body.model_extra or {}
-    for name, asks in NOT_HONOURED.items():
+    for name, (asks, why) in NOT_HONOURED.items():
         if name in extra and asks(extra[name]):
-            raise ApiError(
-                400,
-                f"{name} is not supported by this server yet; send the request without it",
-                param=name,
-                code="unsupported_parameter",
-            )
+            raise ApiError(400, why, param=name, code="unsupported_parameter")
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
 
 
 def conversation(body: ChatRequest) -> list[Turn]:
     """The request's turns (role, text): developer turns as system turns, tool results as the chat template's
     'tool' turns (so a tool's answer reaches the model); every message reaches the tokenizer, so each is checked
     as stored text is."""
-    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+    turns = [("system" if m.role == "developer" else m.role, _turn_text(m)) for m in body.messages]
     for n, (role, _) in enumerate(turns):
         if role == "tool" and (n == 0 or turns[n - 1][0] not in ("assistant", "tool")):
             raise ApiError(
@@ -110,6 +112,13 @@ def conversation(body: ChatRequest) -> list[Turn]:
             except MegamemError as exc:
                 raise invalid(exc, "messages") from None
     return turns
+
+
+def _turn_text(m: Message) -> str:
+    """A message's text as the model reads it: an assistant's tool calls as it was told to write them."""
+    if m.role == "assistant" and m.tool_calls:
+        return "\n".join(t for t in (m.text(), formats.call_text(m.tool_calls)) if t)
+    return m.text()
 
 
 def gated(srv: Server, p: Principal, question: str, opts: MemoryOptions) -> tuple[Gated, dict[str, Record]]:
@@ -170,13 +179,20 @@ def prompt_ids(srv: Server, step: Step) -> list[int]:
 
 
 def submit(
-    srv: Server, body: ChatRequest, step: Step, stop: list[str], on_end: Callable[[], None] | None = None
+    srv: Server,
+    body: ChatRequest,
+    step: Step,
+    stop: list[str],
+    on_end: Callable[[], None] | None = None,
+    fmt: formats.Format | None = None,
 ) -> Decoding:
     """Hand a step to the engine with its mixture and the client's sampling; its pieces arrive on this event
-    loop (call from the route's coroutine); on_end is called when the engine is done with it."""
+    loop (call from the route's coroutine); on_end is called when the engine is done with it. The answer's step
+    (fmt given) is decoded under the format's grammar and keeps logprobs if the client asked for them."""
     ids = prompt_ids(srv, step)
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
+    constraint = srv.engine.grammars().constraint(fmt.grammar) if fmt is not None and fmt.grammar else None
     req = srv.engine.submit(
         ids,
         list(step.mixture.adapters),
@@ -188,6 +204,8 @@ def submit(
         stop=stop,
         emit=lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
         on_end=on_end,
+        constraint=constraint,
+        logprobs=(body.top_logprobs or 0) if body.logprobs and fmt is not None else None,
     )
     return Decoding(req, pieces, len(ids))
 
@@ -223,14 +241,16 @@ async def watch(http: HttpRequest, req: Request) -> None:
 
 @dataclass
 class Completion:
-    """What the answer's JSON needs: the request, the completion's id and time, the memory extension, and the
-    last step's decoding."""
+    """What the answer's JSON needs: the request, the completion's id and time, the memory extension, the last
+    step's decoding and the format it was asked in."""
 
     body: ChatRequest
     id: str
     created: int
     memory: dict
     final: Decoding
+    fmt: formats.Format
+    token_bytes: Callable[[int], bytes]
 
     def head(self, kind: str) -> dict:
         """The fields every answer and chunk starts with."""
@@ -242,31 +262,63 @@ class Completion:
         n, prompt = self.final.req.completion_tokens, self.final.prompt_tokens
         return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
-    def chunk(self, delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
+    def logprobs(self, start: int = 0, end: int | None = None) -> dict | None:
+        """OpenAI's logprobs of the answer's tokens [start, end) (None if the client did not ask for them)."""
+        if not self.body.logprobs:
+            return None
+        return {"content": [self._entry(lp) for lp in self.final.req.logprob_list[start:end]], "refusal": None}
+
+    def _entry(self, lp: Logprob) -> dict:
+        def one(token: int, logprob: float) -> dict:
+            raw = self.token_bytes(token)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+        return one(lp.token, lp.logprob) | {"top_logprobs": [one(t, x) for t, x in lp.top]}
+
+    def chunk(self, delta: dict, finish: str | None = None, extra: dict | None = None, logprobs=None) -> str:
         """One server-sent event of the stream."""
         c = self.head("chat.completion.chunk") | {
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
         }
         return f"data: {json.dumps(c | (extra or {}), ensure_ascii=False)}\n\n"
 
 
 def completion_json(c: Completion) -> dict:
-    """The non-streamed answer (OpenAI's chat.completion, with megamem's `memory` extension)."""
+    """The non-streamed answer (OpenAI's chat.completion, with megamem's `memory` extension): the text as content,
+    or as a tool call when the request had tools and the reply is one."""
     req = c.final.req
-    message = {"role": "assistant", "content": req.text}
-    choice = {"index": 0, "message": message, "finish_reason": req.finish_reason, "logprobs": None}
+    message, finish_reason = formats.reply(req.text, c.fmt, req.finish_reason)
+    choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": c.logprobs()}
     return c.head("chat.completion") | {"choices": [choice], "usage": c.usage(), "memory": c.memory}
 
 
 async def events(srv: Server, c: Completion):
-    """The streamed answer: a first chunk with the role and the memory extension, the text as it is decoded,
-    the finish chunk, the usage chunk if asked for, [DONE]."""
+    """The streamed answer: a first chunk with the role and the memory extension, the text as it is decoded
+    (each piece with its tokens' logprobs if asked), the finish chunk, the usage chunk if asked for, [DONE].
+    Under tools a reply that starts with "{" is a call: it is held back and sent whole as one tool_calls delta
+    (its arguments are only known valid once the grammar has closed them); text streams as it comes."""
     req = c.final.req
+    sent = 0  # tokens whose logprobs have been sent
+    held: list[str] | None = None  # a tool call's pieces, held back
     try:
         yield c.chunk({"role": "assistant", "content": ""}, extra={"memory": c.memory})
         while (item := await c.final.pieces.get()) is not END:
-            yield c.chunk({"content": item})
-        yield c.chunk({}, req.finish_reason if req.finish_reason != "error" else "stop")
+            if c.fmt.tools is not None and (held is not None or (not req.text.strip() or req.text.lstrip()[0] == "{")):
+                held = [*(held or []), item]  # a call, or text that has not shown its first character yet
+                if req.text.strip() and req.text.lstrip()[0] != "{":  # it is text after all: send what was held
+                    item, held = "".join(held), None
+                else:
+                    continue
+            upto = getattr(item, "tokens", None) or len(req.logprob_list)
+            yield c.chunk({"content": item}, logprobs=c.logprobs(sent, upto))
+            sent = upto
+        message, finish_reason = formats.reply(req.text, c.fmt, req.finish_reason)
+        if "tool_calls" in message:
+            calls = [{"index": 0} | call for call in message["tool_calls"]]
+            yield c.chunk({"tool_calls": calls}, logprobs=c.logprobs(sent))
+        elif held:  # a call cut short (max_tokens): what was decoded, as text
+            yield c.chunk({"content": "".join(held)}, logprobs=c.logprobs(sent))
+        yield c.chunk({}, finish_reason if finish_reason != "error" else "stop")
         if c.body.stream_options and c.body.stream_options.include_usage:
             yield f"data: {json.dumps(c.head('chat.completion.chunk') | {'choices': [], 'usage': c.usage()})}\n\n"
         yield "data: [DONE]\n\n"
@@ -288,6 +340,15 @@ def token_cap(srv: Server, body: ChatRequest) -> int:
     return asked
 
 
+def requested_format(srv: Server, body: ChatRequest) -> formats.Format:
+    """The request's response_format and tools as a Format (compiled against the serving tokenizer, whose index
+    is built on the first request that needs it); logprobs need that tokenizer too, for each token's bytes."""
+    needs = body.tools or (body.response_format and body.response_format.type != "text") or body.logprobs
+    if not needs and body.tool_choice in (None, "none"):
+        return formats.Format()
+    return formats.requested(srv.engine.grammars(), body.response_format, body.tools, body.tool_choice)
+
+
 def caller_key(p: Principal) -> str:
     """Whose limits a chat counts against: its API key (by the prefix the key table keeps); under --open every
     caller is one."""
@@ -302,13 +363,14 @@ async def chat(body: ChatRequest, p: Caller, srv: Ready, http: HttpRequest) -> R
     opts = body.memory or MemoryOptions()
     turns = conversation(body)
     max_tokens = token_cap(srv, body)
+    fmt = await run_in_threadpool(requested_format, srv, body)  # a schema that cannot compile: 400, before the gate
     try:
         release = srv.limits.admit(caller_key(p), max_tokens, srv.engine.rate())
     except ApiError:
         srv.metrics.refused.inc()
         raise
     try:  # the caller's limits are held until the answer's row ends (release is called by the engine then)
-        return await answer_chat(srv, body, p, http, turns, opts, max_tokens, release)
+        return await answer_chat(srv, body, p, http, turns, opts, max_tokens, fmt, release)
     except BaseException:
         release()
         raise
@@ -322,6 +384,7 @@ async def answer_chat(
     turns: list[Turn],
     opts: MemoryOptions,
     max_tokens: int,
+    fmt: formats.Format,
     release: Callable[[], None],
 ) -> Response:
     """The gate, irag's recall if the mode has one, then the answer's row (which calls `release` as it ends)."""
@@ -332,10 +395,12 @@ async def answer_chat(
         text = await finish(srv, submit(srv, body, step, []), http)
         step = steps.send(text.strip())  # stripped as generate.complete strips it: both sides continue alike
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    final = submit(srv, body, step, stops[:4], on_end=release)
+    step = replace(step, turns=fmt.turns(step.turns))  # the format's instruction: the answer's step only
+    final = submit(srv, body, step, stops[:4], on_end=release, fmt=fmt)
     routed = [(schema.api_id(scope[i]), s, w) for i, s, w in g.routed if i in scope]
     memory = {"selected": [{"id": i, "score": round(s, 6), "weight": round(w, 6)} for i, s, w in routed]}
-    c = Completion(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), memory, final)
+    decode = srv.engine.grammars().tokenizer.decode_bytes if body.logprobs else bytes  # built by requested_format
+    c = Completion(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), memory, final, fmt, lambda t: decode([t]))
     if not body.stream:
         await finish(srv, final, http)
         return JSONResponse(completion_json(c))
