@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -181,3 +182,23 @@ def test_merge_and_split_from_the_command_line(mem):
     assert res.exit_code == 0 and "split ada into ada-1, ada-2" in res.stdout
     res = run(app, ["split", "ada", "--store", str(mem.path)])
     assert res.exit_code == 1 and res.stderr.startswith("error:") and "'ada'" in res.stderr
+
+
+def test_a_merged_memory_is_trained_to_its_members_exposure(mem, monkeypatch):
+    """Each member was learned with at least min_tokens example tokens; the merged memory's floor is that once per
+    member (with one floor a merged memory saw each sentence about half as often, and answered worse)."""
+    import megamem.memory
+
+    mem.recipe = replace(mem.recipe, min_tokens=200)
+    seen = []
+    real = megamem.memory.learn
+
+    def spy(model, tok, texts, lora, recipe, *a, **kw):
+        seen.append(recipe)
+        return real(model, tok, texts, lora, recipe, *a, **kw)
+
+    monkeypatch.setattr(megamem.memory, "learn", spy)
+    merge(mem, ["ada-1", "ada-2"], id="ada")
+    assert seen[-1].min_tokens == 2 * 200 and seen[-1].epochs == mem.recipe.epochs
+    mem.add(OTHER["ferry"] + " It sails at dawn.", id="again")
+    assert seen[-1].min_tokens == 200  # a plain add keeps the store's recipe

@@ -270,13 +270,15 @@ class Memory:
         note_updates: bool = True,
         key_texts: list[list[str]] | None = None,
         group: int | None = None,
+        recipe: Recipe | None = None,
         **progress: Unpack[Progress],
     ) -> list[Record]:
         """Learn items that passed `validate` (or an operation's own checks) into the prepared store, `train_group`
         at a time, committing each as soon as its group is learned: the one path every memory takes in
         (megamem.learn). key_texts: each item's key texts, where they are more than its own (a merged memory).
         note_updates: warn of stored memories an item may update (see commit). group: memories trained together
-        (default train_group; 1 learns each exactly as a single add does)."""
+        (default train_group; 1 learns each exactly as a single add does). recipe: the store's unless given (a
+        merged memory's floor of example tokens is its members')."""
         on_step, on_memory, on_stored = (progress.get(k) for k in ("on_step", "on_memory", "on_stored"))
         model, tok = self.load()
         size = group or self.train_group
@@ -287,7 +289,7 @@ class Memory:
                 on_memory(start, len(items))
             texts = [[item.text, *item.paraphrases] for item in batch]
             keyed = key_texts[start : start + size] if key_texts is not None else None
-            learned = learn(model, tok, texts, self.lora, self.recipe, self.key_function, on_step, keyed)
+            learned = learn(model, tok, texts, self.lora, recipe or self.recipe, self.key_function, on_step, keyed)
             for item, one in zip(batch, learned, strict=True):
                 records.append(self.commit(item, one.adapter, one.keys, note_updates))
                 if on_stored is not None:
