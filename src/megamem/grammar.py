@@ -57,7 +57,8 @@ class Constraint:
 
     @property
     def error(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
+        # its first line: the rest is the parser's state and the whole grammar
+        return self.matcher.get_error().strip().splitlines()[0] if self.matcher.is_error() else None
 
 
 class Grammars:
