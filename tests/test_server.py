@@ -396,7 +396,8 @@ def test_add_memory_job(env):
     assert done["job_id"] == j["job_id"] and done["memory_id"] == "a-new"
 
     got = httpx.get(f"{env.url}/v1/memories/a-new", headers=acme).json()
-    assert set(got) == {"id", "memory", "paraphrases", "metadata", "user_id", "agent_id", "created_at"}
+    assert set(got) == {"id", "memory", "paraphrases", "metadata", "user_id", "agent_id", "created_at", "state"}
+    assert got["state"] == "ready"
     assert got["id"] == "a-new" and got["memory"] == text
     assert got["paraphrases"] == body["paraphrases"]
     assert got["metadata"] == {"colour": "amber", "n": 3}  # megamem's reserved keys are not shown
@@ -607,7 +608,8 @@ def test_search(env):
     assert scores == sorted(scores, reverse=True)
     assert all(isinstance(s, float) and -1.0 - 1e-5 <= s <= 1.0 + 1e-5 for s in scores)
     assert all(not m["id"].startswith("g-") for m in res)
-    assert set(res[0]) == {"id", "memory", "paraphrases", "metadata", "user_id", "agent_id", "created_at", "score"}
+    shape = {"id", "memory", "paraphrases", "metadata", "user_id", "agent_id", "created_at", "state", "score"}
+    assert set(res[0]) == shape
     assert len(search(query="bridge", limit=2)) == 2
     assert search(query="the lighthouse keeper's animals", limit=1)[0]["id"] == "a-lighthouse"
 

@@ -172,6 +172,9 @@ def test_logprobs_are_each_tokens_with_the_most_likely(live):
         ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"logit_bias": {"50": 10}}, "logit_bias"),
+        ({"n": 2}, "n"),
+        ({"store": True}, "store"),
+        ({"verbosity": "low"}, "verbosity"),
     ],
 )
 def test_what_cannot_be_honoured_is_a_400_naming_the_field(live, extra, param):
@@ -179,6 +182,31 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(live, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="megamem", messages=ASK, max_tokens=4, extra_body=extra)
     assert err.value.body["param"] == param, err.value.body
+
+
+def test_a_part_that_is_not_text_is_refused(live):
+    client, _, _ = live
+    image = {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="megamem", messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]
+        )
+    assert err.value.body["param"] == "messages" and "image_url" in err.value.body["message"]
+
+
+def test_a_strict_schema_closes_its_objects(live):
+    """strict: an object that does not say whether it takes other properties takes none (OpenAI's strict mode),
+    so the tiny model, which wanders into extra keys under plain JSON Schema, writes only the declared one."""
+    client, _, _ = live
+    schema = {"type": "object", "properties": {"sky": {"enum": ["clear", "snow"]}}, "required": ["sky"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model="megamem", messages=ASK, max_tokens=30, response_format=fmt)
+    assert list(json.loads(r.choices[0].message.content)) == ["sky"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema, "strict": True}}
+    r = client.chat.completions.create(
+        model="megamem", messages=ASK, max_tokens=30, tools=[tool], tool_choice="required"
+    )
+    assert list(json.loads(r.choices[0].message.tool_calls[0].function.arguments)) == ["sky"]
 
 
 def test_a_malformed_tool_is_refused_in_openais_shape(live):

@@ -24,6 +24,7 @@ MERGED = PREFIX + "merged"  # the members a merged memory holds, each as it was 
 NAMESPACE = PREFIX + "namespace"  # the tenant a memory belongs to (none: the default namespace)
 USER = PREFIX + "user_id"  # the server's user and agent a memory was added for
 AGENT = PREFIX + "agent_id"
+RUN = PREFIX + "run_id"  # the server's run (mem0's session scope), beside the user and agent
 JOB = PREFIX + "job"  # the server's job that learned it (what makes a retried job exactly-once)
 DEFAULT_NAMESPACE = "default"
 SEPARATOR = "--"  # a namespace's memory is stored as NAMESPACE--ID (plain in the default namespace)

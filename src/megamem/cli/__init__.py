@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 from transformers.utils import logging as transformers_logging
 
-from . import bench, health, memories, ops, serving
+from . import bench, health, mcp, memories, ops, serving
 from .context import CommandGroup
 
 transformers_logging.set_verbosity_error()
@@ -30,6 +30,7 @@ COMMANDS = {
     "verify": health.verify,
     "repair": health.repair,
     "serve": serving.serve,
+    "mcp": mcp.mcp,
     "train-memoryllm": bench.train_memoryllm,
     "demo": bench.demo,
     "bench": bench.bench,

@@ -20,7 +20,8 @@ from fastapi import FastAPI, Request, Response
 from .. import __version__
 from . import errors
 from .errors import BodyLimit, error_response
-from .routes import chat, embeddings, health, jobs, keys, memories
+from .mcp_http import McpEndpoint
+from .routes import chat, embeddings, health, jobs, keys, mem0, memories
 from .runtime import Server, ServerConfig
 
 __all__ = ["Server", "ServerConfig", "create_app"]
@@ -30,12 +31,14 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
     """The application for a store; the model loads in the background when it starts (create_app itself
     touches no store and loads nothing, so the schema can be read from an app that never starts)."""
     srv = server or Server(cfg)
+    mcp = McpEndpoint(srv)  # /mcp: the memory tools over MCP's streamable HTTP (mcp_http.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         """Load in a thread (healthz answers 503 meanwhile); stop and wait for the engine and worker on shutdown."""
         srv.start()
-        yield
+        async with mcp.run():  # the MCP SDK's session manager runs while the app does
+            yield
         srv.close()
 
     app = FastAPI(
@@ -52,6 +55,8 @@ def create_app(cfg: ServerConfig, server: Server | None = None) -> FastAPI:
         app.add_middleware(HostCheck, allowed=cfg.allowed_hosts)  # outermost: before the body or the metrics
     for router in (health.router, chat.router, embeddings.router, memories.router, jobs.router, keys.router):
         app.include_router(router)
+    app.include_router(mem0.router)  # mem0's hosted API, as mem0ai's MemoryClient calls it (routes/mem0.py)
+    app.add_route("/mcp", mcp, include_in_schema=False)  # an ASGI app: MCP's JSON-RPC is not an OpenAPI route
     return app
 
 

@@ -1,6 +1,7 @@
 """Who is calling: the dependencies every route names. `Ready` is the Server once it has loaded (503 before),
-`Caller` the Principal an API key maps to (401 without a valid one; an admin key may act in a namespace it
-names with X-Megamem-Namespace), `Admin` a caller with an admin key (403 otherwise).
+`Caller` the Principal an API key maps to (sent as `Bearer KEY`, or `Token KEY` as mem0's client sends it; 401
+without a valid one; an admin key may act in a namespace it names with X-Megamem-Namespace), `Admin` a caller
+with an admin key (403 otherwise).
 
 The Server is the app's (`request.app.state.server`, set by create_app), so routes are plain module functions.
 """
@@ -18,6 +19,8 @@ from . import tenants
 from .errors import ApiError, invalid
 from .runtime import Server
 from .tenants import Principal
+
+KEY_SCHEMES = ("bearer", "token")  # Authorization schemes that carry an API key: OpenAI's, and mem0's
 
 
 def server(request: Request) -> Server:
@@ -44,12 +47,13 @@ def caller(
     authorization: Annotated[str | None, Header()] = None,
     x_megamem_namespace: Annotated[str | None, Header()] = None,
 ) -> Principal:
-    """The caller by its bearer key (open access: everyone is the default namespace)."""
+    """The caller by its key, sent as `Bearer KEY` (OpenAI's clients) or `Token KEY` (mem0's MemoryClient) (open
+    access: everyone is the default namespace)."""
     if s.cfg.open_access:
         return Principal(schema.DEFAULT_NAMESPACE)
     scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise ApiError(401, "no API key: send Authorization: Bearer KEY", code="missing_api_key")
+    if scheme.lower() not in KEY_SCHEMES or not key.strip():
+        raise ApiError(401, "no API key: send Authorization: Bearer KEY (or Token KEY)", code="missing_api_key")
     with s.lock:
         p = tenants.resolve(s.db, key.strip())
     if p is None:

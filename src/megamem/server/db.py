@@ -1,4 +1,4 @@
-"""The server's tables (API keys, jobs) live in the store's own SQLite manifest, beside the memories.
+"""The server's tables (API keys, jobs, memory events) live in the store's own SQLite manifest, beside the memories.
 
 Why there and not in a file of their own: a job's state and the memory it commits are then in one database,
 under one WAL and one write lock, so "committed once" can be checked in one place, and `megamem verify`
@@ -42,6 +42,23 @@ TABLES = (
 )""",
     "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (namespace, idempotency_key)",
     "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created)",
+    # a memory's latest job (what the memory views read: megamem.server.pending)
+    "CREATE INDEX IF NOT EXISTS jobs_memory ON jobs (memory_id, created)",
+    # what happened to each memory, for its history (megamem.server.history): ADD / UPDATE / DELETE
+    """CREATE TABLE IF NOT EXISTS memory_events (
+    id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    memory_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    old_memory TEXT,
+    new_memory TEXT,
+    job_id TEXT,
+    user_id TEXT,
+    input TEXT,
+    metadata TEXT,
+    created REAL NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS memory_events_memory ON memory_events (memory_id, created)",
 )
 
 

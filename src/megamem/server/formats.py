@@ -109,6 +109,7 @@ def requested(
         raise ApiError(400, "response_format json_schema needs its json_schema", param="response_format")
     spec = response_format.json_schema
     schema = spec.schema_ if spec.schema_ is not None else {"type": "object"}
+    schema = closed(schema) if spec.strict else schema
     grammar = _compiled(lambda: grammars.json_schema(schema), "response_format")
     about = f" ({spec.description})" if spec.description else ""
     instruction = f"Reply with only a JSON value named {spec.name}{about} matching this JSON schema:\n"
@@ -127,7 +128,7 @@ def _tool_format(grammars: Grammars, tools: list[Tool], choice: ToolChoice) -> F
                 400, f"tool_choice names {choice.function.name!r}, which is not among the tools", param="tool_choice"
             )
         callable_ = [by_name[choice.function.name]]
-    specs = [{"name": f.name, "parameters": f.parameters} for f in callable_]
+    specs = [{"name": f.name, "parameters": closed(f.parameters) if f.strict else f.parameters} for f in callable_]
     grammar = _compiled(lambda: grammars.tool_call(specs, text_allowed=choice == "auto"), "tools")
     listed = json.dumps(
         [{"name": f.name, "description": f.description or "", "parameters": f.parameters or {}} for f in callable_]
@@ -138,6 +139,38 @@ def _tool_format(grammars: Grammars, tools: list[Tool], choice: ToolChoice) -> F
     else:
         how = how.replace("To call a tool, reply", "Reply")
     return Format(f"You can call these tools:\n{listed}\n{how}", grammar, by_name)
+
+
+MAPS = ("properties", "patternProperties", "$defs", "definitions")  # keywords holding name -> schema
+LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")  # keywords holding [schema, ...]
+ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")  # keywords holding a schema
+
+
+def closed(schema: Any) -> Any:
+    """A strict schema as OpenAI's strict mode reads it: an object that does not say whether it takes other
+    properties takes none (plain JSON Schema would allow any, and a small model wanders into them).
+
+    >>> closed({"type": "object", "properties": {"a": {"type": "object"}}})["properties"]["a"]
+    {'type': 'object', 'additionalProperties': False}
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for k in MAPS:
+        if isinstance(out.get(k), dict):
+            out[k] = {name: closed(sub) for name, sub in out[k].items()}
+    for k in LISTS:
+        if isinstance(out.get(k), list):
+            out[k] = [closed(sub) for sub in out[k]]
+    for k in ONE:
+        if isinstance(out.get(k), dict):
+            out[k] = closed(out[k])
+    kind = out.get("type")
+    if (kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in out) and (
+        "additionalProperties" not in out
+    ):
+        out["additionalProperties"] = False
+    return out
 
 
 def _compiled(compile_: Any, param: str) -> str:

@@ -1,6 +1,8 @@
 """Injection jobs: a queue persisted in the store's SQLite, and the one worker that trains them.
 
-A job moves queued -> running -> succeeded | failed. The worker claims the oldest queued job (or a running one
+A job moves queued -> running -> succeeded | failed, or to cancelled when its memory is deleted (or updated again)
+before it finishes: a cancelled job is never claimed, and a worker that was training it does not commit (the
+commit re-reads the job's state: Server.train). The worker claims the oldest queued job (or a running one
 whose lease expired: its process died) under the write lock, with a lease it renews while it trains. The memory
 the job commits carries the job's id in its metadata, so a job claimed again after a crash between the
 memory's commit and the job's own update is marked succeeded without training twice. A job that keeps failing
@@ -19,14 +21,16 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import schema
 from ..errors import MegamemError
 from .db import connect, write
+from .history import Event, insert
 
-STATES = ("queued", "running", "succeeded", "failed")
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+UNFINISHED = ("queued", "running")
 
 
 class QueueFull(MegamemError):
@@ -35,6 +39,10 @@ class QueueFull(MegamemError):
     def __init__(self, waiting: int, retry_after: int) -> None:
         super().__init__(f"the injection queue is full ({waiting} jobs waiting); retry later")
         self.retry_after = retry_after
+
+
+class Cancelled(MegamemError):
+    """The job was cancelled while it trained (its memory deleted, or updated again): nothing is stored."""
 
 
 class Conflict(MegamemError):
@@ -73,9 +81,18 @@ class JobQueue:
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def submit(
-        self, namespace: str, memory_id: str, request: dict, idempotency_key: str | None = None
+        self,
+        namespace: str,
+        memory_id: str,
+        request: dict,
+        idempotency_key: str | None = None,
+        event: Event | None = None,
+        supersede: bool = False,
     ) -> tuple[Job, bool]:
-        """Queue a job (or return the one this idempotency key already made: created False)."""
+        """Queue a job (or return the one this idempotency key already made: created False), recording `event` in
+        the same transaction. An add's memory must be new; an update (request["update"]) learns a new version of
+        a stored one. supersede: cancel the memory's unfinished job instead of refusing (an update of a memory
+        still being learned: only the newest text is learned)."""
         body = json.dumps(request, sort_keys=True, ensure_ascii=False)
         now = time.time()
         with write(self.db) as db:
@@ -90,22 +107,66 @@ class JobQueue:
             busy = db.execute(
                 "SELECT 1 FROM jobs WHERE memory_id = ? AND state IN ('queued', 'running')", (memory_id,)
             ).fetchone()
-            if busy or db.execute("SELECT 1 FROM memories WHERE id = ?", (memory_id,)).fetchone():
+            stored = db.execute("SELECT 1 FROM memories WHERE id = ?", (memory_id,)).fetchone()
+            if (busy and not supersede) or (stored and not request.get("update")):
                 raise Conflict("a memory with this id already exists or is being added")
             (waiting,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()
-            if waiting >= self.max_waiting:
+            if waiting - bool(busy) >= self.max_waiting:
                 raise QueueFull(waiting, retry_after=max(1, int(waiting * 5 / 2)))
+            if busy:
+                self._cancel(db, memory_id, "superseded by a newer version before it was learned", now)
             job = Job(uuid.uuid4().hex, namespace, memory_id, "queued", 0, request, None, now, now)
             db.execute(
                 "INSERT INTO jobs (id, namespace, memory_id, state, attempts, idempotency_key, request, created, "
                 "updated) VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?)",
                 (job.id, namespace, memory_id, idempotency_key, body, now, now),
             )
+            if event is not None:
+                insert(db, replace(event, job_id=job.id), now)
         return job, True
+
+    def cancel(self, memory_id: str, why: str, event: Event | None = None) -> int:
+        """Cancel a memory's unfinished and failed jobs (it is deleted), recording `event` in the same transaction;
+        how many were cancelled. A worker training one stops at its next check and never commits it."""
+        now = time.time()
+        with write(self.db) as db:
+            n = self._cancel(db, memory_id, why, now, states=("queued", "running", "failed"))
+            if event is not None:
+                insert(db, event, now)
+        return n
+
+    @staticmethod
+    def _cancel(db, memory_id: str, why: str, now: float, states: tuple[str, ...] = UNFINISHED) -> int:
+        marks = ", ".join("?" * len(states))
+        cur = db.execute(
+            "UPDATE jobs SET state = 'cancelled', error = CASE WHEN error IS NULL THEN ? ELSE ? || ': ' || error END, "
+            f"lease_owner = NULL, lease_until = NULL, updated = ? WHERE memory_id = ? AND state IN ({marks})",
+            (why, why, now, memory_id, *states),
+        )
+        return cur.rowcount
+
+    def latest(self, namespace: str, memory_id: str | None = None) -> list[Job]:
+        """The namespace's memories' latest jobs (or one memory's) that are queued, running or failed: the
+        memories being learned, and those whose learning failed (megamem.server.pending), oldest first."""
+        sql = (
+            f"SELECT {_COLS} FROM jobs j WHERE namespace = ? AND state IN ('queued', 'running', 'failed') "
+            "AND created = (SELECT MAX(created) FROM jobs k WHERE k.memory_id = j.memory_id)"
+        )
+        args: tuple = (namespace,)
+        if memory_id is not None:
+            sql += " AND memory_id = ?"
+            args += (memory_id,)
+        rows = self.db.execute(sql + " ORDER BY created, rowid", args).fetchall()
+        return [Job.from_row(r) for r in rows]
 
     def get(self, job_id: str) -> Job | None:
         row = self.db.execute(f"SELECT {_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job.from_row(row) if row else None
+
+    def state(self, job_id: str) -> str | None:
+        """A job's state now (None: no such job)."""
+        row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
 
     def waiting(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]

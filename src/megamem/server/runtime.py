@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .. import schema
-from ..answer import MIN_WEIGHT
+from ..answer import MIN_WEIGHT, Gated
 from ..backend import SERVE, require
 from ..errors import MegamemError
+from ..gate import GateConfig
+from ..learn import learn
 from ..memory import Item, Memory
 from ..store import Record
 from ..train import Recipe
@@ -27,12 +30,15 @@ from . import tenants
 from .db import connect
 from .engine import PREFILL_TOKENS, Engine
 from .errors import ApiError, not_found
-from .jobs import Job, JobQueue, Worker
+from .history import Event
+from .jobs import Cancelled, Job, JobQueue, Worker
+from .pending import FAILED, LEARNING, LearningKeys, Pending, View, hidden_by, merge, with_learning
 from .tenants import Principal
 from .views import matches_filters
 
 log = logging.getLogger("megamem.server")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # the Host names a loopback server answers by default
+CANCEL_CHECK_S = 0.5  # how often a training job looks whether it was cancelled (one SQLite read)
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,7 @@ class Server:
         self.metrics = Metrics()
         self.limits = Limits(cfg.key_chats, cfg.key_tokens)
         self._trainer: Memory | None = None  # the training worker's own Memory, made on its first job
+        self.learning_keys = LearningKeys()  # the keys of memories being learned (megamem.server.pending)
         self._loader: threading.Thread | None = None
 
     # -- start-up -----------------------------------------------------------------------------------------------
@@ -216,33 +223,64 @@ class Server:
     # -- the training worker's job ------------------------------------------------------------------------------
     def train(self, job: Job, progress) -> None:
         """Learn a job's memory with the worker's own Memory (its own model copy, so the engine's model state is
-        never touched), pausing between steps while the engine decodes (chat stays responsive)."""
+        never touched), pausing between steps while the engine decodes (chat stays responsive), then commit it
+        under the serving lock if the job still stands: a delete (or a newer update) that cancelled it while it
+        trained wins, and is seen within CANCEL_CHECK_S of training. An update (request["update"]) learns a new
+        version under the memory's id; the old one is forgotten as the new one is committed (a crash between
+        the two leaves the job running, so the restart learns it again: the memory is never lost, only late)."""
         if self._trainer is None:
             self._trainer = Memory(self.cfg.store, recipe=self.cfg.recipe)
         trainer = self._trainer
-        rec = trainer.store.get(job.memory_id, missing_ok=True) if trainer.store is not None else None
-        if rec is not None:  # (one this job committed is marked succeeded by JobQueue.claim, never handed here)
-            raise MegamemError(f"a memory with id {schema.api_id(rec)!r} already exists")
         req = job.request
+        update = bool(req.get("update"))
+        rec = trainer.store.get(job.memory_id, missing_ok=True) if trainer.store is not None else None
+        if rec is not None and not update:  # (one this job committed is marked succeeded by JobQueue.claim)
+            raise MegamemError(f"a memory with id {schema.api_id(rec)!r} already exists")
+        replaces = req.get("replaces", [])
+        if update and trainer.store is not None:  # the old version's replacements, those still stored
+            replaces = [i for i in replaces if trainer.store.get(i, missing_ok=True) is not None]
         item = Item(
             req["text"],
             req.get("paraphrases", []),
             req.get("metadata", {}),
-            job.memory_id,
+            None if update else job.memory_id,  # an update's id is stored already: validate checks the rest
             origin=f"job {job.id}",
-            replaces=req.get("replaces", []),
+            replaces=replaces,
             reserved={schema.NAMESPACE: job.namespace, schema.JOB: job.id}
             | ({schema.USER: req["user_id"]} if req.get("user_id") else {})
-            | ({schema.AGENT: req["agent_id"]} if req.get("agent_id") else {}),
+            | ({schema.AGENT: req["agent_id"]} if req.get("agent_id") else {})
+            | ({schema.RUN: req["run_id"]} if req.get("run_id") else {}),
         )
+        checked = replace(trainer.validate([item])[0], id=job.memory_id)
+        last_check = time.monotonic()
 
         def on_step(step: int, total: int, loss: float) -> None:
-            """Report progress, then let the chats being decoded go first (at most train_pause_s)."""
+            """Report progress, stop if the job was cancelled, then let the chats being decoded go first (at
+            most train_pause_s)."""
+            nonlocal last_check
             progress(step, total)
+            if time.monotonic() - last_check > CANCEL_CHECK_S:
+                last_check = time.monotonic()
+                self._check_stands(job)
             if self.engine is not None:
                 self.engine.idle.wait(self.cfg.train_pause_s)
 
-        trainer.add_many([item], on_step=on_step)
+        trainer.prepare_store()
+        model, tok = trainer.load()
+        texts = [[checked.text, *checked.paraphrases]]
+        learned = learn(model, tok, texts, trainer.lora, trainer.recipe, trainer.key_function, on_step)[0]
+        with self.lock:  # the routes change memories under this lock too: the job's state is final while we commit
+            self._check_stands(job)
+            if update and trainer.store.get(job.memory_id, missing_ok=True) is not None:
+                trainer.forget(job.memory_id)
+            trainer.commit(checked, learned.adapter, learned.keys)
+
+    def _check_stands(self, job: Job) -> None:
+        """Cancelled (a MegamemError: the job is not retried) unless the job is still running."""
+        with self.lock:
+            state = self.queue.state(job.id)
+        if state != "running":
+            raise Cancelled(f"job {job.id} was {state or 'removed'} while it trained; its memory was not stored")
 
     # -- what a namespace may see ---------------------------------------------------------------------------------
     def scope(
@@ -252,13 +290,19 @@ class Server:
         agent_id: str | None = None,
         ids: list[str] | None = None,
         filters: dict | None = None,
-    ) -> list[Record]:
-        """The caller's memories, narrowed by user, agent, ids and metadata filters (call under the lock)."""
+        pending: bool = False,
+        failed: bool = False,
+    ) -> list[View]:
+        """The caller's memories, narrowed by user, agent, ids and metadata filters (call under the lock).
+        pending: with the memories being learned (megamem.server.pending: a newer version being learned stands
+        for its stored one); failed: with those whose learning failed too. Without either: stored ones only."""
+        jobs = []
+        if pending or failed:  # read before the stored records (pending.merge says why)
+            states = {s for s, wanted in ((LEARNING, pending), (FAILED, failed)) if wanted}
+            jobs = [j for j in self.queue.latest(p.namespace) if Pending.of(j).state in states]
         wanted = {schema.stored_id(p.namespace, i) for i in ids} if ids is not None else None
         out = []
-        for r in self.mem.list():
-            if not schema.owns(p.namespace, r):
-                continue
+        for r in merge([r for r in self.mem.list() if schema.owns(p.namespace, r)], jobs):
             if user_id is not None and r.metadata.get(schema.USER) != user_id:
                 continue
             if agent_id is not None and r.metadata.get(schema.AGENT) != agent_id:
@@ -270,13 +314,52 @@ class Server:
             out.append(r)
         return out
 
+    def split_learning(self, scope: list[View]) -> tuple[list[Record], list[Pending]]:
+        """A scope's stored memories, less those that a memory being learned replaces (the recency rule applies
+        from the moment a memory is added), and its memories being learned (failed ones are neither)."""
+        learning = [r for r in scope if isinstance(r, Pending) and r.state == LEARNING]
+        hidden = hidden_by(learning)
+        return [r for r in scope if isinstance(r, Record) and r.id not in hidden], learning
+
+    def with_learning(
+        self, g: Gated, question: str, mode: str, cfg: GateConfig, stored: list[Record], learning: list[Pending]
+    ) -> Gated:
+        """The gate `g` over the stored memories, with the memories being learned taking part as their text
+        (pending.with_learning). Call under the lock."""
+        only = frozenset(r.id for r in stored)
+        return with_learning(self.mem, g, question, mode, cfg, only, learning, self.learning_keys)
+
     def owned(self, p: Principal, memory_id: str) -> Record:
-        """The caller's memory by API id, or 404 (another namespace's memory is as absent as a missing one)."""
+        """The caller's stored memory by API id, or 404 (another namespace's memory is as absent as a missing
+        one)."""
+        return self.view(p, memory_id, pending=False)  # type: ignore[return-value]  (without jobs: a Record)
+
+    def view(self, p: Principal, memory_id: str, pending: bool = True) -> View:
+        """The caller's memory by API id as the routes show it (stored, being learned or failed: pending.merge;
+        pending False: stored only), or 404 (another namespace's memory is as absent as a missing one). Call
+        under the lock."""
         try:
             api = schema.check_api_id(memory_id)
         except MegamemError:
             raise not_found("memory", memory_id) from None
-        rec = self.mem.store.get(schema.stored_id(p.namespace, api), missing_ok=True) if self.mem.store else None
-        if rec is None or not schema.owns(p.namespace, rec):
+        sid = schema.stored_id(p.namespace, api)
+        jobs = self.queue.latest(p.namespace, sid) if pending else []
+        rec = self.mem.store.get(sid, missing_ok=True) if self.mem.store else None
+        stored = [rec] if rec is not None and schema.owns(p.namespace, rec) else []
+        views = merge(stored, jobs)
+        if not views:
             raise not_found("memory", memory_id)
-        return rec
+        return views[0]
+
+    def delete(self, p: Principal, rec: View) -> None:
+        """Delete one of the caller's memories (as `view` or `scope` found it, under the lock): its unfinished or
+        failed jobs are cancelled and the DELETE event recorded in one transaction, then its stored version is
+        forgotten for good. In that order: a job that outlived the delete would store the memory again."""
+        meta = schema.user_metadata(rec.metadata)
+        meta.pop(schema.PARAPHRASES, None)  # (shown beside the metadata, never in it: views.memory_json)
+        event = Event(
+            p.namespace, rec.id, "DELETE", rec.text, None, user_id=rec.metadata.get(schema.USER), metadata=meta
+        )
+        self.queue.cancel(rec.id, "deleted before it was learned", event)
+        if self.mem.store is not None and self.mem.store.get(rec.id, missing_ok=True) is not None:
+            self.mem.forget(rec.id)

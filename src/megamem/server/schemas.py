@@ -65,7 +65,7 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, le=1)
+    n: int | None = Field(None, ge=1)  # one choice only: more is a 400 naming the field (routes/chat.py)
     memory: MemoryOptions | None = None
     # structured output and tools (server.formats): decoded under a grammar, so the reply is valid
     response_format: ResponseFormat | None = None
@@ -104,3 +104,60 @@ class NewKey(BaseModel):
     namespace: str = Field(max_length=40)
     admin: bool = False
     name: str = Field("", max_length=200)
+
+
+# -- mem0's hosted API (routes/mem0.py): the bodies mem0ai's MemoryClient sends. Extra fields are let through to the
+# route, which refuses each one it cannot honour with a 422 naming it (mem0's options for its LLM pipeline).
+Entity = Field(None, max_length=200)
+
+
+class Mem0Add(BaseModel):
+    """POST /v3/memories/add/: the conversation to remember; entity ids at the top level or in `filters`."""
+
+    model_config = ConfigDict(extra="allow")
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    user_id: str | None = Entity
+    agent_id: str | None = Entity
+    run_id: str | None = Entity
+    metadata: dict[str, Any] | None = None
+    filters: dict[str, Any] | None = None
+    infer: bool | None = None
+
+
+class Mem0Search(BaseModel):
+    """POST /v3/memories/search/."""
+
+    model_config = ConfigDict(extra="allow")
+    query: str = Field(max_length=MAX_TEXT)
+    filters: dict[str, Any] | None = None
+    top_k: int = Field(10, ge=1, le=100)
+    threshold: float | None = Field(None, ge=-1e6, le=1e6)
+    user_id: str | None = Entity
+    agent_id: str | None = Entity
+    run_id: str | None = Entity
+    fields: list[str] | None = Field(None, max_length=64)
+    rerank: bool | None = None
+    keyword_search: bool | None = None
+    latest_only: bool | None = None
+    show_expired: bool | None = None
+
+
+class Mem0List(BaseModel):
+    """POST /v3/memories/ (get_all; page and page_size are query parameters)."""
+
+    model_config = ConfigDict(extra="allow")
+    filters: dict[str, Any] | None = None
+    user_id: str | None = Entity
+    agent_id: str | None = Entity
+    run_id: str | None = Entity
+    fields: list[str] | None = Field(None, max_length=64)
+    latest_only: bool | None = None
+    show_expired: bool | None = None
+
+
+class Mem0Update(BaseModel):
+    """PUT /v1/memories/{id}/: a new text, new metadata, or both."""
+
+    model_config = ConfigDict(extra="allow")
+    text: str | None = Field(None, max_length=MAX_TEXT)
+    metadata: dict[str, Any] | None = None

@@ -1,24 +1,27 @@
 """What the routes show of stored things (mem0's memory shape, the job shape) and the metadata filters they take.
 
 A memory is shown as its namespace sees it: its API id (schema.api_id), the owner's metadata only
-(schema.user_metadata), its paraphrases and user/agent lifted out of the metadata where megamem keeps them.
+(schema.user_metadata), its paraphrases and user/agent lifted out of the metadata where megamem keeps them, and
+its state (megamem.server.pending: learning, ready or failed, with the job's error when failed).
 """
 
 from __future__ import annotations
 
 from .. import schema
 from ..errors import MegamemError
-from ..store import Record
 from .jobs import Job, Worker
+from .pending import FAILED, LEARNING, READY, Pending, View, state_of
 
 FILTER_OPS = ("eq", "in", "contains")
+# the memory's state a job's status implies (a succeeded job's memory is ready while it is stored)
+MEMORY_STATES = {"queued": LEARNING, "running": LEARNING, "failed": FAILED, "cancelled": "deleted"}
 
 
-def memory_json(rec: Record) -> dict:
-    """A stored memory in mem0's shape, as its owner sees it."""
+def memory_json(rec: View) -> dict:
+    """A memory in mem0's shape, as its owner sees it: stored, or being learned (its job's request)."""
     meta = schema.user_metadata(rec.metadata)
     paraphrases = meta.pop(schema.PARAPHRASES, [])
-    return {
+    out = {
         "id": schema.api_id(rec),
         "memory": rec.text,
         "paraphrases": paraphrases,
@@ -26,11 +29,16 @@ def memory_json(rec: Record) -> dict:
         "user_id": rec.metadata.get(schema.USER),
         "agent_id": rec.metadata.get(schema.AGENT),
         "created_at": rec.created,
+        "state": state_of(rec),
     }
+    if isinstance(rec, Pending) and rec.state == FAILED:
+        out["error"] = rec.job.error
+    return out
 
 
-def job_json(job: Job, worker: Worker | None) -> dict:
-    """An injection job: its state, and the training progress while it runs (the worker keeps that in memory)."""
+def job_json(job: Job, worker: Worker | None, stored: bool = True) -> dict:
+    """An injection job: its state, the training progress while it runs (the worker keeps that in memory), and
+    the state of the memory it learns (stored: whether the memory is stored now, for a succeeded job)."""
     step, total = worker.progress.get(job.id, (0, 0)) if worker is not None else (0, 0)
     return {
         "job_id": job.id,
@@ -38,6 +46,7 @@ def job_json(job: Job, worker: Worker | None) -> dict:
         if job.namespace != schema.DEFAULT_NAMESPACE
         else job.memory_id,
         "status": job.state,
+        "memory_state": MEMORY_STATES.get(job.state, READY if stored else "deleted"),
         "attempts": job.attempts,
         "error": job.error,
         "progress": {"step": step, "total": total} if job.state == "running" else None,

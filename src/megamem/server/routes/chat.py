@@ -82,13 +82,27 @@ NOT_HONOURED = {
 }
 
 
+# OpenAI's fields that change nothing in the answer: accepted (the typed ones are read by ChatRequest)
+HARMLESS = ("user", "metadata", "service_tier", "safety_identifier", "prompt_cache_key")
+
+
 def refuse_unhonoured(body: ChatRequest) -> None:
-    """400 naming the first field this server cannot honour (legacy functions, penalties, audio, ...), and
-    top_logprobs without logprobs (as OpenAI refuses it)."""
+    """400 naming the first field this server cannot honour (legacy functions, penalties, audio, n above 1, a
+    stored completion, ...) or does not know (a field ignored without a word would be a wrong answer the
+    application cannot see), and top_logprobs without logprobs (as OpenAI refuses it)."""
     extra = body.model_extra or {}
     for name, (asks, why) in NOT_HONOURED.items():
         if name in extra and asks(extra[name]):
             raise ApiError(400, why, param=name, code="unsupported_parameter")
+    if body.n is not None and body.n > 1:
+        raise ApiError(400, "n above 1 is not supported; ask once per choice", param="n", code="unsupported_parameter")
+    if extra.get("store"):
+        raise ApiError(
+            400, "this server does not keep completions; send store false", param="store", code="unsupported_parameter"
+        )
+    for name in extra:
+        if name not in NOT_HONOURED and name not in HARMLESS and name != "store":
+            raise ApiError(400, f"unknown field {name[:100]!r}", param=name[:100], code="unsupported_parameter")
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
 
@@ -97,6 +111,14 @@ def conversation(body: ChatRequest) -> list[Turn]:
     """The request's turns (role, text): developer turns as system turns, tool results as the chat template's
     'tool' turns (so a tool's answer reaches the model); every message reaches the tokenizer, so each is checked
     as stored text is."""
+    for n, m in enumerate(body.messages):
+        if isinstance(m.content, list) and (kinds := {part.type for part in m.content} - {"text"}):
+            raise ApiError(
+                400,
+                f"messages[{n}]: this server reads text only, not {', '.join(sorted(kinds))} parts",
+                param="messages",
+                code="unsupported_parameter",
+            )
     turns = [("system" if m.role == "developer" else m.role, _turn_text(m)) for m in body.messages]
     for n, (role, _) in enumerate(turns):
         if role == "tool" and (n == 0 or turns[n - 1][0] not in ("assistant", "tool")):
@@ -125,8 +147,13 @@ def gated(srv: Server, p: Principal, question: str, opts: MemoryOptions) -> tupl
     """The pipeline's gate for the caller (Memory.gated, as Memory.ask takes it): only the memories in the
     caller's scope (its namespace, narrowed by the request's user, agent, ids and filters) take part, and the
     cortex is the caller's namespace's. Returns it with the scope's records by stored id (for their API ids).
-    No question or memory disabled: nothing is scored (the filters are not even read), as before."""
+    No question or memory disabled: nothing is scored (the filters are not even read), as before.
+
+    Memories still being learned take part from the moment they are added (megamem.server.pending): in a context
+    mode the best of them puts its text in context when it outscores the stored ones, reported at weight 0 until
+    its adapter is trained and joins the mixture (Server.with_learning)."""
     allowed: list[Record] = []
+    learning: list = []  # pending.Pending views: the scope's memories being learned
     with_gate = bool(question) and not opts.disable
     if with_gate:
         try:
@@ -134,20 +161,24 @@ def gated(srv: Server, p: Principal, question: str, opts: MemoryOptions) -> tupl
             ids = [schema.check_api_id(i) for i in opts.ids] if opts.ids is not None else None
         except MegamemError as exc:
             raise invalid(exc, "memory") from None
+    cfg = with_overrides(srv.mem.gate, top_k=opts.top_k, threshold=opts.threshold)
     with srv.lock:
         if with_gate:
-            allowed = srv.scope(p, opts.user_id, opts.agent_id, ids, filters)
+            scope = srv.scope(p, opts.user_id, opts.agent_id, ids, filters, pending=True)
+            allowed, learning = srv.split_learning(scope)
         # an empty scope scores nothing, so no question is needed then: the mixture is the cortex alone
         g = srv.mem.gated(
             question,
             opts.mode,
-            with_overrides(srv.mem.gate, top_k=opts.top_k, threshold=opts.threshold),
+            cfg,
             only=frozenset(r.id for r in allowed),
             namespace=p.namespace,
             use_memory=not opts.disable,
             min_weight=srv.cfg.min_weight,
         )
-    return g, {r.id: r for r in allowed}
+        if learning:
+            g = srv.with_learning(g, question, opts.mode, cfg, allowed, learning)
+    return g, {r.id: r for r in [*allowed, *learning]}
 
 
 @dataclass
@@ -210,11 +241,13 @@ def submit(
     return Decoding(req, pieces, len(ids))
 
 
-async def finish(srv: Server, d: Decoding, http: HttpRequest) -> str:
+async def finish(srv: Server, d: Decoding, http: HttpRequest | None) -> str:
     """Wait for a step's whole text, count its tokens; 500 if the engine failed it. A client that goes away
     frees its row: starlette neither cancels a non-streaming handler nor tells it, so the connection is
-    watched meanwhile; the engine ends the row at its next step, and the answer (499) goes nowhere."""
-    watcher = asyncio.create_task(watch(http, d.req))
+    watched meanwhile; the engine ends the row at its next step, and the answer (499) goes nowhere. Without an
+    HTTP request of its own (an MCP call) nothing is watched: a cancelled call cancels this task, which ends
+    the row."""
+    watcher = asyncio.create_task(watch(http, d.req)) if http is not None else None
     try:
         while (await d.pieces.get()) is not END:
             pass
@@ -222,7 +255,8 @@ async def finish(srv: Server, d: Decoding, http: HttpRequest) -> str:
         d.req.cancelled = True
         raise
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
     srv.metrics.tokens.inc(d.req.completion_tokens)  # every token the engine decoded, irag's recall too
     if d.req.finish_reason == "cancelled":
         raise ApiError(499, "the client closed the request", code="client_closed_request")
@@ -251,6 +285,7 @@ class Completion:
     final: Decoding
     fmt: formats.Format
     token_bytes: Callable[[int], bytes]
+    recall: str | None = None  # irag's recall, the step the answer continues
 
     def head(self, kind: str) -> dict:
         """The fields every answer and chunk starts with."""
@@ -387,21 +422,39 @@ async def answer_chat(
     fmt: formats.Format,
     release: Callable[[], None],
 ) -> Response:
-    """The gate, irag's recall if the mode has one, then the answer's row (which calls `release` as it ends)."""
+    """The answer, whole or streamed (its row calls `release` as it ends)."""
+    c = await start_answer(srv, body, p, http, turns, opts, max_tokens, fmt, release)
+    if not body.stream:
+        await finish(srv, c.final, http)
+        return JSONResponse(completion_json(c))
+    return StreamingResponse(events(srv, c), media_type="text/event-stream")
+
+
+async def start_answer(
+    srv: Server,
+    body: ChatRequest,
+    p: Principal,
+    http: HttpRequest | None,
+    turns: list[Turn],
+    opts: MemoryOptions,
+    max_tokens: int | None,
+    fmt: formats.Format,
+    release: Callable[[], None],
+) -> Completion:
+    """The gate, irag's recall if the mode has one, then the answer's row handed to the engine (which calls
+    `release` as it ends): every interface that answers a question from the server (chat, MCP's ask) starts
+    here. max_tokens None: the pipeline's own caps (Memory.ask's)."""
     g, scope = await run_in_threadpool(gated, srv, p, answer.question_of(turns), opts)
     steps = answer.plan(turns, opts.mode, g.mixture, g.passages, max_tokens)
-    step = next(steps)
+    step, recall = next(steps), None
     while not step.final:  # irag's recall: decoded whole, then the conversation the answer continues
-        text = await finish(srv, submit(srv, body, step, []), http)
-        step = steps.send(text.strip())  # stripped as generate.complete strips it: both sides continue alike
+        recall = (await finish(srv, submit(srv, body, step, []), http)).strip()
+        step = steps.send(recall)  # stripped as generate.complete strips it: both sides continue alike
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     step = replace(step, turns=fmt.turns(step.turns))  # the format's instruction: the answer's step only
     final = submit(srv, body, step, stops[:4], on_end=release, fmt=fmt)
     routed = [(schema.api_id(scope[i]), s, w) for i, s, w in g.routed if i in scope]
     memory = {"selected": [{"id": i, "score": round(s, 6), "weight": round(w, 6)} for i, s, w in routed]}
     decode = srv.engine.grammars().tokenizer.decode_bytes if body.logprobs else bytes  # built by requested_format
-    c = Completion(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), memory, final, fmt, lambda t: decode([t]))
-    if not body.stream:
-        await finish(srv, final, http)
-        return JSONResponse(completion_json(c))
-    return StreamingResponse(events(srv, c), media_type="text/event-stream")
+    cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    return Completion(body, cid, now, memory, final, fmt, lambda t: decode([t]), recall)
