@@ -15,6 +15,7 @@ caller's cortex.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -804,6 +805,9 @@ def test_body_limit_413(small, env):
 # -- tenant isolation: a property over random trials ----------------------------------------------------------------
 TRIALS = 10_000
 ROUTES = ["get"] * 30 + ["delete"] * 20 + ["job"] * 14 + ["list"] * 14 + ["search"] * 16 + ["chat"] * 6
+# mem0's routes (routes/mem0.py) and the MCP tools (/mcp, raw JSON-RPC): the same questions of another surface
+ROUTES += ["m0get"] * 8 + ["m0history"] * 6 + ["m0update"] * 6 + ["m0delete"] * 4 + ["m0search"] * 6
+ROUTES += ["mcp_search"] * 4 + ["mcp_list"] * 3 + ["mcp_forget"] * 3
 # who calls: (key name, X-Megamem-Namespace or None, the namespace it acts in)
 CALLERS = (
     [("acme", None, "acme")] * 7
@@ -909,6 +913,14 @@ def test_tenant_isolation_property(env, memo_embedder, mixtures):
     own_reads = own_hits = gated_nonempty = would_leak = admin_trials = own_cortex = 0
     unexpected: list[tuple] = []
     t0 = time.perf_counter()
+
+    def mcp(h: dict, tool: str, args: dict) -> dict:
+        """A tool's result over /mcp (stateless: a tools/call needs no session), as {"isError", ...}."""
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}}
+        r = http.post("/mcp", json=body, headers=h | {"Accept": "application/json, text/event-stream"})
+        data = [line[5:] for line in r.text.splitlines() if line.startswith("data:")]
+        return json.loads(data[-1])["result"] if r.status_code == 200 and data else {"isError": True, "http": r.text}
+
     with httpx.Client(base_url=env.url, timeout=60) as http:
         for trial in range(TRIALS):
             key_name, header_ns, ns = rng.choice(CALLERS)
@@ -932,6 +944,63 @@ def test_tenant_isolation_property(env, memo_embedder, mixtures):
                     if r.status_code == 200:
                         counts["cross_read"] += 1
                     unexpected.append((trial, route, ns, t_id, r.status_code, r.text[:200]))
+
+            elif route in ("m0get", "m0history"):
+                path = f"/v1/memories/{t_id}/" + ("history/" if route == "m0history" else "")
+                r = http.get(path, headers=h)
+                if t_ns == ns:
+                    body = r.json() if r.status_code == 200 else None
+                    ok = (
+                        body is not None and (body["id"], body["memory"]) == (t_id, t_text)
+                        if route == "m0get"
+                        else isinstance(body, list)
+                    )
+                    own_reads += ok
+                    if not ok:
+                        unexpected.append((trial, route, ns, t_id, r.status_code, r.text[:200]))
+                elif r.status_code != 404:
+                    counts["cross_read"] += r.status_code == 200
+                    unexpected.append((trial, route, ns, t_id, r.status_code, r.text[:200]))
+
+            elif route in ("m0update", "m0delete", "mcp_forget"):
+                if t_ns == ns:  # never change one's own: the memory set stays fixed
+                    target = rng.choice([m for m in mems if m[0] != ns])
+                    t_ns, t_id = target[0], target[1]
+                if route == "m0update":
+                    r = http.put(f"/v1/memories/{t_id}/", json={"text": "Taken over."}, headers=h)
+                    refused, answer = r.status_code == 404, (r.status_code, r.text[:200])
+                elif route == "m0delete":
+                    r = http.delete(f"/v1/memories/{t_id}/", headers=h)
+                    refused, answer = r.status_code == 404, (r.status_code, r.text[:200])
+                else:
+                    res = mcp(h, "forget_memory", {"id": t_id})
+                    refused, answer = bool(res.get("isError")), str(res)[:200]
+                gone = not owner_exists(env, t_ns, t_id)
+                if not refused or gone:
+                    counts["cross_delete"] += (not refused) or gone
+                    unexpected.append((trial, route, ns, t_id, answer))
+
+            elif route in ("m0search", "mcp_search", "mcp_list"):
+                q = rng.choice(queries)
+                if route == "m0search":
+                    r = http.post("/v3/memories/search/", json={"query": q, "top_k": 100}, headers=h)
+                    results = r.json().get("results") if r.status_code == 200 else None
+                else:
+                    res = (
+                        mcp(h, "search_memories", {"query": q, "limit": 100})
+                        if route == "mcp_search"
+                        else mcp(h, "list_memories", {"limit": 1000})
+                    )
+                    results = None if res.get("isError") else res["structuredContent"]["results"]
+                would_leak += route != "mcp_list" and top_unscoped[q] != ns
+                if results is None:
+                    unexpected.append((trial, route, ns, q, "refused"))
+                    continue
+                got = {(m["id"], m["memory"]) for m in results}
+                counts["cross_read"] += len(got - mine)
+                own_hits += len(got & mine)
+                if got != mine:  # every own memory is ranked or listed, none else
+                    unexpected.append((trial, route, ns, q, "incomplete", sorted(mine - got)))
 
             elif route == "delete":
                 if t_ns == ns:  # never delete one's own: the memory set stays fixed
@@ -1032,7 +1101,7 @@ def test_tenant_isolation_property(env, memo_embedder, mixtures):
     # have put another tenant's memory first in a large share of the search and chat trials
     assert own_reads > 500 and own_hits > 1000 and gated_nonempty > 50
     assert own_cortex > 200  # acme's and globex's chats (18 of 20 callers) mixed their own cortex
-    assert would_leak > 0.3 * (done["search"] + done["chat"])
+    assert would_leak > 0.3 * (done["search"] + done["chat"] + done["m0search"] + done["mcp_search"])
     # every memory is still there, as its owner sees it
     for ns in ("acme", "globex"):
         listed = httpx.get(f"{env.url}/v1/memories", params={"limit": 1000}, headers=hdr(env.keys[ns])).json()
