@@ -415,6 +415,13 @@ def check_llamaindex(ns: dict, prompts: list[str]) -> None:
     assert len(ns["scored"].logprobs) == 8 and all(len(top) == 3 for top in ns["scored"].logprobs)
 
 
+def check_mem0(ns: dict, prompts: list[str]) -> None:
+    assert ns["found"][0]["id"] == ns["memory_id"] and "salmon" in ns["found"][0]["memory"]  # searched at once
+    assert ns["page"]["count"] == 1 and ns["page"]["results"][0]["user_id"] == "ann"
+    assert [e["event"] for e in ns["events"]] == ["ADD", "UPDATE"] and "tuna" in ns["events"][-1]["new_memory"]
+    assert ns["client"].get_all(filters={"user_id": "ann"})["count"] == 0  # deleted
+
+
 CHECKS: dict[str, Callable[[dict, list[str]], None]] = {
     "shared": check_shared,
     "openai-chat": check_openai_chat,
@@ -428,6 +435,7 @@ CHECKS: dict[str, Callable[[dict, list[str]], None]] = {
     "langchain-embeddings": check_langchain_embeddings,
     "litellm": check_litellm,
     "llamaindex": check_llamaindex,
+    "mem0": check_mem0,
 }
 
 
