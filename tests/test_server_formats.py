@@ -184,6 +184,16 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(live, extra, param):
     assert err.value.body["param"] == param, err.value.body
 
 
+def test_an_openai_api_the_server_does_not_serve_says_so(live):
+    client, _, _ = live
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model="megamem", input="Hi")
+    assert "Responses API is not served" in err.value.body["message"] and err.value.body["code"] == "not_served"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="megamem", prompt="Hi")
+    assert "/v1/chat/completions" in err.value.body["message"]
+
+
 def test_a_part_that_is_not_text_is_refused(live):
     client, _, _ = live
     image = {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}

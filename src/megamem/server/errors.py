@@ -74,8 +74,25 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     return error_response(422, msg, param=where or None, code="invalid_request")
 
 
+# OpenAI's APIs this server does not serve, by path prefix: a 404 that says so and what to use instead
+NOT_SERVED = {
+    "/v1/responses": "the Responses API is not served by megamem; use POST /v1/chat/completions",
+    "/v1/completions": "the legacy completions API is not served by megamem; use POST /v1/chat/completions",
+    "/v1/assistants": "the Assistants API is not served by megamem; use POST /v1/chat/completions",
+    "/v1/threads": "the Assistants API is not served by megamem; use POST /v1/chat/completions",
+    "/v1/audio": "megamem serves text only: no audio",
+    "/v1/images": "megamem serves text only: no images",
+}
+
+
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own errors (an unknown route, a method not allowed) in the same shape."""
+    """Starlette's own errors (an unknown route, a method not allowed) in the same shape; an OpenAI API this
+    server does not serve is named with what to use instead."""
+    path = request.url.path.rstrip("/")
+    if exc.status_code == 404:
+        for prefix, why in NOT_SERVED.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return error_response(404, why, code="not_served")
     return error_response(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
 
 
