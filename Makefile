@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/megamem demo --store .demo-store
 
 # two workers (pytest-xdist), each test file on one: module fixtures and the Ray cluster stay per file. The suite
-# took 8 min 35 s so on this 2-core machine (2026-12-03), under CI's 15 minutes with the set-up
+# took 11 min 26 s so on this 2-core machine (2026-12-03, 14 min 29 s with the set-up; CI allows 90)
 test: $(STAMP)
 	.ci/browser-setup
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
