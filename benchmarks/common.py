@@ -86,6 +86,24 @@ def serve(store: Path, port: int, *flags: str, src: Path | None = None) -> subpr
     raise SystemExit("megamem serve did not become healthy in 300 s")
 
 
+def keyed_copy(source: Path, work: Path, keys: int) -> tuple[Path, list[str], list[str]]:
+    """A copy of a store under `work` with `keys` API keys of its default namespace (each client its own key),
+    and one question per memory (its opening words), through the installed `megamem` as a user runs it."""
+    import json
+    import shutil
+
+    exe = Path(sys.executable).with_name("megamem")
+    store = work / "store"
+    shutil.copytree(source, store)
+    made = []
+    for _ in range(keys):
+        cmd = [str(exe), "keys", "create", "--store", str(store), "--namespace", "default"]
+        made.append(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    cmd = [str(exe), "list", "--store", str(store), "--json"]
+    listing = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return store, made, [f"What do you know about {' '.join(m['text'].split()[:6])}?" for m in listing]
+
+
 def stop(proc: subprocess.Popen) -> None:
     """End a server started by `serve` (its whole process group), killing it if it does not stop in 30 s."""
     import signal

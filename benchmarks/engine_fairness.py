@@ -32,34 +32,11 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import serve, stop, table, write_section  # noqa: E402
+from common import keyed_copy, serve, stop, table, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-EXE = Path(sys.executable).with_name("megamem")
 SHORT = [{"role": "user", "content": "Say hi"}]
 LONG = [{"role": "user", "content": "Write a 5000-word story about a dragon. Make it very long."}]
-
-
-def prepare(source: Path, work: Path, clients: int) -> tuple[Path, list[str], list[str]]:
-    """A copy of the store with one key per client (namespace default: every client sees the memories), and
-    one question per memory (its opening words)."""
-    store = work / "store"
-    shutil.copytree(source, store)
-    keys = []
-    for _ in range(clients + 1):
-        out = subprocess.run(
-            [str(EXE), "keys", "create", "--store", str(store), "--namespace", "default"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        keys.append(out.stdout.strip().splitlines()[-1])
-    listing = json.loads(
-        subprocess.run(
-            [str(EXE), "list", "--store", str(store), "--json"], capture_output=True, text=True, check=True
-        ).stdout
-    )
-    return store, keys, [f"What do you know about {' '.join(m['text'].split()[:6])}?" for m in listing]
 
 
 def client(url: str, key: str) -> openai.OpenAI:
@@ -155,7 +132,7 @@ def run_server(name: str, src: Path | None, args: argparse.Namespace) -> dict:
     """Both measurements on one server (a fresh store copy)."""
     work = Path(tempfile.mkdtemp(prefix="megamem-fair-"))
     try:
-        store, keys, questions = prepare(args.store, work, args.clients)
+        store, keys, questions = keyed_copy(args.store, work, args.clients + 1)  # and the long answer's
         proc = serve(store, args.port, src=src)
         url = f"http://127.0.0.1:{args.port}"
         try:

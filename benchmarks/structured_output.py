@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,9 +25,8 @@ import jsonschema
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import serve, stop, table, write_section  # noqa: E402
+from common import keyed_copy, serve, stop, table, write_section  # noqa: E402
 
-EXE = Path(sys.executable).with_name("megamem")
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -40,27 +38,6 @@ SCHEMA = {
     "additionalProperties": False,
 }
 FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
-
-
-def prepare(source: Path, work: Path, clients: int) -> tuple[Path, list[str], list[str]]:
-    """A copy of the store with one key per client, and one question per memory (its opening words)."""
-    store = work / "store"
-    shutil.copytree(source, store)
-    keys = []
-    for _ in range(clients):
-        out = subprocess.run(
-            [str(EXE), "keys", "create", "--store", str(store), "--namespace", "default"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        keys.append(out.stdout.strip().splitlines()[-1])
-    listing = json.loads(
-        subprocess.run(
-            [str(EXE), "list", "--store", str(store), "--json"], capture_output=True, text=True, check=True
-        ).stdout
-    )
-    return store, keys, [f"What do you know about {' '.join(m['text'].split()[:6])}?" for m in listing]
 
 
 def load(url: str, keys: list[str], questions: list[str], clients: int, seconds: float, tokens: int, fmt) -> dict:
@@ -122,7 +99,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="megamem-structured-"))
     rows = []
     try:
-        store, keys, questions = prepare(args.store, work, max(args.clients))
+        store, keys, questions = keyed_copy(args.store, work, max(args.clients))
         proc = serve(store, args.port)
         url = f"http://127.0.0.1:{args.port}"
         try:

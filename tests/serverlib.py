@@ -106,3 +106,32 @@ def wait_job(url: str, key: str, job_id: str, timeout: float = 120) -> dict:
             return job
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
+
+
+# tools for chats with tools: bounded arguments (the tiny model's strings never end on their own)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The time now.",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}

@@ -34,7 +34,7 @@ import httpx
 import jsonschema
 import pytest
 from pydantic import BaseModel, Field
-from serverlib import LiveServer, make_server_store
+from serverlib import TIME, WEATHER, LiveServer, make_server_store
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is imported: its local price map
 
@@ -45,32 +45,6 @@ DOC_URL = "http://127.0.0.1:8000"
 TOOL_RESULT = "-41 °C, blizzard"
 QUESTION = "Where does Zorblatt live?"
 ASK = "What is the weather in Oslo?"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city now.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The time now.",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
 PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
 
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 from faultlib import make_tiny_model
 from pydantic import BaseModel, Field
-from serverlib import LiveServer, make_server_store
+from serverlib import TIME, WEATHER, LiveServer, make_server_store
 
 from megamem.grammar import GrammarError, Grammars
 from megamem.model import chat_ids, load_model
@@ -33,31 +33,6 @@ READING = {
     },
     "required": ["city", "temp", "sky"],
     "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city now.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
 }
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
