@@ -57,6 +57,11 @@ def main() -> None:
     ap.add_argument(
         "--scale", type=float, default=None, help="the gate weights times this in mega+rag (default: the product's)"
     )
+    ap.add_argument(
+        "--gate",
+        default="{}",
+        help="the gate's fields that differ from the store's, as JSON (e.g. '{\"lexical\": 0.5, \"names\": 0.3}')",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -89,6 +94,9 @@ def main() -> None:
     if todo:
         mem.add_many(todo, on_memory=lambda i, n: print(f"learning {i + 1}/{n}", file=sys.stderr, flush=True))
     learn_s = time.perf_counter() - t0
+    from megamem.memory import with_overrides
+
+    gate = with_overrides(mem.gate, **json.loads(args.gate))  # a lever: the re-rank's weights, say
     model, tok = mem.load()
     ids = [r.id for r in mem.list()]
     adapters = [mem.adapter(i) for i in ids]
@@ -117,7 +125,7 @@ def main() -> None:
     weights = torch.zeros(len(questions), len(ids))
     routed_ids = []
     for n, (_, q, _) in enumerate(questions):
-        routed = mem.route(q)
+        routed = mem.route(q, gate)
         routed_ids.append([i for i, _ in routed])
         for i, w in routed:
             weights[n, ids.index(i)] = w
@@ -185,7 +193,7 @@ def main() -> None:
     header = (
         f"{command()}\n{machine()}\n{len(ids)} memories (partitions {parts}), {len(questions)} questions; "
         f"gate top-1 {top1:.3f}, routed to no memory {none:.3f}; learning {learn_s:.0f} s ({len(todo)} new);"
-        f" recipe {recipe.to_dict()}, lora {mem.lora}, mega+rag scale {args.scale}"
+        f" recipe {recipe.to_dict()}, lora {mem.lora}, gate {gate}, mega+rag scale {args.scale}"
     )
     print(header)
     print(table(summary))
