@@ -122,7 +122,7 @@ def main() -> None:
             "wiki": len(wiki),
             "bytes": size,
             "bytes a memory": round(size / len(records)),
-            "key rows": int(big._all_keys()[1].shape[0]),
+            "key rows": int(big.keys().keys.shape[0]),
             "gate ms (warm, mean of 20)": round(gate_ms, 1),
             **opened,
         },

@@ -85,7 +85,7 @@ def distractor_keys(partition: int) -> tuple[torch.Tensor, torch.Tensor]:
 def routing(mem: Memory, truth: list[str], questions: list[str], distract: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Top-1 of the store's gate, and of the best key cosine over the store's keys plus the distractors'."""
     in_store = statistics.mean((mem.route(q) or [("", 0)])[0][0] == t for q, t in zip(questions, truth, strict=True))
-    ids, keys, owner = mem._all_keys()
+    ids, keys, owner = mem.keys()
     d_keys, d_owner = distract
     every = torch.nn.functional.normalize(torch.cat([keys, d_keys]), dim=-1)
     owners = torch.cat([owner, d_owner + len(ids)])
@@ -124,22 +124,29 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=20)
     ap.add_argument("--work", type=Path, default=Path("/tmp/merging-p8"))
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale" / "merging.json")
+    ap.add_argument(
+        "--reuse", action="store_true", help="evaluate the two stores a finished run left in --work (no learning)"
+    )
     args = ap.parse_args()
     subs = subjects_of(args.partition, args.subjects)
-    shutil.rmtree(args.work, ignore_errors=True)
     separate, merged = args.work / "separate", args.work / "merged"
-    t0 = time.time()
-    mem = Memory(separate)
-    mem.add_many([Item(h, id=f"{s['id']}-{n}") for s in subs for n, h in enumerate(s["halves"])])
-    separate_s = time.time() - t0
-    found = subjects(mem)
     pairs = sorted([f"{s['id']}-0", f"{s['id']}-1"] for s in subs)
-    shutil.copytree(separate, merged)
-    both = Memory(merged)
-    t0 = time.time()
-    for s in subs:
-        merge(both, [f"{s['id']}-0", f"{s['id']}-1"], id=s["id"])
-    merged_s = time.time() - t0
+    if args.reuse:  # learning seconds are not measured again: nan
+        mem, both, separate_s, merged_s = Memory(separate), Memory(merged), float("nan"), float("nan")
+        assert len(mem.list()) == 2 * len(subs) and len(both.list()) == len(subs), "the stores in --work are not whole"
+    else:
+        shutil.rmtree(args.work, ignore_errors=True)
+        t0 = time.time()
+        mem = Memory(separate)
+        mem.add_many([Item(h, id=f"{s['id']}-{n}") for s in subs for n, h in enumerate(s["halves"])])
+        separate_s = time.time() - t0
+        shutil.copytree(separate, merged)
+        both = Memory(merged)
+        t0 = time.time()
+        for s in subs:
+            merge(both, [f"{s['id']}-0", f"{s['id']}-1"], id=s["id"])
+        merged_s = time.time() - t0
+    found = subjects(mem)
     distract = distractor_keys(args.partition)
     rows = []
     for name, m, secs, is_merged in (("separate", mem, separate_s, False), ("merged", both, merged_s, True)):
