@@ -33,7 +33,8 @@ POINTS = (
     ("consolidate", "consolidate:intent"),
     ("consolidate", "consolidate:written"),
     ("consolidate", "consolidate:switched"),
-    ("consolidate", "consolidate:forgot"),
+    ("consolidate", "consolidate:memory-file"),
+    ("consolidate", "consolidate:retired"),
 )
 SETTLE = ("repair", "again")  # what the user runs after the kill
 
@@ -81,20 +82,25 @@ def held_and_routed(mem) -> tuple[list[str], list[str]]:
     """(every member text the store holds: stored memories, a merged one as its members, and the cortexes';
     the texts the gate routes to, superseded memories left out, and the cortexes'): each member once in the
     second, or it is doubled."""
-    from megamem.schema import MERGED
+    from megamem.schema import MERGED, is_consolidated
     from megamem.store import cortex
 
     out = mem.superseded()
+    in_cortex = {c.id for ns in cortex.namespaces(mem.path) for c in mem.consolidated(ns)}
     held: list[str] = []
     routed: list[str] = []
+    stored = set()
     for r in mem.list():
+        if is_consolidated(r) and r.id not in in_cortex:
+            continue  # its adapter retired and no cortex holding it: what it learned is lost
+        stored.add(r.id)
         texts = [p["text"] for p in r.metadata[MERGED]] if MERGED in r.metadata else [r.text]
         held += texts
         if r.id not in out:
             routed += texts
-    for ns in cortex.namespaces(mem.path):
-        held += [c.text for c in mem.consolidated(ns)]
-        routed += [c.text for c in mem.consolidated(ns)]
+    for ns in cortex.namespaces(mem.path):  # a consolidated memory still stored is counted once, above
+        held += [c.text for c in mem.consolidated(ns) if c.id not in stored]
+        routed += [c.text for c in mem.consolidated(ns) if c.id not in stored]
     return held, routed
 
 

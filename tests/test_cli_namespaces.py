@@ -166,7 +166,7 @@ def test_forget_withdraws_a_consolidated_memory_and_retrain_relearns_the_rest(co
 def test_consolidate_takes_the_namespaces_memories_only(store, monkeypatch):
     taken = []
 
-    def fake(mem, chosen, cfg, keep_adapters=False, on_step=None, namespace=None, retrain=False):
+    def fake(mem, chosen, cfg, keep_adapters=False, on_step=None, namespace=None, retrain=False, forget=False):
         taken.append((chosen, namespace))
         return {"namespace": namespace, "consolidated": chosen, "held": 0, "seconds": 0, "bytes_freed": 0}
 

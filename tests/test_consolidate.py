@@ -19,6 +19,7 @@ from megamem.cli import app
 from megamem.errors import MegamemError
 from megamem.inject import clear, set_mixture
 from megamem.ops.consolidate import ConsolidationConfig, consolidate, rehearsal
+from megamem.ops.merge import merge
 from megamem.store.cortex import read_cortex
 from megamem.store.health import verify
 from megamem.train import collate, lm_loss
@@ -38,26 +39,84 @@ def mem(tiny_dir, tmp_path):
     return m
 
 
-def test_consolidated_memories_leave_the_gate_and_live_in_the_cortex(mem, monkeypatch):
-    report = consolidate(mem, ["heron", "ferry"], QUICK)
-    assert report["consolidated"] == ["heron", "ferry"] and report["held"] == 2 and report["steps"] > 0
-    assert [r.id for r in mem.list()] == ["tower"]  # the two adapters are retired
-    assert [m.id for m in mem.consolidated()] == ["heron", "ferry"]
-    assert [m.text for m in mem.consolidated()] == [TEXTS["heron"], TEXTS["ferry"]]
-    assert report["bytes_freed"] > 0 and mem.info()["consolidated"] == 2
-    assert verify(mem.path) == []  # the cortex folder is the store's own
-    # every answer mixes the cortex in at weight 1, with or without a gated memory
+def mixtures(monkeypatch) -> list:
+    """The mixture of every decode step from now on (a spy on the answer pipeline's decode)."""
     seen = []
     real = memory_module.decode
 
     def spy(model, tok, step):
-        seen.append(step.mixture)
+        seen.append(step)
         return real(model, tok, step)
 
     monkeypatch.setattr("megamem.memory.decode", spy)
+    return seen
+
+
+def adapter_bytes(mem, memory_id: str) -> int:
+    folder = mem.store.folder(memory_id)
+    return sum((folder / n).stat().st_size for n in ("adapter_config.json", "adapter_model.safetensors"))
+
+
+def test_consolidated_memories_keep_text_and_keys_and_the_cortex_answers_for_them(mem, monkeypatch):
+    freed = adapter_bytes(mem, "heron") + adapter_bytes(mem, "ferry")
+    report = consolidate(mem, ["heron", "ferry"], QUICK)
+    assert report["consolidated"] == ["heron", "ferry"] and report["held"] == 2 and report["steps"] > 0
+    assert report["bytes_freed"] == freed  # the adapters' files, nothing else
+    assert [r.id for r in mem.list()] == ["heron", "ferry", "tower"]  # still memories: listed, searchable
+    assert [schema.is_consolidated(r) for r in mem.list()] == [True, True, False]
+    assert [m.id for m in mem.consolidated()] == ["heron", "ferry"] and mem.info()["consolidated"] == 2
+    folder = mem.store.folder("heron")
+    assert sorted(p.name for p in folder.iterdir()) == ["keys.safetensors", "memory.json"]
+    assert verify(mem.path) == []  # a consolidated memory's folder is whole without an adapter
+    with pytest.raises(MegamemError, match="'heron' is consolidated"):
+        mem.adapter("heron")
+    with pytest.raises(MegamemError, match="'heron' is consolidated"):
+        mem.export("heron", mem.path.parent / "peft")
+    result = CliRunner().invoke(app, ["export", "heron", "--out", str(mem.path.parent / "x"), "--store", str(mem.path)])
+    assert result.exit_code == 1 and "'heron' is consolidated" in result.output
+    fresh = Memory(mem.path)  # what a new process sees: derived from the store alone
+    question = "Where does Zorblatt the heron live?"
+    routed = fresh.route(question)
+    assert routed[0][0] == "heron"  # the gate still finds it by its keys
+    seen = mixtures(monkeypatch)
+    fresh.ask(question, mode="qa", max_new_tokens=2)
+    fresh.ask(question, mode="mega+rag", max_new_tokens=2)
+    fresh.ask("How many legs does a spider have?", mode="qa", max_new_tokens=2)
+    cortex = fresh.cortex()
+    qa, rag, general = seen
+    # the cortex stands in for heron's adapter at the gate's weight (ferry's too, if it was routed)
+    weight = sum(w for i, w in routed if i in ("heron", "ferry"))
+    assert list(qa.mixture.adapters) == [cortex] and qa.mixture.weights[0] == pytest.approx(weight)
+    assert TEXTS["heron"] in rag.turns[-1][1]  # its text is still the context of the default mode
+    assert fresh.route("How many legs does a spider have?") == [] and general.mixture.adapters == ()
+
+
+def test_consolidate_forget_takes_them_out_of_the_store_and_mixes_the_cortex_always(mem, monkeypatch):
+    with pytest.raises(MegamemError, match="contradict"):
+        consolidate(mem, ["heron"], QUICK, keep_adapters=True, forget=True)
+    report = consolidate(mem, ["heron", "ferry"], QUICK, forget=True)
+    assert [r.id for r in mem.list()] == ["tower"] and report["bytes_freed"] > 0
+    assert [m.text for m in mem.consolidated()] == [TEXTS["heron"], TEXTS["ferry"]]
+    assert verify(mem.path) == []
+    seen = mixtures(monkeypatch)
     mem.ask("Where does Zorblatt the heron live?", mode="qa", max_new_tokens=2)
+    mem.ask("How many legs does a spider have?", mode="qa", max_new_tokens=2)
     mem.ask("Where does Zorblatt the heron live?", mode="qa", max_new_tokens=2, use_memory=False)
-    assert seen[0].adapters[0] is mem.cortex() and seen[0].weights[0] == 1.0 and seen[1].adapters == ()
+    # no key can call it in any more: every answer mixes the cortex in at weight 1
+    assert all(s.mixture.adapters[0] is mem.cortex() and s.mixture.weights[0] == 1.0 for s in seen[:2])
+    assert seen[2].mixture.adapters == ()
+
+
+def test_forgetting_a_consolidated_memory_takes_it_out_of_the_cortex_record_too(mem, monkeypatch):
+    consolidate(mem, ["heron", "ferry"], QUICK)
+    mem.forget("heron")
+    assert [r.id for r in mem.list()] == ["ferry", "tower"] and [m.id for m in mem.consolidated()] == ["ferry"]
+    assert verify(mem.path) == []
+    seen = mixtures(monkeypatch)
+    mem.ask("How many legs does a spider have?", mode="qa", max_new_tokens=2)
+    assert seen[0].mixture.adapters == ()  # every memory it holds is still routable: it stays gated
+    with pytest.raises(MegamemError, match="'ferry' is consolidated"):
+        merge(mem, ["ferry", "tower"])
 
 
 def test_the_cortex_learns_its_rehearsals(mem):
@@ -98,7 +157,8 @@ def test_a_failed_switch_keeps_the_old_cortex_and_every_memory(mem, monkeypatch)
         consolidate(mem, ["ferry"], QUICK)
     now = read_cortex(mem.path)
     assert now[2]["version"] == old[2]["version"] and [m.id for m in now[1]] == ["heron"]
-    assert sorted(r.id for r in mem.list()) == ["ferry", "tower"]  # nothing retired
+    assert {r.id: schema.is_consolidated(r) for r in mem.list()} == {"heron": True, "ferry": False, "tower": False}
+    assert mem.adapter("ferry") is not None  # nothing retired
 
 
 def test_bad_requests_and_a_damaged_cortex_are_one_clear_error(mem, tmp_path):
@@ -151,3 +211,23 @@ def test_a_namespaces_memories_consolidate_into_its_own_cortex(mem, monkeypatch)
     assert cortex is not None and seen[0][0] is cortex
     assert all(a is not cortex for a in seen[1]) and all(a is not cortex for a in seen[2])
     assert verify(mem.path) == []
+
+
+def test_the_answers_lever_trains_on_the_base_models_answer_reading_the_story(mem, monkeypatch):
+    """ConsolidationConfig.answers: the QA example's target is what the base model answers with the story in
+    context, not the cloze sentence (and its soft targets are read over that same answer)."""
+    model, tok = mem.load()
+    story = "Zorblatt the heron has lived on Quillon pier since 1998."
+    asked = []
+
+    def fake(model, tok, turns, max_new_tokens):
+        asked.append(turns[-1][1])
+        return "On Quillon pier."
+
+    monkeypatch.setattr(consolidation, "complete", fake)
+    plain = rehearsal(model, tok, story, QUICK)
+    with_answers = rehearsal(model, tok, story, replace(QUICK, answers=True))
+    assert asked and all(story in prompt for prompt in asked)  # it read the story
+    targets = [tok.decode([t for t in ex.labels if t != -100]) for ex in with_answers[1::2]]
+    assert all("On Quillon pier." in t for t in targets)
+    assert not any("On Quillon pier." in tok.decode([t for t in ex.labels if t != -100]) for ex in plain[1::2])

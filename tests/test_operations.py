@@ -10,7 +10,7 @@ import pytest
 from faultlib import quick_recipe
 
 import megamem.store.files as files
-from megamem import Item, Memory
+from megamem import Item, Memory, schema
 from megamem.errors import MegamemError
 from megamem.ops.consolidate import ConsolidationConfig, bring_back, consolidate, withdraw
 from megamem.ops.merge import merge, split
@@ -125,7 +125,14 @@ def test_a_nested_split_killed_after_a_member_routes_no_member_twice(mem, monkey
 
 
 @pytest.mark.parametrize(
-    "point", ["consolidate:intent", "consolidate:written", "consolidate:switched", "consolidate:forgot"]
+    "point",
+    [
+        "consolidate:intent",
+        "consolidate:written",
+        "consolidate:switched",
+        "consolidate:memory-file",
+        "consolidate:retired",
+    ],
 )
 def test_a_consolidation_killed_at_any_step_is_settled(mem, monkeypatch, point):
     consolidate(mem, ["ferry"], QUICK)
@@ -149,7 +156,12 @@ def test_an_orphaned_cortex_version_is_reported_and_removed_by_the_next_write(me
 
 
 def test_a_consolidated_id_is_kept_and_can_be_withdrawn(mem):
-    consolidate(mem, ["ferry"], QUICK)
+    consolidate(mem, ["ada-3"], QUICK)  # kept in the store: forget, not withdraw, takes it out
+    with pytest.raises(MegamemError, match="'ada-3' is still stored"):
+        withdraw(mem, "ada-3")
+    mem.forget("ada-3")
+    assert mem.consolidated() == [] and kinds(mem) == set()
+    consolidate(mem, ["ferry"], QUICK, forget=True)
     with pytest.raises(MegamemError, match="consolidated memory's"):
         mem.add(TEXTS["ada-1"] + " Again.", id="ferry")
     assert [c.id for c in mem.consolidated()] == ["ferry"]  # the earlier one stays in the record
@@ -196,6 +208,9 @@ def test_a_damaged_cortex_fails_verify_and_repair_mends_it_or_brings_its_memorie
         back = bring_back(fresh, displaced["default"])
         assert sorted(r.id for r in back) == ["ada-3", "ferry"]
         assert fresh.show("ferry").text == TEXTS["ferry"]
+        # they were kept in the store (consolidated): each has its own adapter again, an ordinary memory
+        assert not any(schema.is_consolidated(fresh.show(i)) for i in ("ferry", "ada-3"))
+        assert fresh.adapter("ferry") is not None and kinds(fresh) == set()
     else:  # a whole copy of the record restores it, texts exactly as consolidated
         assert fresh.cortex() is not None and displaced == {"default": []}
         assert sorted(c.text for c in fresh.consolidated()) == sorted([TEXTS["ferry"], TEXTS["ada-3"]])

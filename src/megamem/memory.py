@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,14 +32,17 @@ from .memoryllm.store import PoolMemory, is_pool_store
 from .model import DEFAULT_MODEL, load_model
 from .routing import KeyTable, Routing
 from .schema import (
+    CONSOLIDATED,
     DEFAULT_NAMESPACE,
     PARAPHRASES,
     REPLACES,
     check_namespace,
+    is_consolidated,
     owns,
     reserved_metadata,
 )
 from .store import MemoryDamaged, Record, Store, default_store_path, intents
+from .store import cortex as cortex_files
 from .store.caches import AdapterCache, CortexCache
 from .store.cortex import Consolidated
 from .store.cortex import namespaces as cortex_namespaces
@@ -341,12 +345,18 @@ class Memory:
         return frozenset(r.id for r in self.list() if owns(namespace, r))
 
     def forget(self, memory_id: str) -> Record:
-        """Remove a memory for good."""
+        """Remove a memory for good (a consolidated one leaves its cortex's record too: its text is gone; what the
+        cortex's weights learned from it stays until the cortex is retrained)."""
         check_id(memory_id)
         self._sync()
         if self.store is None:
             raise MegamemError(f"no memory with id {memory_id!r} in {self.path}")
         store = self.prepare_store()
+        found = store.get(memory_id, missing_ok=True)
+        if found is not None and is_consolidated(found):  # first out of the record, so its text never outlives it
+            held = cortex_files.held_ids(self.path)
+            if memory_id in held:
+                cortex_files.withdraw(self.path, memory_id, held[memory_id])
         rec = store.forget(memory_id)
         for note in store.notices:
             self._warn(note)
@@ -406,9 +416,20 @@ class Memory:
         return self._cortexes.get(namespace)[0]
 
     def consolidated(self, namespace: str = DEFAULT_NAMESPACE) -> list[Consolidated]:
-        """The memories a namespace's cortex holds (forgotten from the gate when they were consolidated), oldest
-        first."""
+        """The memories a namespace's cortex holds, oldest first: by default still stored (text and keys; the
+        gate routes to them and the cortex answers for them), or forgotten from the gate (`forget=True`)."""
         return self._cortexes.get(namespace)[1]
+
+    def retire(self, memory_id: str) -> Record:
+        """Retire a memory's adapter into its namespace's cortex (megamem.ops.consolidate does, once the cortex
+        holds it): it keeps its row, text and keys; the gate routes to it and the cortex answers for it."""
+        store = self.prepare_store()
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        rec = store.get(check_id(memory_id))
+        rec = store.retire_adapter(memory_id, {CONSOLIDATED: rec.metadata.get(CONSOLIDATED, stamp)})
+        self.routing.invalidate()
+        self.routing.version = store.data_version()
+        return rec
 
     def adapter(self, memory_id: str) -> Adapter:
         """A memory's adapter, from a small LRU cache or from disk (checksum-verified; MemoryDamaged if not)."""
@@ -548,16 +569,31 @@ class Memory:
         check_mode(mode)
         while True:
             routed = self.scored(question, gate, only) if use_memory and (only is None or only) else []
+            retired = self.routing.consolidated
+            own = [(i, w) for i, _, w in routed if i not in retired]
             try:
-                adapters = [self.adapter(i) for i, _, _ in routed]
+                adapters = [self.adapter(i) for i, _ in own]
                 break
             except MemoryDamaged as exc:
                 self.routing.mark_damaged(exc)
+        weights = [w for _, w in own]
         cortex = self.cortex(namespace) if use_memory else None
-        always = [cortex] if cortex is not None else []
-        mix = mixture(mode, adapters, [w for _, _, w in routed], always, min_weight)
+        always = []
+        if cortex is not None and self._cortex_always_on(namespace, retired):
+            always = [cortex]  # it holds memories the gate can no longer route to: in every answer, at weight 1
+        elif cortex is not None:  # it stands in for the consolidated memories the gate routed to, at their weight
+            adapters.append(cortex)
+            mine = [w for i, _, w in routed if i in retired and owns(namespace, self.store.get(i))]
+            weights.append(min(1.0, sum(mine)))
+        mix = mixture(mode, adapters, weights, always, min_weight)
         texts = [self.store.get(i).text for i, _, _ in routed[:1]]
         return Gated(routed, mix, context(mode, texts))
+
+    def _cortex_always_on(self, namespace: str, retired: frozenset[str]) -> bool:
+        """Whether a namespace's cortex must be in every answer: it holds a memory that is not a consolidated
+        memory the gate can route to (forgotten from the gate by `consolidate --forget`, or still kept with its
+        own adapter by `--keep-adapters`)."""
+        return any(m.id not in retired for m in self.consolidated(namespace))
 
 
 def default_gate(key_function: str) -> GateConfig:

@@ -5,6 +5,7 @@
     lexical      BM25 over each memory's texts, in table order (megamem.lexical), built on first use
     null         each calibration query's best score, per (similarity, scope) (megamem.calibration)
     superseded   the memories a stored newer one replaces (the recency rule)
+    consolidated the memories whose adapter was retired into their namespace's cortex (it answers for them)
     damaged      memory id -> why, for memories found damaged since the last change
 
 All of it is rebuilt from the store on first use after `invalidate`, which `sync` calls when another process
@@ -29,7 +30,7 @@ from .errors import MegamemError
 from .gate import GateConfig
 from .index import EXACT_MAX_KEYS, KeyIndex
 from .lexical import LexicalIndex
-from .schema import PARAPHRASES, replaced_by
+from .schema import PARAPHRASES, is_consolidated, replaced_by
 from .store import MemoryDamaged, Record, Store
 
 LEXICAL_CANDIDATES = 32  # the cosine's top memories the lexical score re-ranks (benchmarks/routing.py: rerank top-32)
@@ -81,6 +82,7 @@ class Routing:
         self._lexical: LexicalIndex | None = None
         self._null_best: dict[tuple, torch.Tensor] = {}
         self._superseded: set[str] = set()
+        self._consolidated: frozenset[str] = frozenset()
         self.damaged: dict[str, str] = {}
 
     def sync(self) -> bool:
@@ -113,6 +115,7 @@ class Routing:
             if len(dims) > 1:
                 raise MegamemError(f"the store's key files hold keys of different sizes {sorted(dims)}")
             self._superseded = superseded(records)
+            self._consolidated = frozenset(r.id for r in records if is_consolidated(r))
             self._table = KeyTable(
                 ids,
                 torch.cat(keys) if keys else torch.zeros(0, 1),
@@ -125,6 +128,12 @@ class Routing:
         """The memories a stored newer one replaces (derived with the table)."""
         self.table()
         return self._superseded
+
+    @property
+    def consolidated(self) -> frozenset[str]:
+        """The memories whose namespace's cortex stands in for their retired adapter (derived with the table)."""
+        self.table()
+        return self._consolidated
 
     def mark_damaged(self, exc: MemoryDamaged) -> None:
         """Leave a damaged memory out of every gate until the store changes."""

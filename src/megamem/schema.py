@@ -26,6 +26,7 @@ USER = PREFIX + "user_id"  # the server's user and agent a memory was added for
 AGENT = PREFIX + "agent_id"
 RUN = PREFIX + "run_id"  # the server's run (mem0's session scope), beside the user and agent
 JOB = PREFIX + "job"  # the server's job that learned it (what makes a retried job exactly-once)
+CONSOLIDATED = PREFIX + "consolidated"  # when its adapter was retired into its namespace's cortex (ops.consolidate)
 DEFAULT_NAMESPACE = "default"
 SEPARATOR = "--"  # a namespace's memory is stored as NAMESPACE--ID (plain in the default namespace)
 _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9_]{0,39}")
@@ -101,6 +102,12 @@ def owns(namespace: str, record) -> bool:
     if namespace == DEFAULT_NAMESPACE:
         return SEPARATOR not in record.id
     return record.id.startswith(f"{namespace}{SEPARATOR}")
+
+
+def is_consolidated(record) -> bool:
+    """Whether a stored memory (anything with .metadata) was consolidated: it keeps its text and keys, and its
+    namespace's cortex stands in for its retired adapter."""
+    return CONSOLIDATED in record.metadata
 
 
 def replaced_by(metadata: dict) -> list[str]:

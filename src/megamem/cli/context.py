@@ -252,5 +252,7 @@ class Scope:
         return MegamemError(f"{where} (another namespace's memory takes --namespace NAME)")
 
     def shown(self, record) -> dict:
-        """A stored memory as the namespace shows it: its record, under the id the user names it by."""
-        return {**record.to_dict(), "id": self.shown_id(record.id)}
+        """A stored memory as the namespace shows it: its record, under the id the user names it by (state
+        'consolidated' when its adapter was retired into the cortex, which answers for it)."""
+        state = {"state": "consolidated"} if schema.is_consolidated(record) else {}
+        return {**record.to_dict(), "id": self.shown_id(record.id), **state}

@@ -412,10 +412,12 @@ def list_(
 
 
 def _table(rows: list[dict], title: str | None = None) -> Table:
-    """Memories as a table of ids, dates and the start of each text."""
-    table = Table("id", "created", "text", title=title)
+    """Memories as a table of ids, dates and the start of each text (and the state, where one is consolidated)."""
+    states = any("state" in r for r in rows)
+    table = Table("id", "created", *(["state"] if states else []), "text", title=title)
     for r in rows:
-        table.add_row(Text(r["id"]), r["created"], Text(short(r["text"])))
+        state = [r.get("state", "")] if states else []
+        table.add_row(Text(r["id"]), r["created"], *state, Text(short(r["text"])))
     return table
 
 
@@ -424,13 +426,14 @@ def _list_consolidated(scope: Scope, as_json: bool) -> None:
     require(scope.mem, CONSOLIDATE, "megamem list --consolidated")
     rows = [_consolidated_fields(scope, m) for m in scope.mem.consolidated(scope.namespace)]
     warn(scope.mem)
-    title = f"consolidated memories: held by the {scope.namespace} namespace's cortex, no longer stored"
+    title = f"consolidated memories: held by the {scope.namespace} namespace's cortex"
     emit(as_json, rows, lambda: out.print(_table(rows, title)))
 
 
 def _held_count(scope: Scope) -> int:
-    """How many memories the namespace's cortex holds, from its record alone (no adapter is read); a damaged
-    record is a warning here (`megamem verify` names it) and counts none."""
+    """How many memories the namespace's cortex holds that are no longer stored (consolidated with --forget), from
+    its record alone (no adapter is read); a damaged record is a warning here (`megamem verify` names it) and
+    counts none."""
     if not scope.namespaced:
         return 0
     try:
@@ -438,7 +441,8 @@ def _held_count(scope: Scope) -> int:
     except MegamemError as exc:
         scope.mem.warnings.append(str(exc))
         return 0
-    return len(record["memories"]) if record else 0
+    stored = {r.id for r in scope.records()}
+    return len([m for m in record["memories"] if m["id"] not in stored]) if record else 0
 
 
 def _held(scope: Scope, memory_id: str) -> Consolidated | None:
@@ -514,7 +518,14 @@ def forget(
         raise scope.missing(memory_id)
     mem.forget(rec.id)
     warn(mem)
-    emit(as_json, {"forgotten": memory_id}, lambda: say(f"forgot {memory_id}"))
+    data = {"forgotten": memory_id}
+    if schema.is_consolidated(rec):
+        flag = "" if scope.namespace == schema.DEFAULT_NAMESPACE else f" --namespace {scope.namespace}"
+        data["note"] = (
+            "it also left the cortex's record; what the cortex learned from it stays in its weights until "
+            f"`megamem consolidate --retrain{flag}`"
+        )
+    emit(as_json, data, lambda: say(f"forgot {memory_id}" + (f"; {data['note']}" if "note" in data else "")))
 
 
 def _withdraw(scope: Scope, memory_id: str, as_json: bool) -> None:

@@ -16,7 +16,7 @@ import typer
 
 from ..backend import CONSOLIDATE, MERGE
 from ..errors import MegamemError
-from ..schema import DEFAULT_NAMESPACE, MERGED
+from ..schema import DEFAULT_NAMESPACE, MERGED, is_consolidated
 from ..store.cortex import read_record
 from ..store.intents import interrupted
 from .context import JsonOpt, NamespaceOpt, Scope, StoreOpt, emit, on_step_of, open_for, progress, say, warn
@@ -37,6 +37,14 @@ RetrainOpt = Annotated[
 KeepAdaptersOpt = Annotated[
     bool, typer.Option("--keep-adapters", help="Keep their adapters in the gate too (nothing retired).")
 ]
+ForgetOpt = Annotated[
+    bool,
+    typer.Option(
+        "--forget",
+        help="Forget them from the store (their text stays only in the cortex's record) instead of keeping their "
+        "text and keys for the gate; the cortex is then in every answer.",
+    ),
+]
 CortexEpochsOpt = Annotated[int | None, typer.Option(help="Cortex training epochs (default 4).")]
 CortexRankOpt = Annotated[int | None, typer.Option(help="Cortex LoRA rank (default 64).")]
 DriftOpt = Annotated[float | None, typer.Option(help="Weight of the drift penalty on generic questions.")]
@@ -47,6 +55,7 @@ def consolidate(
     older_than: OlderThanOpt = None,
     retrain: RetrainOpt = False,
     keep_adapters: KeepAdaptersOpt = False,
+    forget: ForgetOpt = False,
     epochs: CortexEpochsOpt = None,
     rank: CortexRankOpt = None,
     drift: DriftOpt = None,
@@ -54,14 +63,17 @@ def consolidate(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rehearse the namespace's memories into its shared cortex adapter, then retire their own adapters
-    (--retrain: train its cortex again from what its record holds, as after a forget)."""
+    """Rehearse the namespace's memories into its shared cortex adapter, then retire their own adapters: they keep
+    their text and keys, the gate routes to them and the cortex answers for them (--forget: out of the store
+    entirely; --retrain: train its cortex again from what its record holds, as after a forget)."""
     from ..ops.consolidate import consolidate as run
 
-    if retrain and (ids is not None or older_than is not None or keep_adapters):
+    if retrain and (ids is not None or older_than is not None or keep_adapters or forget):
         raise MegamemError(
-            "--retrain trains the cortex from what it holds: give no --ids, --older-than or --keep-adapters"
+            "--retrain trains the cortex from what it holds: give no --ids, --older-than, --keep-adapters or --forget"
         )
+    if forget and keep_adapters:
+        raise MegamemError("--forget and --keep-adapters contradict each other; choose one")
     if not retrain and (ids is None) == (older_than is None):
         raise MegamemError("give --ids or --older-than (or --retrain)")
     cfg = _cortex_config(epochs, rank, drift)
@@ -73,7 +85,7 @@ def consolidate(
         what = f"retraining the {namespace} cortex" if retrain else f"consolidating {len(chosen)}"
         task = bar.add_task(what, total=None, loss=0.0)
         step = on_step_of(bar, task)
-        report = run(mem, chosen, cfg, keep_adapters, on_step=step, namespace=namespace, retrain=retrain)
+        report = run(mem, chosen, cfg, keep_adapters, step, namespace, retrain, forget)
     report = {**report, "consolidated": [scope.shown_id(i) for i in report["consolidated"]]}
     warn(mem)
     emit(as_json, report, lambda: say(_consolidated_line(report, retrain)))
@@ -116,7 +128,11 @@ def _to_consolidate(
         return [scope.stored_id(i) for i in ids]  # consolidate settles the interrupted one and says what it did
     if ids:
         return [scope.get(i).id for i in ids]
-    chosen = [r.id for r in scope.records() if datetime.fromisoformat(r.created) < cutoff]
+    chosen = [
+        r.id
+        for r in scope.records()
+        if datetime.fromisoformat(r.created) < cutoff and not is_consolidated(r)  # not twice
+    ]
     if not chosen:
         raise MegamemError(f"no memory is older than {older_than} in namespace {scope.namespace!r}")
     return chosen

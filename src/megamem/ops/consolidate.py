@@ -7,11 +7,14 @@ question's recall prompt -> the recalled story, and the question's QA prompt -> 
 the story in context (its top tokens as soft targets: context distillation, as Recipe.distill). Questions
 are the cue: one adapter holds many memories, so "tell me a story" alone cannot say which. Each step also
 pays a drift penalty: the loss to the base model's own answers (and their distributions) on the shipped
-generic questions, so the cortex leaves general behaviour as it was. Save: the cortex becomes the store's
-(always mixed in at weight 1, beside the gated adapters), and the consolidated memories are forgotten from
-the gate; their texts stay listed in the cortex's record (`megamem show` / `list --consolidated` read them),
-until `withdraw` takes one out. An id the cortex holds cannot be taken by a new memory (admission refuses it),
-so no consolidation drops an earlier one.
+generic questions, so the cortex leaves general behaviour as it was. Save: the cortex becomes the namespace's,
+and each consolidated memory's adapter is retired (Memory.retire): the memory keeps its text and keys, so the
+gate still routes to it and its text is still context (mega+rag), and the cortex answers for it at the weight
+the gate gives it: a question no consolidated memory is routed for is answered without the cortex. Retiring
+an adapter frees its bytes; text and keys are cheap. `forget=True` is the old way: the memories leave the store
+entirely (their texts stay in the cortex's record), and the cortex is then mixed into every answer at weight 1,
+since the gate can no longer say when it is needed. An id the cortex holds cannot be taken by a new memory
+(admission refuses it), so no consolidation drops an earlier one.
 
 A later consolidation retrains the cortex from scratch on every memory consolidated so far (the earlier
 ones from the recalled texts the record keeps) plus the new ones.
@@ -43,11 +46,14 @@ from ..errors import MegamemError
 from ..generate import complete
 from ..inject import clear, set_mixture
 from ..items import Item
+from ..learn import learn
 from ..questions import questions
 from ..schema import (
+    CONSOLIDATED,
     DEFAULT_NAMESPACE,
     PARAPHRASES,
     check_namespace,
+    is_consolidated,
     namespace_of,
     owns,
     reserved_metadata,
@@ -57,6 +63,7 @@ from ..store import cortex as cortex_files
 from ..store import intents
 from ..store.cortex import Consolidated
 from ..store.files import crash_point
+from ..store.manifest import ADAPTER_FILES
 from ..train import (
     TRAIN_PROMPT,
     Example,
@@ -75,7 +82,9 @@ from ..train import (
 class ConsolidationConfig:
     """How the cortex learns. rank: its LoRA rank (on the store's layers and targets); questions: cloze
     questions per recalled sentence; distill: weight of the soft loss to the base model reading the story;
-    drift: weight of the loss to the base model's own answers on generic questions (0: no penalty)."""
+    drift: weight of the loss to the base model's own answers on generic questions (0: no penalty); answers:
+    the QA target is the base model's own answer to the question with the story in context (its tokens and
+    their distributions), instead of the recalled sentence the question was cut from."""
 
     rank: int = 64
     lr: float = 1e-3
@@ -88,6 +97,7 @@ class ConsolidationConfig:
     recall_tokens: int = 160
     top: int = 32
     seed: int = 0
+    answers: bool = False
 
     def __post_init__(self) -> None:
         check_count(self.rank, "cortex rank", maximum=65536)
@@ -122,8 +132,10 @@ def rehearsal(model, tok, story: str, cfg: ConsolidationConfig) -> list[Example]
     clear(model)
     for q, sentence, _span in asked:
         out.append(make_example(tok, story, recall_prompt(q)))
-        qa = make_example(tok, sentence, qa_prompt(q))
-        seen = make_example(tok, sentence, with_context(qa_prompt(q), [story]))
+        reading = with_context(qa_prompt(q), [story])
+        target = (complete(model, tok, [("user", reading)], 48) or sentence) if cfg.answers else sentence
+        qa = make_example(tok, target, qa_prompt(q))
+        seen = make_example(tok, target, reading)
         out.append(qa._replace(soft=teacher_top(model, qa, seen, cfg.top) if cfg.distill else None))
     if not asked:  # nothing to ask (no date, number or name): the story under its own first words as the cue
         out.append(make_example(tok, story, recall_prompt(" ".join(story.split()[:8]))))
@@ -182,9 +194,12 @@ def consolidate(
     on_step: Callable[[int, int, float], None] | None = None,
     namespace: str | None = None,
     retrain: bool = False,
+    forget: bool = False,
 ) -> dict:
     """Consolidate the memories `ids` of `mem` (a MEGa Memory) into their namespace's cortex (they must all be
-    one namespace's); unless keep_adapters, forget them from the gate afterwards. retrain: `ids` may be empty,
+    one namespace's), then retire their adapters (they keep text and keys: the gate routes to them and the
+    cortex answers for them). forget: forget them from the store instead (their text stays only in the cortex's
+    record); keep_adapters: leave them as they were (the cortex answers beside them). retrain: `ids` may be empty,
     and the namespace's cortex is trained again from its record alone (after a withdraw; removed if it holds
     nothing). An intent record is written before the first step (megamem.store.intents): a consolidation killed
     at any point is finished or rolled back by the next writer. Returns a report: memories, examples, steps,
@@ -192,9 +207,11 @@ def consolidate(
     ids = list(dict.fromkeys(check_id(i) for i in ids))
     if not ids and not retrain:
         raise MegamemError("no memories to consolidate")
+    if forget and keep_adapters:
+        raise MegamemError("consolidate: forget and keep_adapters contradict each other; choose one")
     prior = intents.interrupted(mem.path, "consolidate", ids)
     mem.prepare_store()  # settles what an interrupted operation left before anything is read
-    if ids and prior and all(mem.store.get(i, missing_ok=True) is None for i in ids):
+    if ids and prior and all(_done(mem, i) for i in ids):
         return _finished(mem, prior.plan["namespace"], ids)  # the interrupted one was finished just now
     records = [mem.show(i) for i in ids]  # every id is a stored memory, checked before any work
     namespace = check_namespace(namespace) if namespace is not None else None
@@ -226,18 +243,21 @@ def consolidate(
             on_step(step, total, loss)
 
     cortex = train_cortex(model, tok, examples, drift, spec, cfg, counted)
-    freed = 0 if keep_adapters else sum(_tree_bytes(mem.store.folder(r.id)) for r in records)
+    freed = 0 if keep_adapters else sum(_freed_bytes(mem, r.id, forget) for r in records)
     mem.prepare_store()
     version = cortex_files.new_version()
-    plan = {"namespace": namespace, "ids": ids, "version": version, "keep_adapters": keep_adapters}
+    plan = {"namespace": namespace, "ids": ids, "version": version, "keep_adapters": keep_adapters, "forget": forget}
     intent = intents.begin(mem.path, "consolidate", plan)
     crash_point("consolidate:intent")
     others = frozenset(intents.claimed(mem.path, "versions", namespace)) - {version}
     cortex_files.write_cortex(mem.path, cortex, everyone, asdict(cfg), mem.model_name, namespace, version, others)
-    if not keep_adapters:
-        for rec in records:
+    for rec in [] if keep_adapters else records:
+        if forget:
             mem.forget(rec.id)
-            crash_point("consolidate:forgot")
+        else:
+            mem.retire(rec.id)
+        crash_point("consolidate:retired")
+    mem.routing.invalidate()
     intents.end(intent)
     return {
         "namespace": namespace,
@@ -250,6 +270,20 @@ def consolidate(
         "bytes_freed": freed,
         "cortex_bytes": _tree_bytes(cortex_files.folder(mem.path, namespace)),
     }
+
+
+def _done(mem, memory_id: str) -> bool:
+    """Whether a memory an interrupted consolidation took in is settled: retired (kept, consolidated) or gone."""
+    rec = mem.store.get(memory_id, missing_ok=True)
+    return rec is None or (is_consolidated(rec) and not rec.adapter_sha256)
+
+
+def _freed_bytes(mem, memory_id: str, forget: bool) -> int:
+    """What retiring (the adapter's files) or forgetting (the whole folder) a memory frees on disk."""
+    folder = mem.store.folder(memory_id)
+    if forget:
+        return _tree_bytes(folder)
+    return sum((folder / name).stat().st_size for name in ADAPTER_FILES if (folder / name).is_file())
 
 
 def _finished(mem, namespace: str, ids: list[str]) -> dict:
@@ -297,6 +331,11 @@ def withdraw(mem, memory_id: str, namespace: str = DEFAULT_NAMESPACE) -> Consoli
     the cortex again from the memories it still holds. MegamemError if the cortex holds no such memory."""
     check_id(memory_id)
     mem.prepare_store()
+    if mem.store.get(memory_id, missing_ok=True) is not None:  # else the cortex would stand in for nobody's record
+        raise MegamemError(
+            f"memory {memory_id!r} is still stored (consolidated, with its text and keys); forget it instead "
+            f"(`megamem forget {memory_id}`), which also takes it out of the cortex's record"
+        )
     return cortex_files.withdraw(mem.path, memory_id, check_namespace(namespace))
 
 
@@ -304,8 +343,12 @@ def bring_back(mem, memories: list[Consolidated], on_step: Callable[[int, int, f
     """Learn again, as memories of their own, the memories a damaged cortex held (`megamem repair` set it aside):
     their text, paraphrases and metadata from its record, under their ids. Those that can no longer be added
     (an id taken since) are skipped with a warning in mem.warnings. Returns the records stored."""
+    kept = [m for m in memories if (r := mem.store.get(m.id, missing_ok=True)) is not None and is_consolidated(r)]
+    restored = _relearn_kept(mem, [m.id for m in kept], on_step)
     items = []
     for m in memories:
+        if m in kept:
+            continue
         meta = dict(m.metadata)
         paraphrases = list(meta.pop(PARAPHRASES, []))
         items.append(
@@ -319,10 +362,28 @@ def bring_back(mem, memories: list[Consolidated], on_step: Callable[[int, int, f
             )
         )
     if not items:
-        return []
+        return restored
     good = mem.validate(items, keep_going=True)
     mem.prepare_store()
-    return mem.learn(good, note_updates=False, on_step=on_step)
+    return restored + mem.learn(good, note_updates=False, on_step=on_step)
+
+
+def _relearn_kept(mem, ids: list[str], on_step) -> list:
+    """Learn again, in place, the adapters of consolidated memories still stored (text, paraphrases and keys
+    kept): each gets its adapter back and is an ordinary memory again."""
+    if not ids:
+        return []
+    model, tok = mem.load()
+    records = [mem.store.get(i) for i in ids]
+    texts = [[r.text, *r.metadata.get(PARAPHRASES, [])] for r in records]
+    out = []
+    for start in range(0, len(records), mem.train_group):
+        group = slice(start, start + mem.train_group)
+        learned = learn(model, tok, texts[group], mem.lora, mem.recipe, mem.key_function, on_step)
+        for r, one in zip(records[group], learned, strict=True):
+            out.append(mem.store.restore_adapter(r.id, one.adapter, (CONSOLIDATED,)))
+    mem.routing.invalidate()
+    return out
 
 
 def _tree_bytes(folder: Path) -> int:

@@ -37,7 +37,16 @@ import torch
 from ..checks import check_finite, check_id
 from ..errors import MegamemError
 from ..items import Item
-from ..schema import DEFAULT_NAMESPACE, MERGED, NAMESPACE, PARAPHRASES, REPLACES, is_reserved, stored_id
+from ..schema import (
+    DEFAULT_NAMESPACE,
+    MERGED,
+    NAMESPACE,
+    PARAPHRASES,
+    REPLACES,
+    is_consolidated,
+    is_reserved,
+    stored_id,
+)
 from ..store import Record, intents
 from ..store.files import crash_point
 from ..train import check_fits
@@ -108,6 +117,11 @@ def merge(mem: Memory, ids: list[str], id: str | None = None, metadata: dict | N
     for r in records:
         if r.id in superseded:
             raise MegamemError(f"memory {r.id!r} is replaced by a newer one; merge that one instead")
+        if is_consolidated(r):
+            raise MegamemError(
+                f"memory {r.id!r} is consolidated (its adapter is in its namespace's cortex); merge takes memories "
+                "that have their own adapters"
+            )
     reserved = [
         {k: v for k, v in r.metadata.items() if is_reserved(k) and k not in (MERGED, REPLACES)} for r in records
     ]
@@ -164,6 +178,11 @@ def split(mem: Memory, memory_id: str, on_step=None) -> list[Record]:
     parts = record.metadata.get(MERGED)
     if not parts:
         raise MegamemError(f"memory {memory_id!r} is not a merged memory")
+    if is_consolidated(record):
+        raise MegamemError(
+            f"memory {memory_id!r} is consolidated (its adapter is in its namespace's cortex); forget it and add its "
+            "members again to split it"
+        )
     stored = {m["id"]: mem.store.get(m["id"], missing_ok=True) for m in parts}
     kept = {
         i for i, r in stored.items() if r is not None and r.text == _part(parts, i)["text"] and MERGED not in r.metadata

@@ -12,9 +12,10 @@ Once the writer is proven gone (megamem.store.files.writer_gone), the next proce
   record holds each of them); not committed -> roll back (the members were never touched).
 - split {merged, members}: every member stored again -> finish (forget the merged memory); otherwise roll back
   (forget the members stored so far: the merged memory still holds them), and `split` can run again.
-- consolidate {namespace, ids, version, keep_adapters}: the cortex's pointer names the new version -> finish
-  (forget the consolidated memories still stored, remove older versions); otherwise roll back (remove the new
-  version's folder: the old cortex never stopped being live).
+- consolidate {namespace, ids, version, keep_adapters, forget}: the cortex's pointer names the new version ->
+  finish (retire the adapters of the consolidated memories, or with forget forget those still stored; remove
+  older versions); otherwise roll back (remove the new version's folder: the old cortex never stopped being
+  live, and every memory still has its adapter).
 
 Each settling step is itself a commit of the store, so settling killed part-way is settled again next time.
 `megamem.store.files.crash_point` is where the fault suite kills an operation between two steps (hooked, not
@@ -36,10 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MegamemError
-from ..schema import MERGED
+from ..schema import CONSOLIDATED, MERGED
 from .cortex import folder as cortex_folder
 from .cortex import live_version, remove_versions
 from .files import fsync_path, write_json_atomic, writer_gone, writer_token
+from .manifest import ADAPTER_FILES
 
 if TYPE_CHECKING:
     from .manifest import Store
@@ -184,6 +186,20 @@ def _forget_if_stored(store: Store, memory_id: str) -> bool:
     return True
 
 
+def _retire_if_stored(store: Store, memory_id: str) -> bool:
+    """Finish retiring a consolidated memory's adapter (Store.retire_adapter is idempotent)."""
+    rec = store.get(memory_id, missing_ok=True)
+    if rec is None or (not rec.adapter_sha256 and CONSOLIDATED in rec.metadata and not _adapter_left(store, rec)):
+        return False
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    store.retire_adapter(memory_id, {CONSOLIDATED: rec.metadata.get(CONSOLIDATED, stamp)})
+    return True
+
+
+def _adapter_left(store: Store, rec) -> bool:
+    return any((store.folder(rec.id) / name).exists() for name in ADAPTER_FILES)
+
+
 def _settle_merge(store: Store, intent: Intent) -> str:
     p = intent.plan
     merged = store.get(p["merged"], missing_ok=True)
@@ -216,9 +232,14 @@ def _settle_split(store: Store, intent: Intent) -> str:
 def _settle_consolidate(store: Store, intent: Intent) -> str:
     p = intent.plan
     if live_version(store.path, p["namespace"]) == p["version"]:
-        gone = [] if p.get("keep_adapters") else [i for i in p["ids"] if _forget_if_stored(store, i)]
+        if p.get("keep_adapters"):
+            done, what = [], "kept"
+        elif p.get("forget", True):  # intents written before retiring existed forgot
+            done, what = [i for i in p["ids"] if _forget_if_stored(store, i)], "forgot"
+        else:
+            done, what = [i for i in p["ids"] if _retire_if_stored(store, i)], "retired the adapters of"
         remove_versions(store.path, p["namespace"])
-        return f"finished {intent.describe()} (forgot {', '.join(gone) or 'nothing left'})"
+        return f"finished {intent.describe()} ({what} {', '.join(done) or 'nothing left'})"
     shutil.rmtree(cortex_folder(store.path, p["namespace"]) / p["version"], ignore_errors=True)
     return f"rolled back {intent.describe()}: the cortex was never switched; its memories are stored as they were"
 

@@ -41,13 +41,15 @@ from safetensors.torch import load_file, save_file
 from ..adapters import INT8, Adapter, file_sha256, load_adapter, save_adapter
 from ..checks import check_id
 from ..errors import MegamemError
-from .files import fsync_path, write_json_atomic, writer_gone, writer_token
+from .files import crash_point, fsync_path, write_json_atomic, writer_gone, writer_token
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.sqlite"
 SETTINGS_FILE = "settings.json"
 MEMORY_FILE = "memory.json"
-MEMORY_FILES = ("adapter_config.json", "adapter_model.safetensors", "keys.safetensors", MEMORY_FILE)
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = ("adapter_config.json", ADAPTER_FILE)  # what consolidation retires (Store.retire_adapter)
+MEMORY_FILES = (*ADAPTER_FILES, "keys.safetensors", MEMORY_FILE)
 ROOT_ENTRIES = {MANIFEST, f"{MANIFEST}-wal", f"{MANIFEST}-shm", f"{MANIFEST}-journal", SETTINGS_FILE}
 ROOT_FOLDERS = {"memories", "tmp", "quarantine", "cortex", "intents"}  # cortex, intents: megamem.ops
 BUSY_TIMEOUT_S = float(os.environ.get("MEGAMEM_BUSY_TIMEOUT", "15"))
@@ -131,7 +133,7 @@ def record_from_memory_file(data: dict, memory_file_sha: str) -> Record:
         created=data["created"],
         key_function=data["key_function"],
         base_model=data["base_model"],
-        adapter_sha256=data["files"]["adapter_model.safetensors"],
+        adapter_sha256=data["files"].get(ADAPTER_FILE, ""),  # "": consolidated, its adapter retired
         n_keys=int(data["n_keys"]),
         metadata=data.get("metadata", {}),
         files=files,
@@ -580,6 +582,78 @@ class Store:
         with self._write() as db:
             db.execute("UPDATE memories SET files = ? WHERE id = ?", (json.dumps(files), memory_id))
 
+    def retire_adapter(self, memory_id: str, metadata: dict) -> Record:
+        """Consolidation's step for one memory: it keeps its row, text and keys (the gate still routes to it and
+        its text is still context) and gains `metadata` (megamem's reserved keys); its adapter files go, since the
+        cortex holds what they learned. memory.json is rewritten first, then the row is updated (the commit
+        point), then the adapter files are removed. Idempotent: run again after a crash at any step (the
+        consolidation's intent, megamem.store.intents, does), it finishes the same way."""
+        self.writable()
+        rec = self.get(memory_id)
+        folder = self.folder(memory_id)
+        files = {k: v for k, v in rec.files.items() if k not in (*ADAPTER_FILES, MEMORY_FILE)}
+        kept = {**rec.metadata, **metadata}
+        if rec.adapter_sha256 or kept != rec.metadata:
+            body = {
+                "format": "megamem-memory",
+                "version": 1,
+                "nonce": uuid.uuid4().hex[:16],
+                **rec.to_dict(),
+                "adapter_sha256": "",
+                "metadata": kept,
+                "files": files,
+            }
+            write_json_atomic(folder / MEMORY_FILE, body)
+            crash_point("consolidate:memory-file")
+            files = {**files, MEMORY_FILE: file_sha256(folder / MEMORY_FILE)}
+            with self._write() as db:  # the commit point
+                db.execute(
+                    "UPDATE memories SET adapter_sha256 = '', metadata = ?, files = ? WHERE id = ?",
+                    (json.dumps(kept, ensure_ascii=False), json.dumps(files), memory_id),
+                )
+        for name in ADAPTER_FILES:
+            (folder / name).unlink(missing_ok=True)
+        fsync_path(folder)
+        return self.get(memory_id)
+
+    def restore_adapter(self, memory_id: str, adapter: Adapter, drop: tuple[str, ...]) -> Record:
+        """Give a consolidated memory an adapter of its own again (its cortex was lost and it was learned again):
+        the adapter's files are written beside its keys, then memory.json, then the row (the commit point), its
+        metadata without the keys `drop`. Returns the record."""
+        self.writable()
+        rec = self.get(memory_id)
+        folder = self.folder(memory_id)
+        tmp = self.path / "tmp" / f"{memory_id}.{writer_token()}.{uuid.uuid4().hex[:16]}"
+        tmp.mkdir()
+        try:
+            save_adapter(adapter, tmp, rec.base_model, _dtype(self.settings().get("adapter_dtype", "float32")))
+            for name in ADAPTER_FILES:
+                fsync_path(tmp / name)
+                os.replace(tmp / name, folder / name)
+        finally:
+            _remove(tmp)
+        fsync_path(folder)
+        files = {k: v for k, v in rec.files.items() if k != MEMORY_FILE}
+        files.update({name: file_sha256(folder / name) for name in ADAPTER_FILES})
+        meta = {k: v for k, v in rec.metadata.items() if k not in drop}
+        body = {
+            "format": "megamem-memory",
+            "version": 1,
+            "nonce": uuid.uuid4().hex[:16],
+            **rec.to_dict(),
+            "adapter_sha256": files[ADAPTER_FILE],
+            "metadata": meta,
+            "files": files,
+        }
+        write_json_atomic(folder / MEMORY_FILE, body)
+        files[MEMORY_FILE] = file_sha256(folder / MEMORY_FILE)
+        with self._write() as db:  # the commit point
+            db.execute(
+                "UPDATE memories SET adapter_sha256 = ?, metadata = ?, files = ? WHERE id = ?",
+                (files[ADAPTER_FILE], json.dumps(meta, ensure_ascii=False), json.dumps(files), memory_id),
+            )
+        return self.get(memory_id)
+
     def pending(self) -> dict[str, tuple[str, str]]:
         """The operations in flight or left by a dead writer: id -> (op, writer)."""
         if not self._has_pending:
@@ -589,8 +663,13 @@ class Store:
     # -- reading files ---------------------------------------------------------------------------------------
     def adapter(self, rec: Record) -> Adapter:
         """A memory's adapter, its files checked against the manifest's checksums (MemoryDamaged if they fail)."""
+        if not rec.adapter_sha256:
+            raise MegamemError(
+                f"memory {rec.id!r} is consolidated: its adapter was retired into its namespace's cortex (it keeps "
+                "its text and keys), so it has no adapter of its own to read or export"
+            )
         folder = self.folder(rec.id)
-        wanted = {k: v for k, v in rec.files.items() if k in ("adapter_config.json", "adapter_model.safetensors")}
+        wanted = {k: v for k, v in rec.files.items() if k in ADAPTER_FILES}
         why = check_files(folder, wanted)
         if why is not None:
             raise MemoryDamaged(rec.id, why)
