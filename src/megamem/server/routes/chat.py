@@ -1,7 +1,8 @@
 """OpenAI's chat completions, answered through the library's answer pipeline (megamem.answer) and decoded by the
 batching engine, so that a chat answers as Memory.ask does: the same mode (answer.DEFAULT_MODE unless the
-request's `memory.mode` names another), the same prompts, the same mixture (the caller's cortex at weight 1, its
-gated memories at their weights, the min-weight rule), the same greedy text at temperature 0.
+request's `memory.mode` names another), the same prompts, the same mixture (its gated memories at their weights,
+the caller's cortex standing in for its consolidated ones, the min-weight rule), the same greedy text at
+temperature 0.
 
 A request: the conversation (developer turns as system turns, tool results as tool turns), the caller's gate over
 the memories in its scope (Server.scope, then Memory.gated), then answer.plan's steps. A step that is not the
@@ -166,7 +167,7 @@ def gated(srv: Server, p: Principal, question: str, opts: MemoryOptions) -> tupl
         if with_gate:
             scope = srv.scope(p, opts.user_id, opts.agent_id, ids, filters, pending=True)
             allowed, learning = srv.split_learning(scope)
-        # an empty scope scores nothing, so no question is needed then: the mixture is the cortex alone
+        # an empty scope scores nothing: the mixture is then at most a cortex that holds forgotten memories
         g = srv.mem.gated(
             question,
             opts.mode,
