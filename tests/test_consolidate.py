@@ -231,3 +231,12 @@ def test_the_answers_lever_trains_on_the_base_models_answer_reading_the_story(me
     targets = [tok.decode([t for t in ex.labels if t != -100]) for ex in with_answers[1::2]]
     assert all("On Quillon pier." in t for t in targets)
     assert not any("On Quillon pier." in tok.decode([t for t in ex.labels if t != -100]) for ex in plain[1::2])
+
+
+def test_the_from_text_lever_rehearses_the_stored_text_not_a_recall(mem, monkeypatch):
+    def no_recall(*_a, **_k):
+        raise AssertionError("recalled through the adapter")
+
+    monkeypatch.setattr(consolidation, "recall", no_recall)
+    consolidate(mem, ["heron"], replace(QUICK, from_text=True))
+    assert [m.recalled for m in mem.consolidated()] == [TEXTS["heron"]]

@@ -84,7 +84,8 @@ class ConsolidationConfig:
     questions per recalled sentence; distill: weight of the soft loss to the base model reading the story;
     drift: weight of the loss to the base model's own answers on generic questions (0: no penalty); answers:
     the QA target is the base model's own answer to the question with the story in context (its tokens and
-    their distributions), instead of the recalled sentence the question was cut from."""
+    their distributions), instead of the recalled sentence the question was cut from; from_text: rehearse each
+    memory's stored text (kept since consolidation keeps it) instead of what its adapter recalls."""
 
     rank: int = 64
     lr: float = 1e-3
@@ -98,6 +99,7 @@ class ConsolidationConfig:
     top: int = 32
     seed: int = 0
     answers: bool = False
+    from_text: bool = False
 
     def __post_init__(self) -> None:
         check_count(self.rank, "cortex rank", maximum=65536)
@@ -229,7 +231,7 @@ def consolidate(
     model, tok = mem.load()
     new = []
     for rec in records:
-        story = recall(model, tok, mem.adapter(rec.id), cfg.recall_tokens)
+        story = rec.text if cfg.from_text else recall(model, tok, mem.adapter(rec.id), cfg.recall_tokens)
         new.append(Consolidated(rec.id, rec.text, story, rec.metadata, rec.created))
     everyone = held + new
     examples = [ex for m in everyone for ex in rehearsal(model, tok, m.recalled, cfg)]
