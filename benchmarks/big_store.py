@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import provenance, table
+from common import copy_memories, provenance, table
 
-from megamem import Item, Memory
+from megamem import Memory
 from megamem.bench.metrics import recall_cosines
 from megamem.datasets import load_partition
 from megamem.judge import is_correct
@@ -45,19 +44,6 @@ t2 = time.perf_counter()
 print(json.dumps({"import+open s": round(t1 - t0, 2), "first gate s": round(t2 - t1, 2),
                   "rss MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 """
-
-
-def copy_into(big: Memory, ids: list[str], path: Path) -> Memory:
-    """A store of just `ids`, each with the adapter and keys it has in `big`."""
-    shutil.rmtree(path, ignore_errors=True)
-    small = Memory(path, adapter_dtype=big.store.settings().get("adapter_dtype", "int8"))
-    small.prepare_store()
-    for i in ids:
-        rec = big.show(i)
-        meta = dict(rec.metadata)
-        paras = meta.pop("paraphrases", [])
-        small.commit(Item(rec.text, paras, meta, rec.id), big.adapter(i), big.store.keys(rec), note_updates=False)
-    return small
 
 
 def measure(mem: Memory, chosen: list[tuple[str, object]], recalls: int) -> dict:
@@ -109,7 +95,7 @@ def main() -> None:
         big.route("Who won the 2024 SaskTel Tankard?")
     gate_ms = 1000 * (time.perf_counter() - t0) / 20
     size = sum(p.stat().st_size for p in args.store.rglob("*") if p.is_file())
-    small = copy_into(big, chosen_ids, args.store.with_name(args.store.name + f"-{len(chosen_ids)}"))
+    small = copy_memories(big, chosen_ids, args.store.with_name(args.store.name + f"-{len(chosen_ids)}"))
     rows = []
     for name, mem in (("big store", big), (f"{len(chosen_ids)}-memory store", small)):
         row = {"": name, **measure(mem, chosen, args.recalls)}

@@ -81,7 +81,7 @@ def serve(store: Path, port: int, *flags: str, src: Path | None = None) -> subpr
             pass
         if proc.poll() is not None:
             raise SystemExit(f"megamem serve exited with {proc.returncode}")
-        time.sleep(0.5)
+        time.sleep(0.1)
     stop(proc)
     raise SystemExit("megamem serve did not become healthy in 300 s")
 
@@ -102,6 +102,70 @@ def keyed_copy(source: Path, work: Path, keys: int) -> tuple[Path, list[str], li
     cmd = [str(exe), "list", "--store", str(store), "--json"]
     listing = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     return store, made, [f"What do you know about {' '.join(m['text'].split()[:6])}?" for m in listing]
+
+
+def client_load(
+    url: str,
+    keys: list[str],
+    questions: list[str],
+    clients: int,
+    seconds: float,
+    tokens: int,
+    timeout: float = 600,
+    **create_kw,
+) -> dict:
+    """`clients` threads, each an `openai` client with its own API key (keys[c]), asking the questions in turn
+    (client c asks questions c, c + clients, ...) for `seconds`, each chat with max_tokens `tokens` and `create_kw`
+    (response_format, extra_body, ...), every request bounded by `timeout`. Returns requests (answered), tokens
+    (completion tokens), tok_per_s (over the wall time), p50_s and p99_s (answered requests' latency), errors (API
+    errors, not retried) and replies (each answered request's content, for a caller to check)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    stop_at = time.perf_counter() + seconds
+    lock = threading.Lock()
+    lat: list[float] = []
+    replies: list[str | None] = []
+    done, errors = [0], [0]
+
+    def loop(c: int) -> None:
+        oc, n = openai.OpenAI(base_url=url + "/v1", api_key=keys[c], max_retries=0, timeout=timeout), c
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            try:
+                r = oc.chat.completions.create(
+                    model="megamem",
+                    messages=[{"role": "user", "content": questions[n % len(questions)]}],
+                    max_tokens=tokens,
+                    **create_kw,
+                )
+            except openai.APIError:
+                with lock:
+                    errors[0] += 1
+                continue
+            seconds_taken = time.perf_counter() - t
+            with lock:
+                lat.append(seconds_taken)
+                done[0] += r.usage.completion_tokens
+                replies.append(r.choices[0].message.content)
+            n += clients
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(loop, range(clients)))
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {
+        "requests": len(lat),
+        "tokens": done[0],
+        "tok_per_s": done[0] / wall,
+        "p50_s": lat[len(lat) // 2] if lat else float("nan"),
+        "p99_s": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))] if lat else float("nan"),
+        "errors": errors[0],
+        "replies": replies,
+    }
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -190,3 +254,21 @@ def evaluate(model, tok, recs, adapters, qa_tokens: int = 48, recall_tokens: int
         "f1": sum(token_f1(a, g) for a, (_, g) in zip(answers, pairs, strict=True)) / max(len(pairs), 1),
         "recall_cos": sum(cos) / len(cos),
     }
+
+
+def copy_memories(source, ids: list[str], path: Path):
+    """A new store at `path` (removed first) of just the memories `ids` of the Memory `source`, each with the adapter
+    and keys it has there: stores that differ only in what else the gate can choose."""
+    import shutil
+
+    from megamem import Item, Memory
+
+    shutil.rmtree(path, ignore_errors=True)
+    small = Memory(path, adapter_dtype=source.store.settings().get("adapter_dtype", "int8"))
+    small.prepare_store()
+    for i in ids:
+        rec = source.show(i)
+        meta = dict(rec.metadata)
+        paras = meta.pop("paraphrases", [])
+        small.commit(Item(rec.text, paras, meta, rec.id), source.adapter(i), source.store.keys(rec), note_updates=False)
+    return small

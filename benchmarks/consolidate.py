@@ -1,15 +1,19 @@
-"""Consolidation into the cortex (the paper's open question 2): what memories keep once their adapters are gone.
+"""Consolidation into the cortex (the paper's open question 2): what memories keep once their adapters are gone,
+and what each lever of the cortex's training buys.
 
-    python benchmarks/consolidate.py --store /tmp/consolidate-p01 --partitions 0 1 --memories 25
+    python benchmarks/consolidate.py --source ~/.cache/megamem/stores/big-1000 --partitions 0 1 --memories 10 \
+        --lever rank128 '{"rank": 128}'
+    python benchmarks/consolidate.py --source /tmp/p6-store --partitions 6 --memories 50 --lever chosen '{...}'
 
-Setup: a store with the product's defaults learns the first --memories records of each wiki partition (the
-passage and its nine paraphrases), or is reused if it exists. Before: every question in the paper's qa mode
-through the gate (the memories' own adapters), and each memory's recall (recall mode, its first question,
-cosine of the embedder to the passage). Then `consolidate` (every memory; adapters retired) and the same
-questions and recalls with the cortex alone. General ability, base model vs the model with the cortex: the
-shipped general questions (judged, and the share answered word for word as the base model does), the
-general MCQ probe and KL(base || model) on the general text sample (none of them used in training: the drift
-penalty uses the calibration questions). A copy of the store is consolidated; the original is kept.
+Setup: the memories of the first --memories records of each wiki partition are copied, adapter and keys as they
+are, out of --source (found by their text) into a new store: every lever starts from the same adapters. Before
+(measured once a memory set, cached beside --work): every question in the default mode (mega+rag) and in the
+paper's qa mode, --recalls recalls (recall mode, the memory's first question, embedder cosine to the passage),
+and the shipped general questions asked in qa mode with the memories (the answers compared word for word with
+the base model's). Loop, one lever at a time: a copy of that store is consolidated with the lever's
+ConsolidationConfig (the product's default: adapters retired, text and keys kept), then the same measures,
+plus MCQ accuracy and KL(base || model) on general text with the cortex forced in at weight 1 (the worst case:
+what a question that routes to a consolidated memory carries). Save: one JSON line a lever in --out.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import json
 import shutil
 import statistics
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from common import provenance, table
+from common import copy_memories, provenance, table
 
-from megamem import Item, Memory
+from megamem import Memory
 from megamem.bench.general import (
     bucketed_kl,
     make_reference,
@@ -40,121 +45,159 @@ from megamem.datasets import load_partition
 from megamem.inject import clear, set_mixture
 from megamem.judge import is_correct
 from megamem.ops.consolidate import ConsolidationConfig, consolidate
+from megamem.store.manifest import ADAPTER_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mega-wiki2024"
 
 
-def qa_and_recall(mem: Memory, records, use_memory: bool = True) -> dict:
-    """QA accuracy (qa mode) over every question and mean recall cosine (recall mode, first question)."""
-    hits, recalls, passages = [], [], []
+def answers(mem: Memory, records, recalls: int, general_qs: list[dict]) -> dict:
+    """QA in the default and qa modes over every question, recall cosine of the first `recalls` memories, and
+    the general questions' answers in qa mode (through the gate, as a user asks)."""
+    default, qa = [], []
     for r in records:
         for q, gold in r.qa:
-            hits.append(is_correct(mem.ask(q, mode="qa", use_memory=use_memory).text, gold))
-        recalls.append(mem.ask(r.qa[0][0], mode="recall", max_new_tokens=160, use_memory=use_memory).text)
-        passages.append(r.passage)
+            default.append(is_correct(mem.ask(q).text, gold))
+            qa.append(is_correct(mem.ask(q, mode="qa").text, gold))
+    told = [mem.ask(r.qa[0][0], mode="recall", max_new_tokens=160).text for r in records[:recalls]]
+    general = [mem.ask(d["question"], mode="qa").text for d in general_qs]
     return {
-        "qa": statistics.mean(hits),
-        "questions": len(hits),
-        "recall cos": statistics.mean(recall_cosines(recalls, passages)),
+        "qa default mode": statistics.mean(default),
+        "qa qa mode": statistics.mean(qa),
+        "questions": len(qa),
+        "recall cos": statistics.mean(recall_cosines(told, [r.passage for r in records[:recalls]])) if told else None,
+        "general answers": general,
     }
 
 
 @torch.no_grad()
-def general(mem: Memory, with_cortex: bool, limit: int) -> dict:
-    """General QA (judged, and answers identical to the base model's), MCQ accuracy and KL to the base."""
+def forced(mem: Memory, adapter) -> dict:
+    """MCQ answers' last logits and general text's log-probs with `adapter` mixed in at weight 1 (None: base)."""
     model, tok = mem.load()
-    cortex = mem.cortex() if with_cortex else None
-
-    def mix() -> None:
-        set_mixture(model, [cortex], [1.0]) if cortex is not None else clear(model)
-
-    qa = shipped_general_qa()[:limit]
-    answers = [mem.ask(d["question"], mode="qa", use_memory=with_cortex).text for d in qa]
     mcq = shipped_mcq()
     seqs, letters = mcq_inputs(tok, mcq)
-    mix()
+    set_mixture(model, [adapter], [1.0]) if adapter is not None else clear(model)
     try:
         last = torch.stack([model(input_ids=torch.tensor([s])).logits[0, -1].float() for s in seqs])
         texts = text_inputs(tok, shipped_text(40))
         logprobs = [model(input_ids=torch.tensor([t])).logits[0].float().log_softmax(-1) for t in texts]
     finally:
         clear(model)
-    return {
-        "answers": answers,
-        "qa": [is_correct(a, d["answer"]) for a, d in zip(answers, qa, strict=True)],
-        "mcq": mcq_accuracy(last, letters, mcq),
-        "logprobs": logprobs,
-    }
+    return {"mcq": mcq_accuracy(last, letters, mcq), "logprobs": logprobs}
+
+
+def adapter_bytes(mem: Memory) -> int:
+    return sum(
+        (mem.store.folder(r.id) / n).stat().st_size
+        for r in mem.list()
+        for n in ADAPTER_FILES
+        if (mem.store.folder(r.id) / n).is_file()
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--source", type=Path, required=True, help="a store holding the memories (found by text)")
     ap.add_argument("--partitions", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--memories", type=int, default=25, help="first N records of each partition")
-    ap.add_argument("--epochs", type=int, default=ConsolidationConfig.epochs)
-    ap.add_argument("--drift", type=float, default=ConsolidationConfig.drift)
-    ap.add_argument("--questions", type=int, default=ConsolidationConfig.questions, help="cloze questions a sentence")
-    ap.add_argument("--general", type=int, default=120, help="general questions asked (of the shipped 280)")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale" / "consolidate.json")
+    ap.add_argument("--memories", type=int, default=10, help="first N records of each partition")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/consolidate-levers"))
+    ap.add_argument("--recalls", type=int, default=10)
+    ap.add_argument("--general", type=int, default=60, help="general questions asked (of the shipped 280)")
+    ap.add_argument(
+        "--lever", nargs=2, action="append", metavar=("NAME", "JSON"), help="a ConsolidationConfig override, named"
+    )
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale" / "consolidate-levers.jsonl")
     args = ap.parse_args()
-    # setup
+    known = {f.name for f in fields(ConsolidationConfig)}
+    levers = [(name, json.loads(js)) for name, js in args.lever or [("default", "{}")]]
+    for name, over in levers:
+        if set(over) - known:
+            raise SystemExit(f"error: lever {name}: unknown fields {sorted(set(over) - known)}; known: {sorted(known)}")
+    # setup: the memories, copied out of the source store with their adapters and keys
     records = [r for p in args.partitions for r in load_partition(DATA, p, args.memories)]
-    t0 = time.time()
-    if not args.store.exists():
-        Memory(args.store).add_many([Item(r.passage, r.paraphrases, id=f"w{i:03d}") for i, r in enumerate(records)])
-    learn_s = time.time() - t0
-    work = args.store.with_name(args.store.name + "-consolidated")
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(args.store, work)
-    mem = Memory(work)
-    adapters_bytes = sum(p.stat().st_size for p in (work / "memories").rglob("*") if p.is_file())
-    # before: the memories' own adapters (kept beside the store: they depend only on it); the base model's
-    # general ability
-    saved = args.store.with_name(args.store.name + "-before.json")
-    if saved.is_file():
-        before = json.loads(saved.read_text())
+    source = Memory(args.source, create=False)
+    by_text = {" ".join(r.text.split()): r.id for r in source.list()}  # as stored: whitespace cleaned
+
+    def stored(passage: str) -> str | None:
+        return by_text.get(" ".join(passage.split()))
+
+    missing = [r.passage[:40] for r in records if stored(r.passage) is None]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} memories are not in {args.source}, first: {missing[0]!r}")
+    tag = f"p{'-'.join(map(str, args.partitions))}x{args.memories}"
+    base_store = args.work / f"{tag}-store"
+    if not base_store.exists():
+        copy_memories(source, [stored(r.passage) for r in records], base_store)
+    general_qs = shipped_general_qa()[: args.general]
+    cached = args.work / f"{tag}-before.json"
+    if cached.is_file():
+        before = json.loads(cached.read_text())
     else:
-        before = qa_and_recall(mem, records)
-        saved.write_text(json.dumps(before))
-    base = general(mem, with_cortex=False, limit=args.general)
-    print(json.dumps({"before": before}), flush=True)
-    # consolidate every memory, then the same measures with the cortex alone
-    cfg = ConsolidationConfig(epochs=args.epochs, drift=args.drift, questions=args.questions)
-    report = consolidate(mem, [r.id for r in mem.list()], cfg)
-    print(json.dumps({"consolidate": report}), flush=True)
-    after = qa_and_recall(mem, records)
-    cortex = general(mem, with_cortex=True, limit=args.general)
-    ref = make_reference(base["logprobs"])
-    same = statistics.mean(a == b for a, b in zip(base["answers"], cortex["answers"], strict=True))
-    result = {
-        **provenance(),
-        "memories": len(records),
-        "learn s (50 adapters)": round(learn_s, 1),
-        "before": before,
-        "after": after,
-        "qa kept": round(after["qa"] / before["qa"], 3) if before["qa"] else None,
-        "consolidate": report,
-        "adapter bytes before": adapters_bytes,
-        "general": {
-            "general qa base": statistics.mean(base["qa"]),
-            "general qa cortex": statistics.mean(cortex["qa"]),
-            "general answers identical": same,
-            "mcq base": base["mcq"],
-            "mcq cortex": cortex["mcq"],
-            "kl cortex vs base": bucketed_kl(ref, cortex["logprobs"]),
-            "general questions": len(base["qa"]),
-        },
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    rows = [
-        {"": "with adapters", "QA": round(before["qa"], 3), "recall cos": round(before["recall cos"], 3)},
-        {"": "cortex only", "QA": round(after["qa"], 3), "recall cos": round(after["recall cos"], 3)},
-    ]
-    print(table(rows))
-    print(json.dumps(result["general"], indent=2))
+        mem = Memory(base_store)
+        before = answers(mem, records, args.recalls, general_qs)
+        base_general = [mem.ask(d["question"], mode="qa", use_memory=False).text for d in general_qs]
+        before["general identical"] = statistics.mean(
+            a == b for a, b in zip(before["general answers"], base_general, strict=True)
+        )
+        before["base general answers"] = base_general
+        cached.write_text(json.dumps(before))
+    base_forced = forced(Memory(base_store), None)
+    ref = make_reference(base_forced["logprobs"])
+    print(json.dumps({k: v for k, v in before.items() if "answers" not in k}), flush=True)
+    # loop: one consolidation a lever, from the same adapters
+    for name, over in levers:
+        work = args.work / f"{tag}-{name}"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(base_store, work)
+        mem = Memory(work)
+        held_bytes = adapter_bytes(mem)
+        cfg = ConsolidationConfig(**over)
+        t0 = time.time()
+        report = consolidate(mem, [r.id for r in mem.list()], cfg)
+        after = answers(mem, records, args.recalls, general_qs)
+        worst = forced(mem, mem.cortex())
+        row = {
+            **provenance(),
+            "lever": name,
+            "config": asdict(cfg),
+            "memories": len(records),
+            "partitions": args.partitions,
+            "questions": after["questions"],
+            "before": {k: v for k, v in before.items() if "answers" not in k},
+            "after": {k: v for k, v in after.items() if "answers" not in k},
+            "default mode kept": after["qa default mode"] / before["qa default mode"],
+            "qa mode kept": after["qa qa mode"] / before["qa qa mode"],
+            "general identical": statistics.mean(
+                a == b for a, b in zip(after["general answers"], before["base general answers"], strict=True)
+            ),
+            "mcq base": base_forced["mcq"],
+            "mcq cortex at weight 1": worst["mcq"],
+            "kl cortex at weight 1": bucketed_kl(ref, worst["logprobs"]),
+            "adapter bytes before": held_bytes,
+            "adapter bytes freed": report["bytes_freed"],
+            "cortex bytes": report["cortex_bytes"],
+            "net freed": (report["bytes_freed"] - report["cortex_bytes"]) / held_bytes,
+            "consolidate s": round(time.time() - t0, 1),
+            "steps": report["steps"],
+            "examples": report["examples"],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(
+            table(
+                [
+                    {
+                        "lever": name,
+                        "default": f"{before['qa default mode']:.3f} -> {after['qa default mode']:.3f}",
+                        "qa": f"{before['qa qa mode']:.3f} -> {after['qa qa mode']:.3f}",
+                        "general same": f"{row['general identical']:.2f}",
+                        "net freed": f"{row['net freed']:.2f}",
+                    }
+                ]
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import keyed_copy, serve, stop, table, write_section  # noqa: E402
+from common import client_load, keyed_copy, serve, stop, table, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [{"role": "user", "content": "Say hi"}]
@@ -93,39 +92,9 @@ def latency(url: str, keys: list[str], repeats: int, long_tokens: int) -> dict:
 
 
 def throughput(url: str, keys: list[str], questions: list[str], clients: int, seconds: float, tokens: int) -> dict:
-    """(b): `clients` clients, each its own key, asking questions in turn for `seconds`."""
-    stop_at = time.perf_counter() + seconds
-    lat, done, errors = [], [0], []
-
-    def loop(c: int) -> None:
-        oc, n = client(url, keys[c]), c
-        while time.perf_counter() < stop_at:
-            t = time.perf_counter()
-            try:
-                r = oc.chat.completions.create(
-                    model="megamem",
-                    messages=[{"role": "user", "content": questions[n % len(questions)]}],
-                    max_tokens=tokens,
-                )
-            except openai.APIError as exc:
-                errors.append(str(exc)[:200])
-                continue
-            lat.append(time.perf_counter() - t)
-            done[0] += r.usage.completion_tokens
-            n += clients
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(loop, range(clients)))
-    wall = time.perf_counter() - t0
-    lat.sort()
-    return {
-        "requests": len(lat),
-        "tok_per_s": done[0] / wall,
-        "p50_s": lat[len(lat) // 2] if lat else float("nan"),
-        "p99_s": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))] if lat else float("nan"),
-        "errors": len(errors),
-    }
+    """(b): `clients` clients, each its own key, asking questions in turn for `seconds` (common.client_load)."""
+    res = client_load(url, keys, questions, clients, seconds, tokens)
+    return {k: res[k] for k in ("requests", "tok_per_s", "p50_s", "p99_s", "errors")}
 
 
 def run_server(name: str, src: Path | None, args: argparse.Namespace) -> dict:

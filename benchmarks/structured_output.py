@@ -17,15 +17,12 @@ import json
 import shutil
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jsonschema
-import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import keyed_copy, serve, stop, table, write_section  # noqa: E402
+from common import client_load, keyed_copy, serve, stop, table, write_section  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -41,50 +38,18 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCH
 
 
 def load(url: str, keys: list[str], questions: list[str], clients: int, seconds: float, tokens: int, fmt) -> dict:
-    """`clients` clients asking in turn for `seconds`; tokens/s over the wall time, and the constrained replies
-    that are valid against the schema."""
-    stop_at = time.perf_counter() + seconds
-    done, replies, valid, lat, errors = [0], [0], [0], [], []
-
-    def loop(c: int) -> None:
-        oc, n = openai.OpenAI(base_url=url + "/v1", api_key=keys[c], max_retries=0, timeout=600), c
-        while time.perf_counter() < stop_at:
-            t = time.perf_counter()
-            kw = {"response_format": fmt} if fmt else {}
-            try:
-                r = oc.chat.completions.create(
-                    model="megamem",
-                    messages=[{"role": "user", "content": questions[n % len(questions)]}],
-                    max_tokens=tokens,
-                    **kw,
-                )
-            except openai.APIError as exc:
-                errors.append(str(exc)[:200])
-                continue
-            lat.append(time.perf_counter() - t)
-            done[0] += r.usage.completion_tokens
-            replies[0] += 1
-            if fmt:
-                try:
-                    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
-                    valid[0] += 1
-                except (ValueError, jsonschema.ValidationError):
-                    pass
-            n += clients
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(loop, range(clients)))
-    wall = time.perf_counter() - t0
-    lat.sort()
-    return {
-        "requests": replies[0],
-        "tokens": done[0],
-        "tok_per_s": done[0] / wall,
-        "p50_s": lat[len(lat) // 2] if lat else float("nan"),
-        "valid": valid[0],
-        "errors": len(errors),
-    }
+    """`clients` clients asking in turn for `seconds` (common.client_load); tokens/s over the wall time, and the
+    constrained replies that are valid against the schema."""
+    res = client_load(url, keys, questions, clients, seconds, tokens, **({"response_format": fmt} if fmt else {}))
+    valid = 0
+    for content in res["replies"] if fmt else []:
+        try:
+            jsonschema.validate(json.loads(content or ""), SCHEMA)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass
+    keep = ("requests", "tokens", "tok_per_s", "p50_s")
+    return {**{k: res[k] for k in keep}, "valid": valid, "errors": res["errors"]}
 
 
 def main() -> None:
