@@ -1,6 +1,6 @@
 """Routing at scale: does the gate find a question's memory among 1,000 / 10,000 / 100,000 memories?
 
-    python benchmarks/routing.py --sizes 1000 10000 100000 --cache /tmp/megamem-routing
+    python benchmarks/routing.py --sizes 1000 10000 100000
 
 The pool (nested: each size holds the smaller ones): the 500 wiki records of ../shared/data (every partition;
 their 1,500 questions are the queries), the 500 fictional stories, then synthetic memories in turn
@@ -16,7 +16,8 @@ figure is reported on partitions 5-9 (750 questions) only. Latency: one question
 embedding plus the scoring, median milliseconds. The approximate index (megamem.index, HNSW) is reported as
 recall@k of the gold memory among its candidates.
 
-Embeddings are cached under --cache (float16, by view and chunk), so a second run only scores.
+Embeddings are cached under --cache (float16, by text hash; default: the user cache dir's megamem/routing, so
+they outlive a session's /tmp), so a second run only scores and an interrupted one resumes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import provenance, table
+from platformdirs import user_cache_dir
 
 from megamem.bench.distractors import NUMBER, anchors, invented, names, near_duplicate
 from megamem.datasets import Record, load_partition, partition_files
@@ -265,7 +267,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--all-views-max", type=int, default=10000, help="sentences and names keys up to this size")
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/megamem-routing"))
+    ap.add_argument("--cache", type=Path, default=Path(user_cache_dir("megamem")) / "routing")
     ap.add_argument("--lams", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5])
     ap.add_argument("--mus", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
     ap.add_argument("--near-duplicates", type=int, default=20000)
