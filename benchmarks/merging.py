@@ -22,6 +22,7 @@ import re
 import shutil
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -118,6 +119,39 @@ def adapter_bytes(store: Path) -> int:
     return sum(p.stat().st_size for p in (store / "memories").rglob("adapter_model.safetensors"))
 
 
+def lever_arm(args: argparse.Namespace, subs: list[dict]) -> None:
+    """The merged arm again with other Recipe fields for the merged memories, beside the separate arm of --work
+    (reused: its store, and its row once measured, in separate-row.json)."""
+    over = json.loads(args.merged_recipe)
+    name = "merged " + ", ".join(f"{k}={v}" for k, v in sorted(over.items()))
+    separate = args.work / "separate"
+    cached = args.work / "separate-row.json"
+    distract = distractor_keys(args.partition)
+    mem = Memory(separate)
+    if cached.is_file():
+        sep_row = json.loads(cached.read_text())
+    else:
+        sep_row = {"": "separate", "memories": len(mem.list()), **evaluate(mem, subs, False, distract)}
+        sep_row["adapter MB"] = round(adapter_bytes(mem.path) / 1e6, 1)
+        cached.write_text(json.dumps(sep_row))
+    target = args.work / ("merged-" + "-".join(f"{k}{v}" for k, v in sorted(over.items())))
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(separate, target)
+    both = Memory(target)
+    both.recipe = replace(both.recipe, **over)
+    t0 = time.time()
+    for s in subs:
+        merge(both, [f"{s['id']}-0", f"{s['id']}-1"], id=s["id"])
+    row = {"": name, "memories": len(both.list()), **evaluate(both, subs, True, distract)}
+    row["adapter MB"] = round(adapter_bytes(both.path) / 1e6, 1)
+    row["learn s"] = round(time.time() - t0, 1)
+    print(json.dumps(row), flush=True)
+    result = {**provenance(), "partition": args.partition, "subjects": len(subs), "rows": [sep_row, row]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(table([sep_row, row]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--partition", type=int, default=8)
@@ -127,10 +161,19 @@ def main() -> None:
     ap.add_argument(
         "--reuse", action="store_true", help="evaluate the two stores a finished run left in --work (no learning)"
     )
+    ap.add_argument(
+        "--merged-recipe",
+        metavar="JSON",
+        help="a lever: Recipe fields for the merged memories (e.g. '{\"questions\": 1}'); the separate store of "
+        "--work is reused as it is (its row too, once measured) and only a merged arm named by the JSON is learned",
+    )
     args = ap.parse_args()
     subs = subjects_of(args.partition, args.subjects)
     separate, merged = args.work / "separate", args.work / "merged"
     pairs = sorted([f"{s['id']}-0", f"{s['id']}-1"] for s in subs)
+    if args.merged_recipe:
+        lever_arm(args, subs)
+        return
     if args.reuse:  # learning seconds are not measured again: nan
         mem, both, separate_s, merged_s = Memory(separate), Memory(merged), float("nan"), float("nan")
         assert len(mem.list()) == 2 * len(subs) and len(both.list()) == len(subs), "the stores in --work are not whole"
