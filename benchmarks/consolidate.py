@@ -167,9 +167,10 @@ def main() -> None:
             "after": {k: v for k, v in after.items() if "answers" not in k},
             "default mode kept": after["qa default mode"] / before["qa default mode"],
             "qa mode kept": after["qa qa mode"] / before["qa qa mode"],
-            "general identical": statistics.mean(
-                a == b for a, b in zip(after["general answers"], before["base general answers"], strict=True)
+            "general identical": statistics.mean(  # --general may ask fewer than the cached before did
+                a == b for a, b in zip(after["general answers"], before["base general answers"], strict=False)
             ),
+            "general questions": len(after["general answers"]),
             "mcq base": base_forced["mcq"],
             "mcq cortex at weight 1": worst["mcq"],
             "kl cortex at weight 1": bucketed_kl(ref, worst["logprobs"]),

@@ -173,6 +173,8 @@ def test_bad_requests_and_a_damaged_cortex_are_one_clear_error(mem, tmp_path):
         (["--older-than", "7x"], "--older-than must be"),
         (["--older-than", "9999d"], "no memory is older than 9999d"),
         (["--ids", "nosuch"], "no memory with id"),
+        (["--ids", "heron", "--forget", "--keep-adapters"], "contradict each other"),
+        (["--retrain", "--forget"], "give no --ids"),
     ):
         result = run.invoke(app, ["consolidate", *args, "--store", str(mem.path)])
         assert result.exit_code == 1 and message in result.output, result.output
