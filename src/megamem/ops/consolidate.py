@@ -246,21 +246,8 @@ def consolidate(
 
     cortex = train_cortex(model, tok, examples, drift, spec, cfg, counted)
     freed = 0 if keep_adapters else sum(_freed_bytes(mem, r.id, forget) for r in records)
-    mem.prepare_store()
-    version = cortex_files.new_version()
-    plan = {"namespace": namespace, "ids": ids, "version": version, "keep_adapters": keep_adapters, "forget": forget}
-    intent = intents.begin(mem.path, "consolidate", plan)
-    crash_point("consolidate:intent")
-    others = frozenset(intents.claimed(mem.path, "versions", namespace)) - {version}
-    cortex_files.write_cortex(mem.path, cortex, everyone, asdict(cfg), mem.model_name, namespace, version, others)
-    for rec in [] if keep_adapters else records:
-        if forget:
-            mem.forget(rec.id)
-        else:
-            mem.retire(rec.id)
-        crash_point("consolidate:retired")
-    mem.routing.invalidate()
-    intents.end(intent)
+    plan = {"namespace": namespace, "ids": ids, "keep_adapters": keep_adapters, "forget": forget}
+    _save(mem, cortex, everyone, asdict(cfg), plan)
     return {
         "namespace": namespace,
         "consolidated": [r.id for r in records],
@@ -272,6 +259,26 @@ def consolidate(
         "bytes_freed": freed,
         "cortex_bytes": _tree_bytes(cortex_files.folder(mem.path, namespace)),
     }
+
+
+def _save(mem, cortex: Adapter, everyone: list[Consolidated], config: dict, plan: dict) -> None:
+    """Commit a trained cortex under an intent record: write and switch its new version, then retire (or with
+    plan["forget"] forget) each consolidated memory's adapter, unless plan["keep_adapters"]."""
+    mem.prepare_store()
+    namespace = plan["namespace"]
+    plan = {**plan, "version": cortex_files.new_version()}
+    intent = intents.begin(mem.path, "consolidate", plan)
+    crash_point("consolidate:intent")
+    others = frozenset(intents.claimed(mem.path, "versions", namespace)) - {plan["version"]}
+    cortex_files.write_cortex(mem.path, cortex, everyone, config, mem.model_name, namespace, plan["version"], others)
+    for memory_id in [] if plan["keep_adapters"] else plan["ids"]:
+        if plan["forget"]:
+            mem.forget(memory_id)
+        else:
+            mem.retire(memory_id)
+        crash_point("consolidate:retired")
+    mem.routing.invalidate()
+    intents.end(intent)
 
 
 def _done(mem, memory_id: str) -> bool:
